@@ -1,0 +1,302 @@
+"""The MCAD student: a small CLIP-style dual encoder built from standard transformers towers.
+
+This file travels to the Hub with the weights (`trust_remote_code`): it imports only torch, transformers and
+its siblings, relatively.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_mcad import MCADConfig
+
+# Written into every saved config so that both auto classes resolve to this model (a class registers one auto
+# class only; the zero-shot-image-classification pipeline asks for the second).
+AUTO_MAP = {
+    "AutoConfig": "configuration_mcad.MCADConfig",
+    "AutoModel": "modeling_mcad.MCADModel",
+    "AutoModelForZeroShotImageClassification": "modeling_mcad.MCADModel",
+}
+
+
+@dataclass
+class MCADOutput(ModelOutput):
+    """
+    Output of [`MCADModel`]; the same fields as transformers' `CLIPOutput`, so CLIP-style code reads it unchanged.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `return_loss` is `True`):
+            Symmetric image-text contrastive (InfoNCE) loss.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarities of every image with every text.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised image embeddings.
+        text_model_output (`BaseModelOutputWithPooling`):
+            The text tower's output.
+        vision_model_output (`BaseModelOutputWithPooling`):
+            The image tower's output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: the i-th text matches the i-th image."""
+    targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
+    return (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.t(), targets)) / 2
+
+
+def _pooled_dim(config) -> int:
+    """Width of a tower's pooled output."""
+    if config.model_type == "mobilevit":
+        return config.neck_hidden_sizes[-1]
+    return config.dim if config.model_type == "distilbert" else config.hidden_size
+
+
+def _pool(outputs: BaseModelOutputWithPooling) -> torch.Tensor:
+    """The tower's pooled vector, or its first ([CLS]) token where it has no pooler (DistilBERT)."""
+    pooled = getattr(outputs, "pooler_output", None)
+    return pooled if pooled is not None else outputs.last_hidden_state[:, 0]
+
+
+def _is_exporting() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+class MCADPreTrainedModel(PreTrainedModel):
+    config_class = MCADConfig
+    base_model_prefix = "mcad"
+    input_modalities = ("image", "text")
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MCADModel):
+            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
+            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            # Runs after the towers' own init. Convolutional towers (MobileViT) draw conv weights and BatchNorm
+            # scales from N(0, 0.02): the signal then shrinks ~100x per block and a randomly initialised tower
+            # outputs ~1e-17 in eval mode. A student trained from scratch needs He init and unit scales.
+            for layer in module.vision_model.modules():
+                if isinstance(layer, nn.Conv2d):
+                    init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
+                    init.ones_(layer.weight)
+
+
+class MCADModel(MCADPreTrainedModel):
+    """
+    The MCAD student: an image tower and a text tower (built with `AutoModel.from_config` from the config's
+    sub-configs), a linear projection of each pooled output to `projection_dim`, and a learnable logit scale.
+    A plain dual encoder at inference: images are embedded once, a text query costs one text forward pass.
+
+    Args:
+        config ([`MCADConfig`]): the towers' sub-configs, `projection_dim` and `logit_scale_init_value`.
+
+    Example:
+
+    ```python
+    >>> from modeling_mcad import MCADModel, MCADProcessor
+    >>> model, processor = MCADModel.from_preset("tiny"), MCADProcessor.from_preset("tiny")
+    >>> inputs = processor(text=["a red circle"], images=[image], return_tensors="pt", padding=True)
+    >>> probs = model(**inputs).logits_per_image.softmax(dim=-1)
+    ```
+    """
+
+    def __init__(self, config: MCADConfig):
+        super().__init__(config)
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.text_model = AutoModel.from_config(config.text_config)
+        # Keep the towers' configs the same objects as the parent's, so edits to one show in the other.
+        self.vision_model.config = config.vision_config
+        self.text_model.config = config.text_config
+        self.visual_projection = nn.Linear(_pooled_dim(config.vision_config), config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(_pooled_dim(config.text_config), config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.config.auto_map = {**getattr(config, "auto_map", {}), **AUTO_MAP}
+        self.post_init()
+
+    @classmethod
+    def from_preset(cls, name: str, **config_overrides) -> "MCADModel":
+        """
+        A randomly initialised student of a named preset, built offline.
+
+        - `tiny`: a few hundred thousand parameters, for tests.
+        - `shapes`: the mcad-shapes student (32 px images, 4 px patches): about 0.5M parameters.
+        - `mobile`: 224 px, deployable: a ViT-192/32 (6 layers) image tower and a BERT-256 (4 layers) text
+          tower, about 6.9M parameters with the preset vocabulary (CLIP ViT-B/32: 151M) — chosen for CPU and
+          phone latency: at 224 px it encodes an image about 12x faster than ViT-B/32 on 2 CPU cores.
+
+        Args:
+            name (`str`): `tiny`, `shapes` or `mobile`.
+            config_overrides: top-level `MCADConfig` fields to change (e.g. `projection_dim`).
+        """
+        return cls(MCADConfig.from_preset(name, **config_overrides))
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.FloatTensor:
+        """
+        Projected text embeddings (not normalised), as `CLIPModel.get_text_features` in transformers 4.x.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids from the processor.
+            attention_mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding.
+            token_type_ids (`torch.Tensor`, *optional*): passed to towers that take them (BERT).
+            position_ids (`torch.Tensor`, *optional*): passed to the text tower.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+        """
+        return self.text_projection(_pool(self._text_tower(input_ids, attention_mask, token_type_ids, position_ids)))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
+        """
+        Projected image embeddings (not normalised).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images as
+                prepared by the processor.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+        """
+        return self.visual_projection(_pool(self._vision_tower(pixel_values)))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MCADOutput | tuple:
+        """
+        Embed images and/or texts; with both, score every image against every text.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`, *optional*):
+                Token ids from the processor.
+            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`,
+                *optional*): Images from the processor.
+            attention_mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding.
+            position_ids (`torch.LongTensor`, *optional*): passed to the text tower.
+            token_type_ids (`torch.LongTensor`, *optional*): passed to towers that take them.
+            return_loss (`bool`, *optional*): also return the symmetric contrastive loss (needs both inputs and
+                equal batch sizes: the i-th text is the i-th image's caption).
+            return_dict (`bool`, *optional*): return an [`MCADOutput`] (default) or a tuple.
+
+        Returns:
+            [`MCADOutput`]. With a single modality only its embedding is set, so it is the output's first field
+            (what the feature-extraction pipelines read).
+        """
+        if input_ids is None and pixel_values is None:
+            raise ValueError("MCADModel needs `input_ids`, `pixel_values` or both; build them with MCADProcessor.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        text_embeds = image_embeds = text_outputs = vision_outputs = None
+        if input_ids is not None:
+            text_outputs = self._text_tower(input_ids, attention_mask, token_type_ids, position_ids)
+            text_embeds = F.normalize(self.text_projection(_pool(text_outputs)), dim=-1)
+        if pixel_values is not None:
+            vision_outputs = self._vision_tower(pixel_values)
+            image_embeds = F.normalize(self.visual_projection(_pool(vision_outputs)), dim=-1)
+
+        logits_per_text = logits_per_image = loss = None
+        if text_embeds is not None and image_embeds is not None:
+            logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
+            logits_per_image = logits_per_text.t()
+            if return_loss:
+                loss = contrastive_loss(logits_per_text)
+        elif return_loss:
+            raise ValueError("return_loss=True needs both `input_ids` and `pixel_values` (matching pairs).")
+
+        output = MCADOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _text_tower(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        if not _is_exporting():
+            self._check_input_ids(input_ids)
+        optional = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+        return self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **{name: value for name, value in optional.items() if value is not None},
+            return_dict=True,
+        )
+
+    def _vision_tower(self, pixel_values):
+        if not _is_exporting():
+            self._check_pixel_values(pixel_values)
+        return self.vision_model(pixel_values=pixel_values, return_dict=True)
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        text_config = self.config.text_config
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}; "
+                "tokenize a list of strings with MCADProcessor(text=[...])."
+            )
+        if input_ids.shape[1] > text_config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens but the text tower takes at most "
+                f"{text_config.max_position_embeddings}; call the processor with truncation=True."
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= text_config.vocab_size):
+            raise ValueError(
+                f"input_ids holds ids outside the vocabulary [0, {text_config.vocab_size}); the tokenizer does "
+                "not match this model: use the processor saved with it."
+            )
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        vision_config = self.config.vision_config
+        size = vision_config.image_size
+        expected = (vision_config.num_channels, size, size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but this model expects "
+                f"(batch_size, {', '.join(map(str, expected))}); prepare images with the model's processor "
+                "(MCADProcessor or its image_processor), which resizes them and converts them to RGB."
+            )
+
+
+__all__ = ["MCADModel", "MCADOutput", "MCADPreTrainedModel"]

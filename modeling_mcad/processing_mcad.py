@@ -1,0 +1,101 @@
+"""The MCAD student's processor: an image processor and a tokenizer behind one call.
+
+This file travels to the Hub with the weights (`trust_remote_code`): it imports only transformers and its
+siblings, relatively.
+"""
+
+from transformers import BertTokenizer, ProcessorMixin
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from .configuration_mcad import PRESET_VOCABULARY, PRESETS
+
+
+class MCADProcessor(ProcessorMixin):
+    """
+    Wraps an image processor and a tokenizer into one processor, as `CLIPProcessor` does.
+
+    Unlike most processors it refuses, by default, a text longer than the tokenizer's `model_max_length`
+    rather than let the model fail on it later: pass `truncation=True` to cut such texts instead.
+
+    Args:
+        image_processor ([`BaseImageProcessor`]): resizes, rescales and normalises images.
+        tokenizer ([`PreTrainedTokenizerBase`]): turns captions into `input_ids` / `attention_mask`.
+
+    Example:
+
+    ```python
+    >>> processor = MCADProcessor.from_preset("shapes")
+    >>> inputs = processor(text=["a red circle left of a blue square"], images=[image], return_tensors="pt",
+    ...                    padding=True)
+    ```
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "MCADProcessor":
+        """
+        The processor of a named preset (`tiny`, `shapes`, `mobile`), built offline: a ViT image processor at
+        the preset's image size (mean = std = 0.5) and a lower-casing WordPiece tokenizer over the preset
+        vocabulary (`PRESET_VOCABULARY`: special tokens, single characters as fallback, a few hundred caption
+        words).
+
+        Real deployments take the teacher's tokenizer instead, e.g.
+        `MCADProcessor(image_processor, AutoTokenizer.from_pretrained("openai/clip-vit-base-patch32"))`, with the
+        student's `text_config.vocab_size` set to `len(tokenizer)`.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        preset = PRESETS[name]
+        size = preset["vision_config"]["image_size"]
+        image_processor = ViTImageProcessorPil(
+            size={"height": size, "width": size},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            do_convert_rgb=True,
+        )
+        tokenizer = BertTokenizer(
+            vocab={token: index for index, token in enumerate(PRESET_VOCABULARY)},
+            model_max_length=preset["text_config"]["max_position_embeddings"],
+        )
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        """
+        Prepare images and/or texts for the student.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): RGB,
+                grayscale or RGBA images (converted to RGB by the image processor).
+            text (`str` or `list[str]`, *optional*): captions or queries.
+            kwargs: passed on: `return_tensors`, `padding`, `truncation`, `max_length`, ...
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` and/or `input_ids`, `attention_mask` (and `token_type_ids` where
+            the tokenizer makes them).
+        """
+        if text is not None and not (
+            isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text))
+        ):
+            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}.")
+        encoding = super().__call__(images=images, text=text, **kwargs)
+        if "attention_mask" in encoding and not kwargs.get("truncation"):
+            self._check_text_length(encoding["attention_mask"], kwargs.get("max_length"))
+        return encoding
+
+    def _check_text_length(self, attention_mask, max_length=None) -> None:
+        limit = max_length or self.tokenizer.model_max_length
+        if hasattr(attention_mask, "ndim"):  # a tensor or array of shape (batch, length)
+            rows = attention_mask.reshape(-1, attention_mask.shape[-1]).tolist()
+        else:  # lists: one row (a single text) or a list of rows
+            rows = attention_mask if attention_mask and isinstance(attention_mask[0], list) else [attention_mask]
+        for index, length in enumerate(sum(row) for row in rows):
+            if length > limit:
+                raise ValueError(
+                    f"text[{index}] is {length} tokens long, more than the model's limit of {limit}; "
+                    "shorten it or call the processor with truncation=True."
+                )
+
+
+__all__ = ["MCADProcessor"]

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ONNX = ["onnx>=1.17", "onnxruntime>=1.20"]
+
+setup(
+    name="mcad",
+    version="0.1.0",
+    description=(
+        "Multi-teacher Cross-modal Alignment Distillation: small, fast image-text retrieval students "
+        "for the Hugging Face Hub"
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_mcad"],
+    py_modules=["train_mcad"],
+    install_requires=[
+        # <2.14 admits the 2.13.0 CPU wheel; an open range would pull a multi-GB CUDA build on CPU machines.
+        "torch>=2.4,<2.14",
+        "transformers>=5.20,<6",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "safetensors>=0.5",
+        "huggingface_hub>=1.0",
+        "evaluate>=0.4.6",
+        "pillow>=10.0",
+        "tokenizers>=0.21",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "onnx": ONNX,
+        "dev": ONNX + ["pytest>=8.0", "hypothesis>=6.100"],
+    },
+)
