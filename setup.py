@@ -2,7 +2,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-ONNX = ["onnx>=1.17", "onnxruntime>=1.20"]
+ONNX = ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"]
 
 setup(
     name="mcad",
@@ -16,6 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_mcad"],
+    package_data={"modeling_mcad": ["metrics/*/*.py"]},
     py_modules=["train_mcad"],
     install_requires=[
         # <2.14 admits the 2.13.0 CPU wheel; an open range would pull a multi-GB CUDA build on CPU machines.
@@ -30,9 +31,15 @@ setup(
         "tokenizers>=0.21",
         "numpy>=1.26",
         "pyyaml>=6.0",
+        "sentencepiece>=0.2",  # SigLIP / T5-style teacher tokenizers
+        "tensorboard>=2.14",  # the training loop's tracker
+        "jinja2>=3.1",  # model card templates
+        "matplotlib>=3.8",  # the model card's recall plot
     ],
     extras_require={
         "onnx": ONNX,
+        # Phone programs; pinned to the release that installs beside torch 2.13 without replacing it.
+        "executorch": ["executorch==1.5.1"],
         "dev": ONNX + ["pytest>=8.0", "hypothesis>=6.100"],
     },
 )

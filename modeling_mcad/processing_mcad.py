@@ -7,7 +7,7 @@ siblings, relatively.
 from transformers import BertTokenizer, ProcessorMixin
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from .configuration_mcad import PRESET_VOCABULARY, PRESETS
+from .configuration_mcad import PRESET_VOCABULARY, MCADConfig
 
 
 class MCADProcessor(ProcessorMixin):
@@ -36,29 +36,34 @@ class MCADProcessor(ProcessorMixin):
     @classmethod
     def from_preset(cls, name: str) -> "MCADProcessor":
         """
-        The processor of a named preset (`tiny`, `shapes`, `mobile`), built offline: a ViT image processor at
-        the preset's image size (mean = std = 0.5) and a lower-casing WordPiece tokenizer over the preset
-        vocabulary (`PRESET_VOCABULARY`: special tokens, single characters as fallback, a few hundred caption
-        words).
+        The processor of a named preset (`tiny`, `shapes`, `mobile`), built offline: see `from_config`.
 
         Real deployments take the teacher's tokenizer instead, e.g.
         `MCADProcessor(image_processor, AutoTokenizer.from_pretrained("openai/clip-vit-base-patch32"))`, with the
         student's `text_config.vocab_size` set to `len(tokenizer)`.
         """
-        if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        preset = PRESETS[name]
-        size = preset["vision_config"]["image_size"]
+        return cls.from_config(MCADConfig.from_preset(name))
+
+    @classmethod
+    def from_config(cls, config: MCADConfig, tokenizer=None) -> "MCADProcessor":
+        """
+        A processor that fits a student config, built offline: a ViT image processor at the image tower's size
+        (mean = std = 0.5, any image mode converted to RGB) and, unless `tokenizer` is given, a lower-casing
+        WordPiece tokenizer over `PRESET_VOCABULARY` (special tokens, single characters as a fallback, a few hundred
+        caption words) limited to the text tower's positions.
+        """
+        size = config.vision_config.image_size
         image_processor = ViTImageProcessorPil(
             size={"height": size, "width": size},
             image_mean=[0.5, 0.5, 0.5],
             image_std=[0.5, 0.5, 0.5],
             do_convert_rgb=True,
         )
-        tokenizer = BertTokenizer(
-            vocab={token: index for index, token in enumerate(PRESET_VOCABULARY)},
-            model_max_length=preset["text_config"]["max_position_embeddings"],
-        )
+        if tokenizer is None:
+            tokenizer = BertTokenizer(
+                vocab={token: index for index, token in enumerate(PRESET_VOCABULARY)},
+                model_max_length=config.text_config.max_position_embeddings,
+            )
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     def __call__(self, images=None, text=None, **kwargs):
