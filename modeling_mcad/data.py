@@ -1,0 +1,433 @@
+"""Image-text data for training and evaluation: loading, checking, pairing, sampling and collation.
+
+- `load_image_text_dataset(name_or_path, split=...)`: a Hub dataset, a local `imagefolder` or a `save_to_disk`
+  folder → a `datasets.Dataset` with one row per image: `image` (`datasets.Image`) and `captions` (`list[str]`).
+  Every example is checked at load (files that are missing, empty, truncated, not images or too large; captions
+  that are empty or not strings), so that no bad example can stop an epoch half-way; image modes are converted to
+  RGB when batches are made (`to_rgb`).
+- `flatten_pairs(dataset)`: one row per (image, caption) pair for training; evaluation keeps the grouping.
+- `OneCaptionPerImageSampler`: each epoch, every image once, with one of its captions drawn afresh (DESIGN §3: a
+  contrastive batch must not hold an image twice).
+- `ImageTextCollator`: from the same raw image and caption, the inputs of every model, each made by its own
+  processor (student, dual teacher, fusion teacher).
+
+Typical training use, with Accelerate:
+
+    pairs = flatten_pairs(load_image_text_dataset("imagefolder_dir", split="train"))
+    sampler = OneCaptionPerImageSampler(pairs, seed=0)
+    loader = DataLoader(pairs, batch_size=64, sampler=sampler, drop_last=True,
+                        collate_fn=ImageTextCollator({"student": student_processor, "dual": clip_processor}))
+    loader = accelerator.prepare(loader)   # shards each batch (or the batches) across processes
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)            # reaches the sampler: a fresh caption per image and a fresh order
+        for batch in loader: ...           # batch["student"], batch["dual"], batch["pair_index"], ...
+"""
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+# Columns of the per-caption lists of mcad-shapes that `flatten_pairs` carries over, singular per pair.
+PER_CAPTION_COLUMNS = {"canonical": "canonical", "swapped_captions": "swapped_caption",
+                       "flipped_captions": "flipped_caption"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_MAX_LISTED_PROBLEMS = 10
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+
+
+def open_image(image) -> Image.Image:
+    """A PIL image from a PIL image, a `datasets.Image(decode=False)` value (`{"bytes", "path"}`) or a file path."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, Mapping):
+        if image.get("bytes"):
+            return Image.open(io.BytesIO(image["bytes"]))
+        if image.get("path"):
+            return Image.open(image["path"])
+        raise ValueError("The image value has neither bytes nor a path.")
+    if isinstance(image, (str, os.PathLike)):
+        return Image.open(image)
+    raise TypeError(f"Expected a PIL image, a {{'bytes', 'path'}} dict or a path, got {type(image).__name__}.")
+
+
+def to_rgb(image) -> Image.Image:
+    """
+    An 8-bit RGB version of an image (see `open_image` for what it accepts). Grayscale, palette, CMYK and the like
+    are converted by PIL; transparent images are composited on white (as transformers' `convert_rgb` does), so that
+    transparent pixels do not turn into whatever colour they happen to store; 16-bit grayscale is scaled to 8 bits
+    (PIL's own conversion would clip it). 32-bit float images have no safe conversion: they raise ValueError.
+    """
+    image = open_image(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "F":
+        raise ValueError("The image is 32-bit floating point (mode F), which has no safe conversion to 8-bit RGB; "
+                         "convert it to an 8-bit image first.")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.clip(np.round(levels / 257), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_image(image, max_image_pixels: int | None = None) -> str | None:
+    """
+    What is wrong with an image value (see `open_image`), or None when it decodes fully and converts to RGB.
+    Images over `max_image_pixels` (default: PIL's decompression-bomb limit) are refused before being decoded.
+    """
+    limit = max_image_pixels or Image.MAX_IMAGE_PIXELS
+    if isinstance(image, Mapping) and not image.get("bytes"):
+        path = image.get("path")
+        if not path:
+            return "no image (neither bytes nor a path)"
+        if not os.path.exists(path):
+            return "the file does not exist (listed in the metadata but absent on disk)"
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    elif isinstance(image, Mapping) and image.get("bytes") == b"":
+        return "the image is empty (0 bytes)"
+    try:
+        opened = open_image(image)
+        if opened.width * opened.height > limit:
+            return (f"the image is {opened.width}x{opened.height} = {opened.width * opened.height} pixels, more than "
+                    f"max_image_pixels={limit} (decompression-bomb guard); downscale it or raise max_image_pixels")
+        opened.load()
+        to_rgb(opened)
+    except Image.DecompressionBombError as error:
+        return f"the image is too large to decode safely ({error})"
+    except UnidentifiedImageError:
+        return "not an image file PIL can read"
+    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data; a mode with no RGB conversion
+        return f"the image cannot be decoded ({error})"
+    return None
+
+
+def _image_label(value) -> str:
+    if isinstance(value, Mapping) and value.get("path"):
+        return str(value["path"])
+    return "embedded image"
+
+
+def _image_key(value) -> str:
+    """What identifies an image when captions come one per row: its bytes, or for an image kept on disk its path."""
+    if value.get("bytes"):
+        return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest()
+    return "path:" + os.path.abspath(value["path"]) if value.get("path") else "none"
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def load_image_text_dataset(
+    name_or_path: str | os.PathLike,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "captions",
+    skip_bad_examples: bool = False,
+    max_image_pixels: int | None = None,
+    check_images: bool = True,
+    **load_kwargs,
+) -> datasets.Dataset:
+    """
+    Load an image-text dataset, one row per image: an `image` column (`datasets.Image`) and a `captions` column
+    (`list[str]`).
+
+    The source is a Hub dataset name or a local folder that `datasets.load_dataset` reads (e.g. an `imagefolder`
+    with `<split>/metadata.jsonl`), or a folder written by `save_to_disk`. Captions may be a list per row, or one
+    string per row: rows are then grouped by image (by the image's bytes, or for images kept on disk by their
+    path), in order of first appearance.
+
+    Every row is checked up front, so that training never meets a bad example half-way through an epoch: a missing,
+    empty, truncated or non-image file, an image over `max_image_pixels`, an empty or non-string caption. By default
+    any problem raises a ValueError listing the rows and files at fault; with `skip_bad_examples=True` bad images
+    are left out (with their captions), bad captions are dropped (and an image left with none), and the counts are
+    logged. Image modes (grayscale, RGBA, palette, CMYK, 16-bit) are not an error: `to_rgb` converts them when
+    batches are made.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): a Hub dataset name, a local folder `datasets.load_dataset` reads, or a
+            `save_to_disk` folder (a `DatasetDict`, or a single `Dataset` which is then the split).
+        split (`str`): the split to load.
+        image_column (`str`): the column holding images (`datasets.Image`, or file paths).
+        caption_column (`str`): the column holding captions (`list[str]` or `str` per row).
+        skip_bad_examples (`bool`): leave bad examples out (logged) instead of raising.
+        max_image_pixels (`int`, *optional*): the largest image accepted, in pixels (default: PIL's
+            `Image.MAX_IMAGE_PIXELS`, about 89M).
+        check_images (`bool`): decode every image at load. False is faster on a large trusted dataset, but a bad
+            file then only shows when its batch is made.
+        load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `data_files`).
+    """
+    source = _load_source(name_or_path, split, **load_kwargs)
+    label = f"{name_or_path} (split {split!r})"
+    missing = [column for column in (image_column, caption_column) if column not in source.column_names]
+    if missing:
+        raise ValueError(f"{label} has no column {missing}; its columns are {source.column_names}. Pass "
+                         "image_column= and caption_column= naming the image and caption columns.")
+    source = source.select_columns([image_column, caption_column])
+    caption_feature = source.features[caption_column]
+    one_per_row = _is_string(caption_feature)
+    if not one_per_row and not (isinstance(caption_feature, (datasets.Sequence, datasets.LargeList))
+                                and _is_string(caption_feature.feature)):
+        raise ValueError(f"{label}: column {caption_column!r} holds {caption_feature}, not captions; it must hold a "
+                         "string or a list of strings per row.")
+    if not isinstance(source.features[image_column], datasets.Image):
+        try:
+            source = source.cast_column(image_column, datasets.Image())
+        except (TypeError, ValueError, pa.ArrowInvalid) as error:
+            raise ValueError(f"{label}: column {image_column!r} holds {source.features[image_column]}, not images "
+                             "or image file paths.") from error
+    raw_images = source.cast_column(image_column, datasets.Image(decode=False))
+
+    rows, captions, problems = [], [], []  # the rows kept (one per image), their captions, what was wrong
+    group_of: dict[str, int] = {}  # image key -> its position in `rows`
+    image_problem: dict[str, str | None] = {}  # image key -> what is wrong with it, each image checked once
+    bad_image_rows = bad_captions = captionless_images = 0
+    for start in range(0, len(source), 1000):
+        chunk = raw_images[start : start + 1000]
+        for offset, (image, row_captions) in enumerate(zip(chunk[image_column], chunk[caption_column])):
+            where = f"row {start + offset} ({_image_label(image)})"
+            key = _image_key(image)
+            if key not in image_problem:
+                image_problem[key] = check_image(image, max_image_pixels) if check_images else None
+            if image_problem[key] is not None:
+                problems.append(f"{where}: {image_problem[key]}")
+                bad_image_rows += 1
+                continue
+            good, caption_problems = _check_captions(row_captions, one_per_row)
+            problems += [f"{where}: {problem}" for problem in caption_problems]
+            bad_captions += len(caption_problems)
+            if one_per_row and key in group_of:
+                captions[group_of[key]] += good
+            elif good:
+                group_of[key] = len(rows)
+                rows.append(start + offset)
+                captions.append(good)
+            elif not one_per_row:
+                captionless_images += 1
+
+    if problems and not skip_bad_examples:
+        listed = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
+        unlisted = len(problems) - _MAX_LISTED_PROBLEMS
+        more = f"\n  ... and {unlisted} more" if unlisted > 0 else ""
+        raise ValueError(f"{label}: {len(problems)} bad example(s):\n  {listed}{more}\nFix or remove them, or pass "
+                         "skip_bad_examples=True to leave them out.")
+    if problems:
+        logger.warning("%s: left out %d row(s) with a bad image, %d bad caption(s) and %d image(s) left without a "
+                       "caption; the first problem: %s", label, bad_image_rows, bad_captions, captionless_images,
+                       problems[0])
+    if not rows:
+        raise ValueError(f"{label} has no usable image with a caption.")
+    dataset = source.select(rows).select_columns([image_column])
+    if image_column != "image":
+        dataset = dataset.rename_column(image_column, "image")
+    return dataset.add_column("captions", captions, feature=datasets.List(datasets.Value("string")))
+
+
+def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / datasets.config.DATASETDICT_JSON_FILENAME).exists()
+                          or (path / datasets.config.DATASET_STATE_JSON_FILENAME).exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}; pass split= one of them.")
+            return loaded[split]
+        return loaded
+    try:
+        return datasets.load_dataset(str(name_or_path), split=split, **load_kwargs)
+    except (pa.ArrowInvalid, datasets.exceptions.DatasetGenerationError) as error:
+        raise ValueError(
+            f"datasets could not read {name_or_path} (split {split!r}): {error}. In a metadata.jsonl every value of "
+            "a column must have one type: each caption a string (or each row a list of strings)."
+        ) from error
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _check_captions(row_captions, one_per_row: bool) -> tuple[list[str], list[str]]:
+    """A row's usable captions (stripped of surrounding spaces) and what is wrong with the others."""
+    if row_captions is None and not one_per_row:
+        return [], ["the caption list is missing (null)"]
+    good, problems = [], []
+    for position, caption in enumerate([row_captions] if one_per_row else row_captions):
+        name = "caption" if one_per_row else f"caption {position}"
+        if not isinstance(caption, str):
+            problems.append(f"{name} is not a string ({type(caption).__name__})")
+        elif not caption.strip():
+            problems.append(f"{name} is empty")
+        else:
+            good.append(caption.strip())
+    return good, problems
+
+
+# --- training pairs ------------------------------------------------------------------------------------------------
+
+
+def flatten_pairs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """
+    One row per (image, caption) pair of a dataset grouped by image (`image`, `captions`): columns `pair_index`
+    (the row number), `image_index` (the image's row in `dataset`), `caption`, and, where `dataset` has them, the
+    mcad-shapes per-caption columns in the singular (`canonical`, `swapped_caption`, `flipped_caption`).
+
+    Rows read whole (`pairs[i]`, `pairs[i:j]`, a DataLoader) also carry the decoded `image`, fetched from `dataset`
+    when read: the image bytes are not copied once per caption. Single columns (`pairs["caption"]`) do not.
+    """
+    missing = [column for column in ("image", "captions") if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"flatten_pairs needs a dataset grouped by image with columns 'image' and 'captions' (see "
+                         f"load_image_text_dataset); it has no {missing}.")
+    per_caption = [column for column in PER_CAPTION_COLUMNS if column in dataset.column_names]
+    pairs = dataset.select_columns(["captions", *per_caption]).map(
+        _explode_captions, batched=True, with_indices=True, remove_columns=["captions", *per_caption],
+        fn_kwargs={"per_caption": per_caption}, desc="flatten_pairs",
+    )
+    pairs = pairs.add_column("pair_index", np.arange(len(pairs), dtype=np.int64))
+    pairs = pairs.select_columns(["pair_index", "image_index", "caption",
+                                  *(PER_CAPTION_COLUMNS[column] for column in per_caption)])
+    return pairs.with_transform(_AttachImages(dataset.select_columns(["image"]), pairs.column_names))
+
+
+def _explode_captions(batch: dict, indices: list[int], per_caption: list[str]) -> dict:
+    exploded = {"image_index": [], "caption": [], **{PER_CAPTION_COLUMNS[column]: [] for column in per_caption}}
+    for row, (image_index, captions) in enumerate(zip(indices, batch["captions"])):
+        exploded["image_index"] += [image_index] * len(captions)
+        exploded["caption"] += captions
+        for column in per_caption:
+            exploded[PER_CAPTION_COLUMNS[column]] += batch[column][row]
+    return exploded
+
+
+class _AttachImages:
+    """The format transform of `flatten_pairs`: adds each pair's decoded image to whole rows read from the pairs."""
+
+    def __init__(self, images: datasets.Dataset, columns: Sequence[str]):
+        self.images = images
+        self.columns = set(columns)
+
+    def __call__(self, batch: dict) -> dict:
+        if self.columns <= batch.keys():  # a column query (pairs["caption"]) must return that column alone
+            batch["image"] = self.images[list(batch["image_index"])]["image"]
+        return batch
+
+
+class OneCaptionPerImageSampler(Sampler[int]):
+    """
+    Pair indices for one epoch: every image once, in a random order, each with one of its captions drawn at random —
+    so a batch never holds an image twice (DESIGN §3) and every caption is seen over the epochs. The draw depends only
+    on `seed` and the epoch: call `set_epoch(epoch)` before each epoch (as with `DistributedSampler`), or every epoch
+    repeats the first one's captions.
+
+    With Accelerate, pass it as the `sampler` of the DataLoader given to `accelerator.prepare`: every process builds
+    the same sampler, and Accelerate shards the batches across processes; the prepared loader's `set_epoch` reaches
+    this sampler.
+
+    Args:
+        pairs (`datasets.Dataset` with an `image_index` column, or a sequence of `int`): the image of each pair, as
+            made by `flatten_pairs`; the sampler yields row positions in it.
+        seed (`int`): the random seed.
+        shuffle (`bool`): draw a random image order each epoch (else images in index order, captions still drawn).
+    """
+
+    def __init__(self, pairs, seed: int = 0, shuffle: bool = True):
+        image_index = np.asarray(pairs["image_index"] if hasattr(pairs, "column_names") else pairs, dtype=np.int64)
+        # Pairs sorted by image: image k's pairs are order[starts[k] : starts[k] + counts[k]].
+        self._order = np.argsort(image_index, kind="stable")
+        _, self._starts, self._counts = np.unique(image_index[self._order], return_index=True, return_counts=True)
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        chosen = self._order[self._starts + (rng.random(len(self._starts)) * self._counts).astype(np.int64)]
+        if self.shuffle:
+            chosen = chosen[rng.permutation(len(chosen))]
+        return iter(chosen.tolist())
+
+
+# --- collation ---------------------------------------------------------------------------------------------------
+
+
+class ImageTextCollator:
+    """
+    Collate (image, caption) examples into the inputs of several models at once: each processor turns the same
+    images and captions into its own model's inputs (its own image size and normalisation, its own tokenizer).
+    Each image is decoded and converted to RGB once, whatever the number of processors.
+
+    Args:
+        processors (`Mapping[str, ProcessorMixin]`): name -> processor, e.g. `{"student": MCADProcessor,
+            "dual": CLIPProcessor, "fusion": BlipProcessor}`. Each is called as
+            `processor(images=..., text=..., return_tensors="pt", padding=True, truncation=True)`: captions are
+            padded per processor and cut to its tokenizer's limit.
+        processor_kwargs (`Mapping[str, dict]`, *optional*): extra call arguments per processor name, e.g.
+            `{"fusion": {"max_length": 35}}`.
+        image_column, caption_column (`str`): the example keys (`flatten_pairs` gives `image` and `caption`).
+
+    Returns (from a call on a list of examples):
+        `dict` with, when the examples have them, `pair_index` and `image_index` (`torch.LongTensor`), and per
+        processor name its `BatchFeature` (`pixel_values`, `input_ids`, `attention_mask`, ...).
+    """
+
+    def __init__(self, processors: Mapping[str, Any], processor_kwargs: Mapping[str, dict] | None = None,
+                 image_column: str = "image", caption_column: str = "caption"):
+        if not processors:
+            raise ValueError("ImageTextCollator needs at least one processor.")
+        unknown = set(processor_kwargs or {}) - set(processors)
+        if unknown:
+            raise ValueError(f"processor_kwargs names {sorted(unknown)}, which are not processors "
+                             f"({sorted(processors)}).")
+        self.processors = dict(processors)
+        self.processor_kwargs = dict(processor_kwargs or {})
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __call__(self, examples: Sequence[Mapping]) -> dict:
+        images, captions = [], []
+        for position, example in enumerate(examples):
+            where = f"pair {example['pair_index']}" if "pair_index" in example else f"example {position}"
+            missing = [key for key in (self.image_column, self.caption_column) if key not in example]
+            if missing:
+                raise KeyError(f"{where} has no {missing} (it has {sorted(example)}); set image_column= / "
+                               "caption_column= of the collator.")
+            try:
+                images.append(to_rgb(example[self.image_column]))
+            except (OSError, ValueError, TypeError) as error:
+                raise ValueError(f"{where}: the image cannot be used ({error}). Load the data with "
+                                 "load_image_text_dataset, which checks every image up front.") from error
+            captions.append(example[self.caption_column])
+        batch = {}
+        for key in ("pair_index", "image_index"):
+            if all(key in example for example in examples):
+                batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.long)
+        for name, processor in self.processors.items():
+            kwargs = {"return_tensors": "pt", "padding": True, "truncation": True,
+                      **self.processor_kwargs.get(name, {})}
+            batch[name] = processor(images=images, text=captions, **kwargs)
+        return batch
+
+
+__all__ = ["ImageTextCollator", "OneCaptionPerImageSampler", "check_image", "flatten_pairs",
+           "load_image_text_dataset", "open_image", "to_rgb"]

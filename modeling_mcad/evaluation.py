@@ -1,0 +1,261 @@
+"""Retrieval metrics (the Flickr30K / COCO protocol), the binding probe (DESIGN §7) and a model-agnostic evaluation.
+
+- `retrieval_metrics(image_embeds, text_embeds, text_to_image)`: Recall@1/5/10 both ways, RSUM, median ranks.
+  Also an `evaluate` metric module: `evaluate.load(RETRIEVAL_METRIC_PATH)` (offline), which calls this function.
+- `binding_probe(split)` / `binding_accuracy(...)`: does a model prefer an image's true caption to the same caption
+  with the colours swapped or the relation flipped? Chance is 50%.
+- `evaluate_model(encode_images, encode_texts, split)`: both, for any pair of encoding callables (student, teacher,
+  exported runtime...).
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_median_rank",
+                  "t2i_median_rank")
+BINDING_KEYS = ("swap_accuracy", "flip_accuracy", "binding_accuracy")
+RECALL_AT = (1, 5, 10)
+# `evaluate.load(RETRIEVAL_METRIC_PATH)` loads `retrieval_metrics` as an evaluate metric module.
+RETRIEVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "retrieval")
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    tensor = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (count, dim) array, got shape {tuple(tensor.shape)}.")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} has NaN or infinite values; check the model's outputs (e.g. fp16 overflow).")
+    return tensor
+
+
+def retrieval_ranks(image_embeds, text_embeds, text_to_image: Sequence[int],
+                    chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """
+    The 1-based rank of the first right answer for every image query and every text query (see
+    `retrieval_metrics`). Ties count against the query: a result scoring the same as the right answer ranks above
+    it, so a collapsed model (all scores equal) ranks last, not first.
+
+    Returns:
+        `(image_to_text_ranks, text_to_image_ranks)`: int64 arrays of length `images` and `texts`.
+    """
+    images, texts = _as_tensor("image_embeds", image_embeds), _as_tensor("text_embeds", text_embeds)
+    if images.shape[1] != texts.shape[1]:
+        raise ValueError(f"image_embeds and text_embeds differ in dimension ({images.shape[1]} vs {texts.shape[1]}).")
+    owner = torch.as_tensor(np.asarray(text_to_image, dtype=np.int64))
+    if owner.shape != (len(texts),):
+        raise ValueError(f"text_to_image needs one image index per caption: {len(texts)} captions, "
+                         f"got {tuple(owner.shape)} indices.")
+    if len(owner) and (owner.min() < 0 or owner.max() >= len(images)):
+        raise ValueError(f"text_to_image holds indices outside 0..{len(images) - 1}.")
+    captions_per_image = torch.bincount(owner, minlength=len(images))
+    if (captions_per_image == 0).any():
+        missing = torch.nonzero(captions_per_image == 0).flatten()[:5].tolist()
+        raise ValueError(f"Images {missing} have no caption in text_to_image; every image query needs at least one.")
+
+    # Each image's own captions as a padded index table (images × most captions), `valid` marking the real entries.
+    order = torch.argsort(owner, stable=True)
+    starts = torch.cumsum(captions_per_image, 0) - captions_per_image
+    offsets = torch.arange(int(captions_per_image.max()))[None, :]
+    valid = offsets < captions_per_image[:, None]
+    own_captions = order[starts[:, None] + torch.minimum(offsets, captions_per_image[:, None] - 1)]
+
+    image_ranks = torch.empty(len(images), dtype=torch.int64)
+    for start in range(0, len(images), chunk_size):
+        stop = min(start + chunk_size, len(images))
+        scores = images[start:stop] @ texts.T
+        own_scores = scores.gather(1, own_captions[start:stop])
+        best_own = own_scores.masked_fill(~valid[start:stop], -torch.inf).amax(dim=1, keepdim=True)
+        # Captions scoring at least the best own one, less the own ones among them.
+        at_or_above = (scores >= best_own).sum(dim=1) - ((own_scores >= best_own) & valid[start:stop]).sum(dim=1)
+        image_ranks[start:stop] = 1 + at_or_above
+    text_ranks = torch.empty(len(texts), dtype=torch.int64)
+    for start in range(0, len(texts), chunk_size):
+        stop = min(start + chunk_size, len(texts))
+        scores = texts[start:stop] @ images.T
+        own_score = scores.gather(1, owner[start:stop, None])
+        text_ranks[start:stop] = (scores >= own_score).sum(dim=1)  # counts the own image: 1-based
+    return image_ranks.numpy(), text_ranks.numpy()
+
+
+def retrieval_metrics(image_embeds, text_embeds, text_to_image: Sequence[int],
+                      chunk_size: int = 1024) -> dict[str, float]:
+    """
+    Image-text retrieval under the Flickr30K / COCO protocol: an image query is right at K if any of its captions is
+    among the K best-scoring captions; a caption query is right at K if its image is among the K best images.
+
+    Scores are dot products: pass L2-normalised embeddings for cosine similarity. The score matrix is computed in
+    chunks of `chunk_size` queries, so 5k images × 25k captions needs about `chunk_size × 25k × 4` bytes at a time.
+
+    Args:
+        image_embeds (`torch.Tensor` or `np.ndarray` of shape `(images, dim)`).
+        text_embeds (`torch.Tensor` or `np.ndarray` of shape `(texts, dim)`).
+        text_to_image (sequence of `int`, length `texts`): the index of each caption's image; every image needs at
+            least one caption.
+        chunk_size (`int`): queries per block of the score matrix.
+
+    Returns:
+        `dict[str, float]` with `RETRIEVAL_KEYS`: `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`
+        (percent, 0-100), `rsum` (their sum, 0-600), `i2t_median_rank`, `t2i_median_rank` (1-based).
+    """
+    image_ranks, text_ranks = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size)
+    metrics = {}
+    for direction, ranks in (("i2t", image_ranks), ("t2i", text_ranks)):
+        for k in RECALL_AT:
+            metrics[f"{direction}_r{k}"] = 100.0 * float((ranks <= k).mean())
+    metrics["rsum"] = sum(metrics[f"{direction}_r{k}"] for direction in ("i2t", "t2i") for k in RECALL_AT)
+    metrics["i2t_median_rank"] = float(np.median(image_ranks))
+    metrics["t2i_median_rank"] = float(np.median(text_ranks))
+    return {key: metrics[key] for key in RETRIEVAL_KEYS}
+
+
+def binding_accuracy(image_embeds, true_text_embeds, distractor_text_embeds,
+                     image_index: Sequence[int] | None = None) -> float:
+    """
+    Percent of probes in which the true caption scores higher than its distractor against the probe's image (a tie
+    counts one half, so chance and a collapsed model both give 50).
+
+    Args:
+        image_embeds (`(images, dim)`): L2-normalised image embeddings.
+        true_text_embeds, distractor_text_embeds (`(probes, dim)`): per probe, the true caption and its distractor.
+        image_index (sequence of `int`, *optional*): per probe, the index of its image (default: probe i is image i).
+    """
+    images = _as_tensor("image_embeds", image_embeds)
+    true, distractor = _as_tensor("true_text_embeds", true_text_embeds), _as_tensor("distractor_text_embeds",
+                                                                                   distractor_text_embeds)
+    if true.shape != distractor.shape:
+        raise ValueError(f"true_text_embeds {tuple(true.shape)} and distractor_text_embeds "
+                         f"{tuple(distractor.shape)} must have the same shape: one distractor per true caption.")
+    if len(true) == 0:
+        raise ValueError("binding_accuracy got no probes.")
+    index = torch.arange(len(true)) if image_index is None else torch.as_tensor(np.asarray(image_index, dtype=np.int64))
+    if index.shape != (len(true),) or index.min() < 0 or index.max() >= len(images):
+        raise ValueError(f"image_index needs one index in 0..{len(images) - 1} per probe ({len(true)} probes).")
+    probe_images = images[index]
+    margin = (probe_images * true).sum(dim=1) - (probe_images * distractor).sum(dim=1)
+    return 100.0 * float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
+
+
+@dataclass
+class BindingProbe:
+    """Probes of a split: per probe, its image, the true caption, its distractor and the kind (`swap` / `flip`)."""
+
+    image_index: list[int] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    distractors: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def binding_probe(split, caption_column: str = "captions") -> BindingProbe:
+    """
+    The binding probe of an mcad-shapes split: for every image, each of its captions against the same wording with
+    the colours swapped (`swapped_captions`) and with the relation flipped (`flipped_captions`), where one exists.
+    """
+    needed = (caption_column, "swapped_captions", "flipped_captions")
+    missing = [name for name in needed if name not in split.column_names]
+    if missing:
+        raise ValueError(f"The split has no column {missing}: the binding probe needs mcad-shapes distractor columns "
+                         "(see modeling_mcad.shapes).")
+    probe = BindingProbe()
+    rows = zip(split[caption_column], split["swapped_captions"], split["flipped_captions"])
+    for image, (captions, swapped, flipped) in enumerate(rows):
+        for kind, distractors in (("swap", swapped), ("flip", flipped)):
+            for caption, distractor in zip(captions, distractors):
+                if distractor is not None:
+                    probe.image_index.append(image)
+                    probe.captions.append(caption)
+                    probe.distractors.append(distractor)
+                    probe.kinds.append(kind)
+    return probe
+
+
+def flatten_captions(split, caption_column: str = "captions") -> tuple[list[str], list[int]]:
+    """All captions of a split grouped by image, in order, and each caption's image index (`text_to_image`)."""
+    if caption_column not in split.column_names:
+        raise ValueError(f"The split has no column {caption_column!r} (it has {split.column_names}); "
+                         "pass caption_column= naming its list-of-captions column.")
+    captions, text_to_image = [], []
+    for index, row in enumerate(split[caption_column]):
+        row = [row] if isinstance(row, str) else list(row)
+        captions += row
+        text_to_image += [index] * len(row)
+    return captions, text_to_image
+
+
+def _encode(encode: Callable, batches: Iterable[list]) -> torch.Tensor:
+    embeds = [torch.as_tensor(encode(batch)).detach().float().cpu() for batch in batches]
+    return torch.nn.functional.normalize(torch.cat(embeds), dim=-1)
+
+
+def _batches(items: Sequence, batch_size: int) -> Iterator[list]:
+    return (list(items[start : start + batch_size]) for start in range(0, len(items), batch_size))
+
+
+@torch.no_grad()
+def evaluate_model(
+    encode_images: Callable[[list], torch.Tensor],
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    split,
+    batch_size: int = 64,
+    image_column: str = "image",
+    caption_column: str = "captions",
+) -> dict[str, float]:
+    """
+    Retrieval metrics and (where the split has mcad-shapes distractor columns) binding accuracies of any model.
+
+    Args:
+        encode_images (`Callable[[list[PIL.Image.Image]], Tensor]`): RGB images -> `(batch, dim)` embeddings.
+        encode_texts (`Callable[[list[str]], Tensor]`): captions -> `(batch, dim)` embeddings.
+        split (`datasets.Dataset`): one row per image, an image column and a list-of-captions column.
+        batch_size (`int`): images or captions per call of an encoder.
+        image_column, caption_column (`str`): the column names.
+
+    Returns:
+        `RETRIEVAL_KEYS` and, with distractors, `swap_accuracy`, `flip_accuracy`, `binding_accuracy` (all probes).
+        Embeddings are L2-normalised here, so the encoders may return raw projections.
+    """
+    from .data import to_rgb
+
+    if image_column not in split.column_names:
+        raise ValueError(f"The split has no column {image_column!r} (it has {split.column_names}); pass image_column=.")
+    captions, text_to_image = flatten_captions(split, caption_column)
+    has_probe = {"swapped_captions", "flipped_captions"} <= set(split.column_names)
+    probe = binding_probe(split, caption_column) if has_probe else BindingProbe()
+    # Images are decoded batch by batch: a real gallery does not fit in memory decoded.
+    image_embeds = _encode(encode_images, ([to_rgb(image) for image in split[start : start + batch_size][image_column]]
+                                           for start in range(0, len(split), batch_size)))
+    # Each distinct text is encoded once: the probe's true captions are the gallery's captions.
+    rows = {text: row for row, text in enumerate(dict.fromkeys([*captions, *probe.distractors]))}
+    text_embeds = _encode(encode_texts, _batches(list(rows), batch_size))
+
+    def embeds_of(texts: Sequence[str]) -> torch.Tensor:
+        return text_embeds[torch.tensor([rows[text] for text in texts], dtype=torch.long)]
+
+    metrics = retrieval_metrics(image_embeds, embeds_of(captions), text_to_image)
+    kinds, image_index = np.asarray(probe.kinds), torch.as_tensor(probe.image_index, dtype=torch.long)
+    true, distractor = embeds_of(probe.captions), embeds_of(probe.distractors)
+    for key, selected in (("swap_accuracy", kinds == "swap"), ("flip_accuracy", kinds == "flip"),
+                          ("binding_accuracy", kinds != "")):
+        if selected.any():
+            selected = torch.from_numpy(selected)
+            metrics[key] = binding_accuracy(image_embeds, true[selected], distractor[selected], image_index[selected])
+    return metrics
+
+
+def load_retrieval_metric(**kwargs):
+    """`evaluate.load` of the retrieval metric module (offline, from this package)."""
+    import evaluate
+
+    return evaluate.load(RETRIEVAL_METRIC_PATH, **kwargs)
+
+
+__all__ = ["BINDING_KEYS", "RETRIEVAL_KEYS", "RETRIEVAL_METRIC_PATH", "BindingProbe", "binding_accuracy",
+           "binding_probe", "evaluate_model", "flatten_captions", "load_retrieval_metric", "retrieval_metrics",
+           "retrieval_ranks"]
