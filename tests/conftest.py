@@ -56,3 +56,78 @@ def run_isolated(code: str, tmp_path: Path) -> dict:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- Export and Hub push (issue 6): one trained tiny student, exported once per session. ---------------------------
+
+
+def caption_split(count: int = 40, seed: int = 0):
+    """A retrieval split: blocky random images (4x4 colour cells, upscaled by the processor), each with two
+    wordings of its own scene caption."""
+    import itertools
+    import random
+
+    import datasets
+
+    colours, shapes = ["red", "green", "blue", "yellow", "purple", "orange"], ["circle", "square", "star", "triangle"]
+    objects = list(itertools.product(colours, shapes))
+    # Unordered pairs of distinct objects, so that no two images share a bag of words.
+    scenes = [(*first, *second) for first, second in itertools.combinations(objects, 2)]
+    random.Random(seed).shuffle(scenes)
+    captions = [[f"a {a} {b} left of a {c} {d}", f"a {c} {d} right of a {a} {b}"] for a, b, c, d in scenes[:count]]
+    return datasets.Dataset.from_dict({"image": random_images(count, size=(4, 4), seed=seed), "captions": captions})
+
+
+@pytest.fixture(scope="session")
+def retrieval_student(tmp_path_factory):
+    """A tiny student trained (contrastively, a few seconds) to retrieve on `caption_split()`, so that Recall@1 is far
+    above chance and a lossy variant shows. Returns (saved folder, split)."""
+    from modeling_mcad import MCADModel, MCADProcessor
+
+    torch.manual_seed(2)
+    model, processor = MCADModel.from_preset("tiny"), MCADProcessor.from_preset("tiny")
+    split = caption_split()
+    pixel_values = processor(images=list(split["image"]), return_tensors="pt")["pixel_values"]
+    tokens = processor(text=[c for captions in split["captions"] for c in captions], padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Contrastive training leaves a plateau after a seed-dependent number of steps: train until the first wordings
+    # retrieve their images half of the time (chance: 1 in 40). On the plateau the gradients are tiny and Adam's
+    # second moments become subnormal floats, which made steps ~100x slower on these CPUs: flush them to zero.
+    torch.set_flush_denormal(True)
+    try:
+        for step in range(1000):
+            model.train()
+            pick = torch.arange(len(split)) * 2 + torch.randint(0, 2, (len(split),))  # one wording per image
+            loss = model(input_ids=tokens["input_ids"][pick], attention_mask=tokens["attention_mask"][pick],
+                         pixel_values=pixel_values, return_loss=True).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 25 == 24:
+                with torch.no_grad():
+                    logits = model.eval()(input_ids=tokens["input_ids"][::2],
+                                          attention_mask=tokens["attention_mask"][::2],
+                                          pixel_values=pixel_values).logits_per_text
+                if (logits.argmax(-1) == torch.arange(len(split))).float().mean() >= 0.5:
+                    break
+    finally:
+        torch.set_flush_denormal(False)
+    folder = tmp_path_factory.mktemp("retrieval_student")
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, split
+
+
+@pytest.fixture(scope="session")
+def exported_student(retrieval_student, tmp_path_factory):
+    """`export_variants` of `retrieval_student` (with ExecuTorch when installed). Returns (export folder, report)."""
+    import importlib.util
+
+    from modeling_mcad.export import export_variants
+
+    folder, split = retrieval_student
+    output = tmp_path_factory.mktemp("exported") / "export"
+    # 40 images: one image moving in or out of the top 1 is 2.5 points of image->text R@1.
+    report = export_variants(folder, output, eval_split=split, max_r1_drop=5.0, latency_batch_sizes=(),
+                             executorch=importlib.util.find_spec("executorch") is not None)
+    return output, report

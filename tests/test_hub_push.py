@@ -1,0 +1,199 @@
+"""Model card and Hub push (issue 6): the dry-run folder is what a newcomer would upload, and it works as is."""
+
+import logging
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, constants
+
+from modeling_mcad import MCADModel, MCADProcessor
+from modeling_mcad.evaluation import retrieval_metrics
+from modeling_mcad.hub import HubPushError, files_to_upload, push_to_hub, render_model_card, widget_examples_from_split
+
+from .conftest import run_isolated
+
+FAKE_TOKEN = "hf_mcadTestTokenThatMustNeverBePrinted0123"
+TEACHERS = ["openai/clip-vit-base-patch16", "Salesforce/blip-itm-base-coco"]
+
+
+@pytest.fixture(scope="module")
+def carded_folder(exported_student, retrieval_student, tmp_path_factory):
+    """A copy of the exported student with its model card. Returns (folder, metrics, widget examples)."""
+    exported, _ = exported_student
+    _, split = retrieval_student
+    folder = tmp_path_factory.mktemp("carded") / "model"
+    shutil.copytree(exported, folder)
+    model, processor = MCADModel.from_pretrained(folder).eval(), MCADProcessor.from_pretrained(folder)
+    captions = [caption for row in split["captions"] for caption in row]
+    with torch.no_grad():
+        outputs = model(**processor(images=list(split["image"]), text=captions, return_tensors="pt", padding=True))
+    text_to_image = [i for i in range(len(split)) for _ in range(2)]
+    metrics = retrieval_metrics(outputs.image_embeds, outputs.text_embeds, text_to_image)
+    examples = widget_examples_from_split(split, count=2)
+    render_model_card(
+        folder, repo_id="mcad-tests/tiny-student", metrics=metrics,
+        comparison={"contrastive": {key: value / 2 for key, value in metrics.items()}, "tiny-student": metrics},
+        ablation_markdown="| objective | RSUM |\n|---|---|\n| mcad | 1 |",
+        training_config={"epochs": 3, "objective": "mcad"},
+        base_models=TEACHERS, widget_examples=examples, tags=["mcad-shapes"],
+    )
+    return folder, metrics, examples
+
+
+def test_model_card_carries_metadata_results_variants_and_widget(carded_folder):
+    folder, metrics, examples = carded_folder
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert card.data.base_model == TEACHERS and "mcad-shapes" in card.data.tags
+    reported = {result.metric_config: result.metric_value for result in card.data.eval_results}
+    assert reported == {key: round(float(metrics[key]), 2) for key in reported} and "t2i_r1" in reported
+    assert len(card.data.widget) == len(examples)
+    for entry, example in zip(card.data.widget, examples):
+        assert (folder / entry["src"].split("/resolve/main/")[1]).is_file()
+        assert sorted(row["label"] for row in entry["output"]) == sorted(example["candidate_labels"])
+        assert sum(row["score"] for row in entry["output"]) == pytest.approx(1, abs=1e-3)
+    assert (folder / "recall.png").read_bytes().startswith(b"\x89PNG") and "](recall.png)" in card.text
+    for variant in ("torch-fp32", "torch-fp16", "onnx-fp32", "onnx-int8"):
+        assert f"| {variant} |" in card.text
+    assert "objective: mcad" in card.text and "| mcad | 1 |" in card.text
+
+
+def test_dry_run_folder_loads_and_runs_in_a_fresh_process(carded_folder, tmp_path):
+    folder, _, examples = carded_folder
+    result = push_to_hub(folder, "mcad-tests/tiny-student", dry_run=tmp_path / "upload")
+    upload = tmp_path / "upload"
+    assert result["files"] == files_to_upload(folder)
+    assert sorted(p.relative_to(upload).as_posix() for p in upload.rglob("*") if p.is_file()) == result["files"]
+    card = ModelCard.load(upload / "README.md")
+    example = examples[0]
+    texts = list(example["candidate_labels"])
+    outputs = run_isolated(
+        f"""
+        import json, numpy as np, onnxruntime, torch
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        folder = {str(upload)!r}
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        fp16 = AutoModel.from_pretrained(folder, trust_remote_code=True, variant="fp16", dtype=torch.float16).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        image = Image.open(f"{{folder}}/examples/0.png")
+        texts = {texts!r}
+        with torch.no_grad():
+            out = model(**processor(images=[image], text=texts, return_tensors="pt", padding=True))
+            half = fp16(**processor(images=[image], text=texts, return_tensors="pt", padding=True))
+        tokens = processor(text=texts, padding=True, return_tensors="np")
+        pixels = processor(images=[image], return_tensors="np")["pixel_values"]
+        onnx = {{}}
+        for suffix in ("", "_quantized"):
+            text_graph = onnxruntime.InferenceSession(f"{{folder}}/onnx/text_model{{suffix}}.onnx")
+            vision_graph = onnxruntime.InferenceSession(f"{{folder}}/onnx/vision_model{{suffix}}.onnx")
+            onnx[suffix or "fp32"] = {{
+                "text": text_graph.run(None, {{"input_ids": tokens["input_ids"],
+                                              "attention_mask": tokens["attention_mask"]}})[0].tolist(),
+                "image": vision_graph.run(None, {{"pixel_values": pixels}})[0].tolist()}}
+        classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+        print(json.dumps({{
+            "model": type(model).__module__, "fp16_dtype": str(fp16.dtype),
+            "text": out.text_embeds.tolist(), "image": out.image_embeds.tolist(),
+            "fp16_text": half.text_embeds.float().tolist(), "fp16_image": half.image_embeds.float().tolist(),
+            "onnx": onnx, "zero_shot": classifier(image, candidate_labels=texts, hypothesis_template="{{}}")}}))
+        """,
+        tmp_path,
+    )
+    assert outputs["model"].startswith("transformers_modules.") and outputs["fp16_dtype"] == "torch.float16"
+    text, image = torch.tensor(outputs["text"]), torch.tensor(outputs["image"])
+    torch.testing.assert_close(torch.tensor(outputs["onnx"]["fp32"]["text"]), text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(outputs["onnx"]["fp32"]["image"]), image, atol=1e-5, rtol=0)
+    int8 = outputs["onnx"]["_quantized"]
+    for other_text, other_image, floor in ((int8["text"], int8["image"], 0.99),
+                                           (outputs["fp16_text"], outputs["fp16_image"], 0.999)):
+        assert (torch.tensor(other_text) * text).sum(-1).min() > floor
+        assert (torch.tensor(other_image) * image).sum(-1).min() > floor
+    # The card's widget shows what the pipeline really outputs for that image.
+    card_scores = {row["label"]: row["score"] for row in card.data.widget[0]["output"]}
+    for row in outputs["zero_shot"]:
+        assert row["score"] == pytest.approx(card_scores[row["label"]], abs=1e-4)
+
+
+@pytest.fixture
+def recording_hub(monkeypatch):
+    """HfApi.create_repo / upload_folder replaced by recorders (no network); returns the list of calls."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", self.token, repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", self.token, kwargs["repo_id"], kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_uploads_exactly_the_dry_run_files_and_never_shows_the_token(
+    carded_folder, recording_hub, monkeypatch, tmp_path, caplog, capfd
+):
+    folder, _, _ = carded_folder
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    caplog.set_level(logging.DEBUG)
+    dry_run = push_to_hub(folder, "mcad-tests/tiny-student", dry_run=tmp_path / "dry")
+    result = push_to_hub(folder, "mcad-tests/tiny-student", private=True)
+    (_, create_token, repo_id, create_kwargs), (_, upload_token, _, upload_kwargs) = recording_hub
+    assert repo_id == "mcad-tests/tiny-student" and create_kwargs["private"] is True
+    assert create_token == upload_token == FAKE_TOKEN  # handed to huggingface_hub...
+    assert upload_kwargs["allow_patterns"] == result["files"] == dry_run["files"]
+    assert upload_kwargs["folder_path"] == folder
+    captured = capfd.readouterr()
+    assert FAKE_TOKEN not in captured.out + captured.err + caplog.text + repr(result)  # ...and shown nowhere
+    assert "Uploading" in caplog.text
+
+
+def test_a_failing_upload_does_not_show_the_token(carded_folder, monkeypatch, caplog, capfd):
+    folder, _, _ = carded_folder
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: the real client fails fast
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Exception, match="Connection refused") as error:  # it reached the (closed) endpoint
+        push_to_hub(folder, "mcad-tests/tiny-student")
+    captured = capfd.readouterr()
+    assert FAKE_TOKEN not in captured.out + captured.err + caplog.text + str(error.value) + str(error.getrepr())
+
+
+def test_offline_or_without_a_token_nothing_is_uploaded(carded_folder, recording_hub, monkeypatch, tmp_path):
+    folder, _, _ = carded_folder
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set, so nothing was uploaded.*dry_run"):
+        push_to_hub(folder, "mcad-tests/tiny-student")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(HubPushError, match="No Hugging Face token found.*hf auth login.*HF_TOKEN"):
+        push_to_hub(folder, "mcad-tests/tiny-student")
+    assert recording_hub == []
+
+
+def test_incomplete_folders_and_overlapping_dry_runs_are_refused(carded_folder, tmp_path):
+    folder, _, _ = carded_folder
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(folder, incomplete, ignore=shutil.ignore_patterns("README.md"))
+    with pytest.raises(FileNotFoundError, match="lacks README.md"):
+        push_to_hub(incomplete, "mcad-tests/tiny-student", dry_run=tmp_path / "dry")
+    for overlapping in (folder, folder / "inside", folder.parent):
+        with pytest.raises(ValueError, match="overlaps the exported folder"):
+            push_to_hub(folder, "mcad-tests/tiny-student", dry_run=overlapping)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("precious")
+    with pytest.raises(ValueError, match="not an earlier dry run"):
+        push_to_hub(folder, "mcad-tests/tiny-student", dry_run=tmp_path / "results")
+    assert (tmp_path / "results" / "table.md").read_text() == "precious"
+    with pytest.raises(huggingface_hub.errors.HFValidationError):
+        push_to_hub(folder, "not a repo id", dry_run=tmp_path / "dry")
+    assert not (tmp_path / "dry").exists() and (folder / "README.md").is_file()
