@@ -1,0 +1,241 @@
+"""MCADLoss, term by term, against values computed by hand on a 3×3 example (issue: objective)."""
+
+import math
+
+import pytest
+import torch
+
+from modeling_mcad.objectives import (
+    OBJECTIVE_PRESETS,
+    ContrastiveLoss,
+    DistributionDistillationLoss,
+    FeatureDistillationLoss,
+    MCADLoss,
+    objective_settings,
+)
+
+# Three pairs in 2-D, easy to follow on paper. Student embeddings (unit vectors):
+S_IMAGE = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+S_TEXT = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+SCALE = 2.0  # exp(logit_scale)
+# Teacher embeddings v, t and the fusion adapter's outputs P_v f, P_t f (unit vectors, 2-D):
+V = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+T = [[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]]
+AV = [[0.0, 1.0], [1.0, 0.0], [0.8, 0.6]]
+AT = [[0.0, 1.0], [0.6, 0.8], [0.8, -0.6]]
+TAU = 0.5
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def normalize(a):
+    n = math.sqrt(sum(x * x for x in a))
+    return [x / n for x in a]
+
+
+def log_softmax(row):
+    m = max(row)
+    z = math.log(sum(math.exp(x - m) for x in row)) + m
+    return [x - z for x in row]
+
+
+def matrix(images, texts, scale):
+    return [[scale * dot(i, t) for t in texts] for i in images]
+
+
+def transpose(m):
+    return [list(r) for r in zip(*m)]
+
+
+def cross_entropy_diagonal(m):
+    return -sum(log_softmax(row)[i] for i, row in enumerate(m)) / len(m)
+
+
+def kl_rows(teacher, student):
+    total = 0.0
+    for t_row, s_row in zip(teacher, student):
+        lt, ls = log_softmax(t_row), log_softmax(s_row)
+        total += sum(math.exp(a) * (a - b) for a, b in zip(lt, ls))
+    return total / len(teacher)
+
+
+def tensors(*rows):
+    return [torch.tensor(r, dtype=torch.float32) for r in rows]
+
+
+def test_contrastive_term_by_hand():
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    expected = (cross_entropy_diagonal(s) + cross_entropy_diagonal(transpose(s))) / 2
+    image, text = tensors(S_IMAGE, S_TEXT)
+    loss = ContrastiveLoss()(image, text, torch.tensor(math.log(SCALE)))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_negclip_adds_negative_columns_to_image_rows_only():
+    negatives = [[0.0, -1.0], [-1.0, 0.0]]
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
+    expected = (cross_entropy_diagonal(rows) + cross_entropy_diagonal(transpose(s))) / 2
+    image, text, negative = tensors(S_IMAGE, S_TEXT, negatives)
+    loss = ContrastiveLoss()(image, text, torch.tensor(math.log(SCALE)), negative_text_embeds=negative)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_distribution_term_by_hand_both_directions():
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    teacher = matrix(V, T, 1 / TAU)
+    expected = (kl_rows(teacher, s) + kl_rows(transpose(teacher), transpose(s))) / 2
+    loss = DistributionDistillationLoss()(torch.tensor(s), torch.tensor(teacher))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Identical distributions: nothing to learn.
+    assert DistributionDistillationLoss()(torch.tensor(s), torch.tensor(s)).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_identity_mix_control_by_hand():
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    teacher = matrix(V, T, 1 / TAU)
+    gamma = 0.5
+
+    def mixed_kl(t_rows, s_rows):
+        total = 0.0
+        for i, (t_row, s_row) in enumerate(zip(t_rows, s_rows)):
+            p = [(1 - gamma) * math.exp(x) + (gamma if j == i else 0) for j, x in enumerate(log_softmax(t_row))]
+            total += sum(pj * (math.log(pj) - q) for pj, q in zip(p, log_softmax(s_row)))
+        return total / len(t_rows)
+
+    expected = (mixed_kl(teacher, s) + mixed_kl(transpose(teacher), transpose(s))) / 2
+    loss = DistributionDistillationLoss(identity_mix=gamma)(torch.tensor(s), torch.tensor(teacher))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_feature_term_by_hand():
+    w_image = [[1.0, 2.0], [0.0, 1.0]]  # W_v: rows are output dims
+    w_text = [[0.5, 0.0], [1.0, -1.0]]
+    targets_image, targets_text = V, T
+
+    def mean_squared_error(weights, inputs, targets):
+        errors = []
+        for x, y in zip(inputs, targets):
+            mapped = [dot(row, x) for row in weights]
+            errors.append(sum((a - b) ** 2 for a, b in zip(mapped, y)))
+        return sum(errors) / len(errors)
+
+    expected = (mean_squared_error(w_image, S_IMAGE, targets_image) + mean_squared_error(w_text, S_TEXT, targets_text)) / 2
+    term = FeatureDistillationLoss(student_dim=2, teacher_dim=2)
+    with torch.no_grad():
+        term.image_projection.weight.copy_(torch.tensor(w_image))
+        term.text_projection.weight.copy_(torch.tensor(w_text))
+    loss = term(*tensors(S_IMAGE, S_TEXT, targets_image, targets_text))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def modified_by_hand(alpha):
+    v_hat = [normalize([a + alpha * b for a, b in zip(v, normalize(av))]) for v, av in zip(V, AV)]
+    t_hat = [normalize([a + alpha * b for a, b in zip(t, normalize(at))]) for t, at in zip(T, AT)]
+    return v_hat, t_hat
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_full_mcad_loss_by_hand(alpha):
+    """L = L_con + λ_dist·L_dist + λ_feat·L_feat with v̂ = normalize(v + α·normalize(P_v f)), Ŝ = <v̂, t̂>/τ_T."""
+    lambda_dist, lambda_feat = 0.7, 0.3
+    loss_fn = MCADLoss.from_preset("mcad", student_dim=2, teacher_dim=2, alpha=alpha, teacher_temperature=TAU,
+                                   lambda_dist=lambda_dist, lambda_feat=lambda_feat)
+    with torch.no_grad():
+        loss_fn.feature_loss.image_projection.weight.copy_(torch.eye(2))
+        loss_fn.feature_loss.text_projection.weight.copy_(torch.eye(2))
+    v_hat, t_hat = modified_by_hand(alpha)
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    teacher = matrix(v_hat, t_hat, 1 / TAU)
+    l_con = (cross_entropy_diagonal(s) + cross_entropy_diagonal(transpose(s))) / 2
+    l_dist = (kl_rows(teacher, s) + kl_rows(transpose(teacher), transpose(s))) / 2
+    l_feat = (sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(S_IMAGE, v_hat)) / 3
+              + sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(S_TEXT, t_hat)) / 3) / 2
+
+    image, text, v, t, av, at = tensors(S_IMAGE, S_TEXT, V, T, AV, AT)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  adapted_image_embeds=av, adapted_text_embeds=at)
+    assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    assert out.distribution.item() == pytest.approx(l_dist, rel=1e-5)
+    assert out.feature.item() == pytest.approx(l_feat, rel=1e-5)
+    assert out.loss.item() == pytest.approx(l_con + lambda_dist * l_dist + lambda_feat * l_feat, rel=1e-5)
+
+
+def test_fusion_logits_are_blended_into_the_top_k_entries_by_hand():
+    beta, tau_f = 0.4, 2.0
+    loss_fn = MCADLoss.from_preset("mcad", student_dim=2, teacher_dim=2, alpha=0.0, beta=beta,
+                                   teacher_temperature=TAU, fusion_temperature=tau_f, lambda_feat=0.0)
+    fusion = [[3.0, 0.0, -1.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
+    mask = [[True, False, True], [False, True, False], [False, False, True]]
+    teacher = matrix(V, T, 1 / TAU)
+    blended = [[(1 - beta) * teacher[i][j] + beta * fusion[i][j] / tau_f if mask[i][j] else teacher[i][j]
+                for j in range(3)] for i in range(3)]
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    expected = (kl_rows(blended, s) + kl_rows(transpose(blended), transpose(s))) / 2
+    image, text, v, t, av, at = tensors(S_IMAGE, S_TEXT, V, T, AV, AT)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  adapted_image_embeds=av, adapted_text_embeds=at,
+                  fusion_logits=torch.tensor(fusion), fusion_mask=torch.tensor(mask))
+    assert out.distribution.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fusion_only_targets_come_from_the_adapter_alone():
+    loss_fn = MCADLoss.from_preset("fusion_only", student_dim=2, teacher_dim=2, teacher_temperature=TAU,
+                                   lambda_feat=0.0)
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    teacher = matrix([normalize(a) for a in AV], [normalize(a) for a in AT], 1 / TAU)
+    expected = (kl_rows(teacher, s) + kl_rows(transpose(teacher), transpose(s))) / 2
+    image, text, v, t, av, at = tensors(S_IMAGE, S_TEXT, V, T, AV, AT)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  adapted_image_embeds=av, adapted_text_embeds=at)
+    assert out.distribution.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_presets_are_settings_of_one_module():
+    contrastive = objective_settings("contrastive")
+    assert not contrastive.uses_teacher
+    assert objective_settings("clip_kd").alpha == 0 and not objective_settings("clip_kd").uses_fusion_teacher
+    assert objective_settings("affinity").lambda_feat == 0
+    assert objective_settings("mcad").uses_fusion_teacher
+    assert set(OBJECTIVE_PRESETS) >= {"contrastive", "clip_kd", "affinity", "fusion_only", "mcad"}
+    with pytest.raises(ValueError, match="Unknown objective knob"):
+        objective_settings("mcad", gamma=1)
+    with pytest.raises(ValueError, match="choose one of"):
+        objective_settings("distill_everything")
+
+
+def test_contrastive_preset_ignores_the_teacher():
+    image, text = tensors(S_IMAGE, S_TEXT)
+    out = MCADLoss.from_preset("contrastive", 2, 2)(image, text, torch.tensor(math.log(SCALE)))
+    assert out.loss.item() == pytest.approx(ContrastiveLoss()(image, text, torch.tensor(math.log(SCALE))).item())
+    assert out.distribution is None and out.feature is None
+
+
+def test_gradients_reach_only_the_student_and_w(tiny_student):
+    from modeling_mcad import MCADModel
+    from modeling_mcad.distillation import DistillationModule
+
+    student = MCADModel.from_preset("tiny")
+    teacher = torch.nn.Linear(4, 4)  # stands for any frozen teacher producing the targets
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    objective = MCADLoss.from_preset("mcad", student_dim=32, teacher_dim=4)
+    module = DistillationModule(student, objective)
+    _, processor = tiny_student
+    from .conftest import random_images
+
+    inputs = processor(images=random_images(3), text=["a red circle", "a blue star", "two squares"],
+                       return_tensors="pt", padding=True)
+    features = torch.nn.functional.normalize(teacher(torch.randn(4, 4)), dim=-1)
+    targets = {
+        "teacher_image_embeds": features[:3], "teacher_text_embeds": features[1:],
+        "adapted_image_embeds": features[:3].flip(0), "adapted_text_embeds": features[1:].flip(0),
+    }
+    module(dict(inputs), targets).loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert objective.feature_loss.image_projection.weight.grad.abs().sum() > 0
+    assert student.logit_scale.grad is not None
+    assert student.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    assert student.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
