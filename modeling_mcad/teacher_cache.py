@@ -1,0 +1,161 @@
+"""The teacher cache: one pass of the frozen teachers over the training pairs, read back by pair index.
+
+For every pair i (in `flatten_pairs` order) it stores, as float16 in an Arrow dataset on disk (memory-mapped):
+
+    teacher_image_embeds  v_i        teacher_text_embeds  t_i
+    adapted_image_embeds  P_v f_i    adapted_text_embeds  P_t f_i
+
+v̂, t̂ = modified_features(v, t, P_v f, P_t f, α) are formed from these at loss time: a change of α (or of any
+loss knob) reuses the cache, and with β = 0 distillation runs no teacher at all. The cache folder is named by a
+fingerprint of the teacher's files (weights, adapter, processors), the training pairs and this format; a rerun
+with the same three reuses it, a change of any of them builds a new one.
+
+Building shards the images across processes (each runs the teachers on its share, each image encoded once for
+all of its captions); the main process merges the shards in order and publishes the folder atomically.
+"""
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from .data import to_rgb
+from .teachers import MCADTeacher
+from .utils import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CACHE_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds", "adapted_image_embeds", "adapted_text_embeds")
+
+
+def teacher_fingerprint(teacher_dir: str | Path) -> str:
+    """A hash of every file a saved teacher is made of (weights, config, processors)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(teacher_dir).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(teacher_dir)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_folder(output_dir: str | Path, teacher_dir: str | Path, pairs: datasets.Dataset) -> Path:
+    """Where the cache of these teachers over these pairs lives."""
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{teacher_fingerprint(teacher_dir)}|{pairs._fingerprint}".encode())
+    return Path(output_dir) / "cache" / key.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices: range, batch_size: int,
+                   captions_per_image: list[int]) -> dict[str, np.ndarray]:
+    """The cache rows of the pairs of these images, in pair order."""
+    dual, fusion = teacher.processors["dual"], teacher.processors["fusion"]
+    columns = {name: [] for name in CACHE_COLUMNS}
+    for start in range(image_indices.start, image_indices.stop, batch_size):
+        rows = split[start:min(start + batch_size, image_indices.stop)]
+        images = [to_rgb(image) for image in rows["image"]]
+        captions = [caption for image_captions in rows["captions"] for caption in image_captions]
+        image_of_caption = torch.tensor(
+            [i for i, count in enumerate(captions_per_image[start:start + len(images)]) for _ in range(count)]
+        )
+        dual_text = dual.tokenizer(captions, return_tensors="pt", padding=True, truncation=True)
+        fusion_text = fusion.tokenizer(captions, return_tensors="pt", padding=True, truncation=True)
+        image_embeds = teacher.encode_images(dual.image_processor(images, return_tensors="pt")["pixel_values"])
+        text_embeds = teacher.encode_texts(dual_text["input_ids"], dual_text["attention_mask"])
+        fused = teacher.fuse(
+            fusion.image_processor(images, return_tensors="pt")["pixel_values"],
+            fusion_text["input_ids"],
+            fusion_text["attention_mask"],
+            pairs=torch.stack([image_of_caption, torch.arange(len(captions))], dim=1),
+        )
+        adapted_image, adapted_text = teacher.adapter(fused.image_part(), fused.text_part())
+        values = (image_embeds[image_of_caption.to(image_embeds.device)], text_embeds, adapted_image, adapted_text)
+        for name, value in zip(CACHE_COLUMNS, values):
+            columns[name].append(value.float().cpu().numpy().astype(np.float16))
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def build_teacher_cache(
+    teacher: MCADTeacher,
+    teacher_dir: str | Path,
+    split: datasets.Dataset,
+    pairs: datasets.Dataset,
+    output_dir: str | Path,
+    accelerator,
+    batch_size: int = 64,
+) -> Path:
+    """
+    Write (or reuse) the cache of `teacher` over the pairs of `split`; every process must call it.
+
+    Args:
+        teacher ([`MCADTeacher`]): the frozen teachers with their fitted adapter.
+        teacher_dir (`str` or `Path`): the folder the teacher was loaded from (its files name the cache).
+        split (`datasets.Dataset`): the training split grouped by image (`image`, `captions`).
+        pairs (`datasets.Dataset`): `flatten_pairs(split)`: the cache's rows follow its order.
+        output_dir (`str` or `Path`): the run's output folder; the cache goes under `cache/`.
+        accelerator (`accelerate.Accelerator`): shards the images across its processes.
+        batch_size (`int`): images per teacher call.
+
+    Returns:
+        The cache folder.
+    """
+    folder = cache_folder(output_dir, teacher_dir, pairs)
+    if folder.exists():
+        logger.info("teacher cache found: %s", folder)
+        return folder
+    captions_per_image = [len(captions) for captions in split["captions"]]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bounds = np.linspace(0, len(split), world + 1).astype(int)
+    shard_dir = folder.parent / f".shards-{folder.name}"
+    rows = _encode_images(teacher, split, range(bounds[rank], bounds[rank + 1]), batch_size, captions_per_image)
+    first_pair = sum(captions_per_image[:bounds[rank]])
+    rows["pair_index"] = np.arange(first_pair, first_pair + len(rows["teacher_text_embeds"]), dtype=np.int64)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(shard_dir / f"rank_{rank}"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        merged = datasets.concatenate_datasets(
+            [datasets.load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(world)]
+        )
+        if merged["pair_index"] != list(range(len(pairs))):
+            raise RuntimeError(f"The teacher cache covers {len(merged)} pairs but there are {len(pairs)}: the training "
+                               "split changed while the cache was built. Run the cache stage again.")
+        with atomic_directory(folder) as temporary:
+            merged.save_to_disk(str(temporary))
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        logger.info("teacher cache written: %s (%d pairs)", folder, len(merged))
+    accelerator.wait_for_everyone()
+    return folder
+
+
+class TeacherCache:
+    """
+    Teacher targets read from a built cache by pair index.
+
+    Args:
+        folder (`str` or `Path`): a folder written by `build_teacher_cache`.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.rows = datasets.load_from_disk(str(self.folder)).select_columns(list(CACHE_COLUMNS)).with_format("torch")
+
+    @classmethod
+    def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, pairs: datasets.Dataset) -> "TeacherCache":
+        """The cache of this run's teacher and pairs, which the `cache` stage must have built."""
+        folder = cache_folder(output_dir, teacher_dir, pairs)
+        if not folder.exists():
+            raise FileNotFoundError(
+                f"No teacher cache for this teacher and training data at {folder}: run the cache stage first "
+                "(`train_mcad.py cache ...`), or use an objective with beta > 0, which runs the teacher online."
+            )
+        return cls(folder)
+
+    def targets(self, pair_index: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The cached targets of these pairs, as float32 tensors keyed like `MCADLoss.forward`'s arguments."""
+        rows = self.rows[pair_index.tolist()]
+        return {name: rows[name].to(device=device, dtype=torch.float32) for name in CACHE_COLUMNS}
