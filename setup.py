@@ -2,7 +2,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-ONNX = ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"]
+ONNX = ["onnx>=1.17", "onnxscript>=0.5"]
 
 setup(
     name="mcad",
@@ -18,6 +18,7 @@ setup(
     packages=["modeling_mcad"],
     package_data={"modeling_mcad": ["metrics/*/*.py"]},
     py_modules=["train_mcad"],
+    entry_points={"console_scripts": ["mcad-search = modeling_mcad.search:main"]},
     install_requires=[
         # <2.14 admits the 2.13.0 CPU wheel; an open range would pull a multi-GB CUDA build on CPU machines.
         "torch>=2.4,<2.14",
@@ -29,6 +30,7 @@ setup(
         "evaluate>=0.4.6",
         "pillow>=10.0",
         "tokenizers>=0.21",
+        "onnxruntime>=1.20",  # the torch-free query runtime (mcad-search)
         "numpy>=1.26",
         "pyyaml>=6.0",
         "sentencepiece>=0.2",  # SigLIP / T5-style teacher tokenizers

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Through the package, which registers the auto classes (save_pretrained then writes the remote code).
+from . import MCADModel, MCADProcessor
 from .evaluation import flatten_captions, retrieval_metrics
-from .modeling_mcad import MCADModel
-from .processing_mcad import MCADProcessor
 from .utils import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)

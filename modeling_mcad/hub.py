@@ -93,8 +93,7 @@ def _widget(folder: Path, repo_id: str, examples: Sequence[Mapping]) -> list[dic
     custom code, so the card carries the outputs)."""
     from transformers import pipeline
 
-    from .modeling_mcad import MCADModel
-    from .processing_mcad import MCADProcessor
+    from . import MCADModel, MCADProcessor  # through the package, which registers the auto classes
 
     if not examples:
         return []
