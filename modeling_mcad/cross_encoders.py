@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import BlipForImageTextRetrieval, PreTrainedModel
+from transformers import BlipForImageTextRetrieval, PreTrainedModel, ViltForImageAndTextRetrieval
 from transformers.utils import ModelOutput
 
 
@@ -189,8 +189,51 @@ class BlipCrossEncoder(CrossEncoder):
         return FusionOutput(match_logits=itm_logits[:, 1] - itm_logits[:, 0], fused=fused)
 
 
+class ViltCrossEncoder(CrossEncoder):
+    """
+    [`ViltForImageAndTextRetrieval`]: one joint transformer over the caption's tokens and the image's patch tokens
+    (a single stream: text and patches attend to each other in every layer).
+
+    Image state: the patch embeddings with their position and modality embeddings (`ViltEmbeddings.visual_embed`), so
+    the patch projection runs once per image. Pair pass: the joint encoder over [text tokens; image tokens].
+    f = ViLT's pooled [CLS] state (the state its ranking head reads; one vector for P_v and P_t);
+    m = the ranking head's score `rank_output(f)`. Images are taken whole, every patch (a batch shares one size, as
+    the processor makes it for images resized alike; ViLT's padding masks are not used).
+    """
+
+    model_class = ViltForImageAndTextRetrieval
+
+    @property
+    def fused_dims(self) -> tuple[int, int]:
+        width = self.model.config.hidden_size
+        return width, width
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # ViLT's own `visual_embed` draws a random patch order from the global RNG on every call (it samples up to
+        # `max_image_length` patches); whole, unpadded images need none of that.
+        embeddings = self.model.vilt.embeddings
+        patches = embeddings.patch_embeddings(pixel_values)
+        width, rows, columns = patches.shape[1:]
+        grid = self.model.config.image_size // self.model.config.patch_size
+        positions = embeddings.position_embeddings[:, 1:].transpose(1, 2).reshape(1, width, grid, grid)
+        if (rows, columns) != (grid, grid):
+            positions = nn.functional.interpolate(positions, size=(rows, columns), mode="bilinear",
+                                                  align_corners=True)
+        patches = (patches + positions).flatten(2).transpose(1, 2)
+        cls = (embeddings.cls_token + embeddings.position_embeddings[:, :1]).expand(len(patches), -1, -1)
+        return embeddings.dropout(torch.cat([cls, patches], dim=1))
+
+    def score_pairs(
+        self, image_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> FusionOutput:
+        image_mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=image_states.device)
+        fused = self.model.vilt(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_states,
+                                pixel_mask=image_mask).pooler_output
+        return FusionOutput(match_logits=self.model.rank_output(fused).squeeze(-1), fused=fused)
+
+
 # model_type of the fusion teacher's config → its adapter class.
-CROSS_ENCODERS: dict[str, type[CrossEncoder]] = {"blip": BlipCrossEncoder}
+CROSS_ENCODERS: dict[str, type[CrossEncoder]] = {"blip": BlipCrossEncoder, "vilt": ViltCrossEncoder}
 
 
 def register_cross_encoder(model_type: str, adapter_class: type[CrossEncoder]) -> None:
@@ -216,6 +259,7 @@ __all__ = [
     "CrossEncoder",
     "FusedParts",
     "FusionOutput",
+    "ViltCrossEncoder",
     "cross_encoder_class",
     "register_cross_encoder",
 ]

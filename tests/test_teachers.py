@@ -1,7 +1,7 @@
 """The teachers (issue 3): dual and fusion wrappers, the modified teacher, the adapter fit, save/load, freezing.
 
 Every teacher is a tiny random config of the real transformers class (CLIPModel, SiglipModel,
-BlipForImageTextRetrieval) with a processor built offline, saved to a local folder where a path is needed.
+BlipForImageTextRetrieval, ViltForImageAndTextRetrieval) with a processor built offline, saved to a local folder where a path is needed.
 """
 
 import itertools
@@ -23,14 +23,24 @@ from transformers import (
     SiglipModel,
     SiglipProcessor,
     SiglipTokenizer,
+    ViltConfig,
+    ViltForImageAndTextRetrieval,
+    ViltProcessor,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
 from modeling_mcad import MCADModel, MCADProcessor
 from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
-from modeling_mcad.cross_encoders import CROSS_ENCODERS, BlipCrossEncoder, FusionOutput, cross_encoder_class
+from modeling_mcad.cross_encoders import (
+    CROSS_ENCODERS,
+    BlipCrossEncoder,
+    FusionOutput,
+    ViltCrossEncoder,
+    cross_encoder_class,
+)
 from modeling_mcad.teachers import (
     AdapterFeatures,
     MCADTeacher,
@@ -102,6 +112,16 @@ def tiny_blip(vision_width: int = 32) -> tuple[BlipForImageTextRetrieval, BlipPr
     )
     image_processor = BlipImageProcessorPil(size={"height": 48, "width": 48})
     return BlipForImageTextRetrieval(config).eval(), BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_vilt(image_size: int = 32) -> tuple[ViltForImageAndTextRetrieval, ViltProcessor]:
+    """ViltForImageAndTextRetrieval (one joint stack over text and 16 patch tokens of 8 px, d_F = 32)."""
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(PRESET_VOCABULARY)})
+    config = ViltConfig(**TINY_TOWER, vocab_size=len(PRESET_VOCABULARY), max_position_embeddings=32,
+                        image_size=image_size, patch_size=8)
+    image_processor = ViltImageProcessorPil(size={"shortest_edge": image_size}, size_divisor=8)
+    return ViltForImageAndTextRetrieval(config).eval(), ViltProcessor(image_processor=image_processor,
+                                                                      tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +292,39 @@ def test_fuse_reproduces_blip_itm_head_and_encodes_each_image_once(teacher, batc
         torch.testing.assert_close(scored.fused[row], single.question_embeds[0, 0])
 
 
+def test_vilt_adapter_reproduces_its_ranking_score_for_any_pairs(teacher_folders):
+    """The single-stream ViLT: f is the pooled state its ranking head reads, m the head's score; images resized to
+    another size than the model's get their position embeddings interpolated, as in ViLT's own forward."""
+    vilt, processor = tiny_vilt()
+    captions = CAPTIONS[:3]
+    images = random_images(2, seed=5)
+    for size in ({"shortest_edge": 32}, {"shortest_edge": 48}):  # 32x32 and 48x56 pixels
+        inputs = processor(images=images, text=captions, return_tensors="pt", padding=True, size=size)
+        pairs = torch.tensor([[0, 0], [1, 0], [1, 2], [0, 1]])
+        scored = ViltCrossEncoder(vilt)(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                                        pairs=pairs)
+        for row, (image, text) in enumerate(pairs.tolist()):
+            with torch.no_grad():
+                single = vilt.vilt(input_ids=inputs["input_ids"][text:text + 1],
+                                   attention_mask=inputs["attention_mask"][text:text + 1],
+                                   pixel_values=inputs["pixel_values"][image:image + 1],
+                                   pixel_mask=inputs["pixel_mask"][image:image + 1])
+            torch.testing.assert_close(scored.fused[row], single.pooler_output[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(scored.match_logits[row], vilt.rank_output(single.pooler_output)[0, 0],
+                                       atol=1e-5, rtol=1e-4)
+    # As MCAD's fusion teacher: the adapter reads d_F = ViLT's width, and the whole teacher round-trips.
+    wrapped = MCADTeacher.from_teachers(teacher_folders["clip"], vilt, fusion_processor=processor, alpha=0.5)
+    assert wrapped.adapter.image_projection.in_features == vilt.config.hidden_size
+    batch = collate(wrapped, random_images(3, seed=6), CAPTIONS[:3])
+    expected = wrapped.targets(batch["dual"], batch["fusion"])
+    folder = Path(teacher_folders["clip"]).parent / "vilt_teacher"
+    wrapped.save_pretrained(folder)
+    loaded = MCADTeacher.from_pretrained(folder)
+    assert isinstance(loaded.fusion, ViltCrossEncoder)
+    torch.testing.assert_close(loaded.targets(batch["dual"], batch["fusion"]).modified_image_embeds,
+                               expected.modified_image_embeds)
+
+
 def test_a_cross_encoder_with_separate_image_and_text_parts_plugs_in(teacher_folders, batch, monkeypatch):
     """One adapter class is all another ITM model needs; P_v reads the image part, P_t the text part."""
 
@@ -425,7 +478,7 @@ def features(teacher):
     for start in range(0, len(pairs), 16):
         chunk = pairs[start:start + 16]
         batch = collate(teacher, [images[i] for i, _ in chunk], [caption for _, caption in chunk])
-        batches.append({**batch, "image_ids": torch.tensor([i for i, _ in chunk])})
+        batches.append({**batch, "image_index": torch.tensor([i for i, _ in chunk])})
     return compute_adapter_features(teacher, batches)
 
 
