@@ -102,7 +102,15 @@ def retrieval_metrics(image_embeds, text_embeds, text_to_image: Sequence[int],
         `dict[str, float]` with `RETRIEVAL_KEYS`: `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`
         (percent, 0-100), `rsum` (their sum, 0-600), `i2t_median_rank`, `t2i_median_rank` (1-based).
     """
-    image_ranks, text_ranks = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size)
+    return metrics_from_ranks(*retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size))
+
+
+def metrics_from_ranks(image_ranks: Sequence[int], text_ranks: Sequence[int]) -> dict[str, float]:
+    """
+    `RETRIEVAL_KEYS` from the 1-based rank of the first right answer of every image query and every text query
+    (`retrieval_ranks`, or ranks after re-ranking).
+    """
+    image_ranks, text_ranks = np.asarray(image_ranks), np.asarray(text_ranks)
     metrics = {}
     for direction, ranks in (("i2t", image_ranks), ("t2i", text_ranks)):
         for k in RECALL_AT:
@@ -257,5 +265,6 @@ def load_retrieval_metric(**kwargs):
 
 
 __all__ = ["BINDING_KEYS", "RETRIEVAL_KEYS", "RETRIEVAL_METRIC_PATH", "BindingProbe", "binding_accuracy",
-           "binding_probe", "evaluate_model", "flatten_captions", "load_retrieval_metric", "retrieval_metrics",
+           "binding_probe", "evaluate_model", "flatten_captions", "load_retrieval_metric", "metrics_from_ranks",
+           "retrieval_metrics",
            "retrieval_ranks"]
