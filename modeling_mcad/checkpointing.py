@@ -12,12 +12,17 @@ import logging
 import os
 import re
 import shutil
+import textwrap
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.json"
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds the weights of another model (another student config or objective) than the run's."""
 
 
 class CheckpointManager:
@@ -72,6 +77,10 @@ class CheckpointManager:
         Args:
             which (`str`): a checkpoint folder, or "latest" for the newest loadable one under `folder`. With
                 "latest" and no checkpoint at all, training starts from the beginning.
+
+        Raises:
+            `CheckpointMismatchError`: the checkpoint was written for another model (no older one is tried: it would
+                be another model's too). `ValueError`: no checkpoint at `which`, or none under `folder` loads.
         """
         fresh = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite_skipped": 0}
         if which != "latest":
@@ -90,16 +99,29 @@ class CheckpointManager:
         for path in candidates:
             try:
                 return self._restore(path)
+            except CheckpointMismatchError:
+                raise
             except Exception as error:  # noqa: BLE001 - any failure to read means a damaged checkpoint
                 logger.warning("checkpoint %s is damaged (%s: %s); trying the previous one",
                                path, type(error).__name__, error)
-        raise RuntimeError(
+        raise ValueError(
             f"No loadable checkpoint in {self.folder} (tried {[p.name for p in candidates]}); remove the damaged "
             "ones or start without --resume_from_checkpoint."
         )
 
     def _restore(self, path: Path) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):  # torch's (and safetensors') wording for a misfit
+                raise
+            differences = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+            raise CheckpointMismatchError(
+                f"Checkpoint {path} was written for another model: its weights do not fit this run's "
+                f"({len(differences)} difference(s), the first: {textwrap.shorten(differences[0], 200)}). Resume "
+                "with the student_preset / student_config and objective it was trained with, or start without "
+                "--resume_from_checkpoint (in another --output_dir to keep these checkpoints)."
+            ) from None
         logger.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
         return state

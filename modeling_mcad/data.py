@@ -50,19 +50,40 @@ _MAX_LISTED_PROBLEMS = 10
 # --- images ------------------------------------------------------------------------------------------------------
 
 
-def open_image(image) -> Image.Image:
-    """A PIL image from a PIL image, a `datasets.Image(decode=False)` value (`{"bytes", "path"}`) or a file path."""
+class ImageTooLargeError(ValueError):
+    """An image file declares more pixels than allowed: decoding it could exhaust memory (a decompression bomb)."""
+
+
+def open_image(image, max_image_pixels: int | None = None) -> Image.Image:
+    """
+    A PIL image from a PIL image, a `datasets.Image(decode=False)` value (`{"bytes", "path"}`) or a file path.
+
+    A file is opened lazily (only its header is read) and refused with `ImageTooLargeError` when it declares more than
+    `max_image_pixels` pixels (default: PIL's `Image.MAX_IMAGE_PIXELS`, about 89M): a few bytes of PNG can declare a
+    20000x20000 image, which would take gigabytes once decoded.
+    """
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, Mapping):
-        if image.get("bytes"):
-            return Image.open(io.BytesIO(image["bytes"]))
-        if image.get("path"):
-            return Image.open(image["path"])
-        raise ValueError("The image value has neither bytes nor a path.")
-    if isinstance(image, (str, os.PathLike)):
-        return Image.open(image)
-    raise TypeError(f"Expected a PIL image, a {{'bytes', 'path'}} dict or a path, got {type(image).__name__}.")
+    try:
+        if isinstance(image, Mapping):
+            if image.get("bytes"):
+                opened = Image.open(io.BytesIO(image["bytes"]))
+            elif image.get("path"):
+                opened = Image.open(image["path"])
+            else:
+                raise ValueError("The image value has neither bytes nor a path.")
+        elif isinstance(image, (str, os.PathLike)):
+            opened = Image.open(image)
+        else:
+            raise TypeError(f"Expected a PIL image, a {{'bytes', 'path'}} dict or a path, got {type(image).__name__}.")
+    except Image.DecompressionBombError as error:  # PIL's own refusal, at twice its limit
+        raise ImageTooLargeError(f"the image is too large to decode safely ({error}); downscale it") from None
+    limit = max_image_pixels or Image.MAX_IMAGE_PIXELS
+    if limit is not None and opened.width * opened.height > limit:
+        raise ImageTooLargeError(
+            f"the image is {opened.width}x{opened.height} = {opened.width * opened.height} pixels, more than "
+            f"max_image_pixels={limit} (decompression-bomb guard); downscale it or raise max_image_pixels")
+    return opened
 
 
 def to_rgb(image) -> Image.Image:
@@ -71,9 +92,12 @@ def to_rgb(image) -> Image.Image:
     are converted by PIL; transparent images are composited on white (as transformers' `convert_rgb` does), so that
     transparent pixels do not turn into whatever colour they happen to store; 16-bit grayscale is scaled to 8 bits
     (PIL's own conversion would clip it). 32-bit float images have no safe conversion: they raise ValueError.
+    The image is decoded (a file that cannot be raises OSError); files over PIL's pixel limit raise
+    `ImageTooLargeError` before that.
     """
     image = open_image(image)
     if image.mode == "RGB":
+        image.load()  # decode now: a truncated file fails here, not later inside a processor
         return image
     if image.mode == "F":
         raise ValueError("The image is 32-bit floating point (mode F), which has no safe conversion to 8-bit RGB; "
@@ -93,7 +117,6 @@ def check_image(image, max_image_pixels: int | None = None) -> str | None:
     What is wrong with an image value (see `open_image`), or None when it decodes fully and converts to RGB.
     Images over `max_image_pixels` (default: PIL's decompression-bomb limit) are refused before being decoded.
     """
-    limit = max_image_pixels or Image.MAX_IMAGE_PIXELS
     if isinstance(image, Mapping) and not image.get("bytes"):
         path = image.get("path")
         if not path:
@@ -105,14 +128,11 @@ def check_image(image, max_image_pixels: int | None = None) -> str | None:
     elif isinstance(image, Mapping) and image.get("bytes") == b"":
         return "the image is empty (0 bytes)"
     try:
-        opened = open_image(image)
-        if opened.width * opened.height > limit:
-            return (f"the image is {opened.width}x{opened.height} = {opened.width * opened.height} pixels, more than "
-                    f"max_image_pixels={limit} (decompression-bomb guard); downscale it or raise max_image_pixels")
+        opened = open_image(image, max_image_pixels)
         opened.load()
         to_rgb(opened)
-    except Image.DecompressionBombError as error:
-        return f"the image is too large to decode safely ({error})"
+    except ImageTooLargeError as error:
+        return str(error)
     except UnidentifiedImageError:
         return "not an image file PIL can read"
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data; a mode with no RGB conversion
@@ -228,7 +248,7 @@ def load_image_text_dataset(
         unlisted = len(problems) - _MAX_LISTED_PROBLEMS
         more = f"\n  ... and {unlisted} more" if unlisted > 0 else ""
         raise ValueError(f"{label}: {len(problems)} bad example(s):\n  {listed}{more}\nFix or remove them, or pass "
-                         "skip_bad_examples=True to leave them out.")
+                         "skip_bad_examples=True (train_mcad.py --skip_bad_examples) to leave them out.")
     if problems:
         logger.warning("%s: left out %d row(s) with a bad image, %d bad caption(s) and %d image(s) left without a "
                        "caption; the first problem: %s", label, bad_image_rows, bad_captions, captionless_images,
@@ -254,10 +274,26 @@ def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
     try:
         return datasets.load_dataset(str(name_or_path), split=split, **load_kwargs)
     except (pa.ArrowInvalid, datasets.exceptions.DatasetGenerationError) as error:
+        undecodable = _undecodable_metadata(path) if path.is_dir() else None
+        if undecodable:
+            raise ValueError(f"datasets could not read {name_or_path} (split {split!r}): {undecodable}; save the file "
+                             "as UTF-8.") from error
         raise ValueError(
             f"datasets could not read {name_or_path} (split {split!r}): {error}. In a metadata.jsonl every value of "
             "a column must have one type: each caption a string (or each row a list of strings)."
         ) from error
+
+
+def _undecodable_metadata(folder: Path) -> str | None:
+    """Where the first metadata file of an imagefolder that is not valid UTF-8 goes wrong, or None."""
+    for metadata in sorted(folder.rglob("metadata.*")):
+        data = metadata.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            return f"{metadata} is not valid UTF-8 (line {line}: {error.reason}, byte 0x{data[error.start]:02x})"
+    return None
 
 
 def _is_string(feature) -> bool:
@@ -386,14 +422,20 @@ class ImageTextCollator:
         processor_kwargs (`Mapping[str, dict]`, *optional*): extra call arguments per processor name, e.g.
             `{"fusion": {"max_length": 35}}`.
         image_column, caption_column (`str`): the example keys (`flatten_pairs` gives `image` and `caption`).
+        negative_columns (`Sequence[str]`): example keys of hard-negative captions (e.g. `flatten_pairs`'s
+            `swapped_caption`, `flipped_caption` for NegCLIP), tokenized by `negative_processor`'s tokenizer into
+            `batch["negatives"]`, example by example, column by column.
+        negative_processor (`str`): the processor whose tokenizer reads the negatives.
 
     Returns (from a call on a list of examples):
-        `dict` with, when the examples have them, `pair_index` and `image_index` (`torch.LongTensor`), and per
-        processor name its `BatchFeature` (`pixel_values`, `input_ids`, `attention_mask`, ...).
+        `dict` with, when the examples have them, `pair_index` and `image_index` (`torch.LongTensor`), per
+        processor name its `BatchFeature` (`pixel_values`, `input_ids`, `attention_mask`, ...), and with
+        `negative_columns` the tokenized `negatives`.
     """
 
     def __init__(self, processors: Mapping[str, Any], processor_kwargs: Mapping[str, dict] | None = None,
-                 image_column: str = "image", caption_column: str = "caption"):
+                 image_column: str = "image", caption_column: str = "caption",
+                 negative_columns: Sequence[str] = (), negative_processor: str = "student"):
         if not processors:
             raise ValueError("ImageTextCollator needs at least one processor.")
         unknown = set(processor_kwargs or {}) - set(processors)
@@ -403,6 +445,10 @@ class ImageTextCollator:
         self.processors = dict(processors)
         self.processor_kwargs = dict(processor_kwargs or {})
         self.image_column, self.caption_column = image_column, caption_column
+        if negative_columns and negative_processor not in self.processors:
+            raise ValueError(f"negative_processor {negative_processor!r} is not one of the processors "
+                             f"({sorted(self.processors)}).")
+        self.negative_columns, self.negative_processor = tuple(negative_columns), negative_processor
 
     def __call__(self, examples: Sequence[Mapping]) -> dict:
         images, captions = [], []
@@ -426,8 +472,20 @@ class ImageTextCollator:
             kwargs = {"return_tensors": "pt", "padding": True, "truncation": True,
                       **self.processor_kwargs.get(name, {})}
             batch[name] = processor(images=images, text=captions, **kwargs)
+        if self.negative_columns:
+            negatives = []
+            for position, example in enumerate(examples):
+                for column in self.negative_columns:
+                    if not isinstance(example.get(column), str):
+                        # Every process must gather as many negatives as the others: none may be missing.
+                        raise ValueError(f"pair {example.get('pair_index', position)} has no {column!r} negative; "
+                                         "hard negatives need one for every pair (mcad-shapes scenes of two "
+                                         "objects with relations have them).")
+                    negatives.append(example[column])
+            tokenizer = self.processors[self.negative_processor].tokenizer
+            batch["negatives"] = tokenizer(negatives, return_tensors="pt", padding=True, truncation=True)
         return batch
 
 
-__all__ = ["ImageTextCollator", "OneCaptionPerImageSampler", "check_image", "flatten_pairs",
+__all__ = ["ImageTextCollator", "ImageTooLargeError", "OneCaptionPerImageSampler", "check_image", "flatten_pairs",
            "load_image_text_dataset", "open_image", "to_rgb"]

@@ -9,6 +9,16 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 
 from .configuration_mcad import PRESET_VOCABULARY, MCADConfig
 
+# 16-bit grayscale PIL modes: transformers' RGB conversion clips their values at 255 (mid-gray turns white).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_eight_bits(image):
+    """A 16-bit grayscale PIL image scaled to 8 bits (other images unchanged), before the RGB conversion."""
+    if getattr(image, "mode", None) in _SIXTEEN_BIT_MODES:
+        return image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    return image
+
 
 class MCADProcessor(ProcessorMixin):
     """
@@ -72,7 +82,7 @@ class MCADProcessor(ProcessorMixin):
 
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): RGB,
-                grayscale or RGBA images (converted to RGB by the image processor).
+                grayscale (8 or 16 bits), palette, CMYK or RGBA images (converted to RGB by the image processor).
             text (`str` or `list[str]`, *optional*): captions or queries.
             kwargs: passed on: `return_tensors`, `padding`, `truncation`, `max_length`, ...
 
@@ -80,10 +90,16 @@ class MCADProcessor(ProcessorMixin):
             [`BatchFeature`] with `pixel_values` and/or `input_ids`, `attention_mask` (and `token_type_ids` where
             the tokenizer makes them).
         """
-        if text is not None and not (
-            isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text))
-        ):
-            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}.")
+        if text is not None and not isinstance(text, str):
+            if not isinstance(text, (list, tuple)):
+                raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}.")
+            for index, item in enumerate(text):
+                if not isinstance(item, str):
+                    raise ValueError(f"text must be a string or a list of strings, but text[{index}] is "
+                                     f"{type(item).__name__}.")
+        if images is not None:
+            images = [_to_eight_bits(image) for image in images] if isinstance(images, (list, tuple)) else (
+                _to_eight_bits(images))
         encoding = super().__call__(images=images, text=text, **kwargs)
         if "attention_mask" in encoding and not kwargs.get("truncation"):
             self._check_text_length(encoding["attention_mask"], kwargs.get("max_length"))

@@ -637,6 +637,12 @@ def embed_gallery(
     if not (model_dir / "config.json").is_file():
         raise SearchError(f"{model_dir} holds no config.json: pass a student folder (MCADModel.save_pretrained with "
                           "its processor), e.g. the export folder outputs/demo/export.")
+    # transformers would load another architecture's folder with a mere warning, and embed with garbage.
+    model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != MCADModel.config_class.model_type:
+        raise SearchError(f"{model_dir} holds a {model_type!r} model (config.json model_type), not an MCAD student "
+                          f"({MCADModel.config_class.model_type!r}): pass a student folder, e.g. the export folder "
+                          "outputs/demo/export.")
     ids, values, label = _gallery_items(images, image_column, id_column)
     model = MCADModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = MCADProcessor.from_pretrained(model_dir)

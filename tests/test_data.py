@@ -328,3 +328,16 @@ def test_non_string_captions_are_refused_with_the_reason(tmp_path):
     folder = write_imagefolder(tmp_path / "mixed", {"a.png": png(), "b.png": png()}, rows)
     with pytest.raises(ValueError, match="each caption a string"):
         load_image_text_dataset(folder)
+
+
+def test_collator_tokenizes_hard_negatives_for_negclip(shapes):
+    pairs = flatten_pairs(shapes["train"])
+    processor = MCADProcessor.from_preset("tiny")
+    examples = [pairs[i] for i in range(3)]
+    collate = ImageTextCollator({"student": processor}, negative_columns=("swapped_caption", "flipped_caption"))
+    negatives = collate(examples)["negatives"]
+    expected = [example[column] for example in examples for column in ("swapped_caption", "flipped_caption")]
+    assert processor.tokenizer.batch_decode(negatives["input_ids"], skip_special_tokens=True) == expected
+    examples[1] = {**examples[1], "flipped_caption": None}
+    with pytest.raises(ValueError, match=r"has no 'flipped_caption' negative"):
+        collate(examples)
