@@ -1,0 +1,190 @@
+"""train_mcad.py: configuration, the distillation loop under Accelerate, checkpoints (issue: training loop)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import load_from_disk
+from safetensors.torch import load_file
+
+import train_mcad
+from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
+from modeling_mcad.teachers import MCADTeacher
+
+from .conftest import REPO_ROOT, run_isolated
+from .test_teachers import tiny_blip, tiny_clip
+
+# The tiny student without dropout, so runs on different process counts draw no different random numbers.
+NO_DROPOUT_STUDENT = {
+    "vision_config": {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64, "max_position_embeddings": 32, "vocab_size": len(PRESET_VOCABULARY),
+                    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    "projection_dim": 32,
+}
+
+
+# The same thread count everywhere: float sums depend on how work is split across threads.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def write_run(folder: Path, **overrides) -> Path:
+    """A run folder holding a saved tiny teacher (CLIP + BLIP) and a config file; returns the config path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "teacher").exists():
+        torch.manual_seed(0)  # every run folder gets the same teacher
+        (dual, dual_processor), (fusion, fusion_processor) = tiny_clip(), tiny_blip()
+        MCADTeacher.from_teachers(dual, fusion, dual_processor=dual_processor,
+                                  fusion_processor=fusion_processor).save_pretrained(folder / "teacher")
+    config = {"output_dir": str(folder), "shapes": {"train": 128, "validation": 32, "test": 32, "image_size": 32},
+              "student_preset": "tiny", "student_config": NO_DROPOUT_STUDENT, "epochs": 1, "batch_size": 32,
+              "log_every_steps": 1, "warmup_steps": 2, **overrides}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_script(*args, processes: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+                if processes > 1 else [sys.executable])
+    result = subprocess.run([*launcher, str(REPO_ROOT / "train_mcad.py"), *map(str, args)], capture_output=True,
+                            text=True, timeout=timeout, env=ONE_THREAD)
+    if check:
+        assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "distill_log.jsonl").read_text().splitlines()]
+
+
+# --- configuration --------------------------------------------------------------------------------------------------
+
+
+def test_demo_config_file_is_the_embedded_default():
+    values = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())
+    assert train_mcad.TrainConfig.from_sources(None, values) == train_mcad.TrainConfig()
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("epochs: 3\nobjective: clip_kd\n")
+    stages, config = train_mcad.parse_args(
+        ["distill", "--config", str(config_file), "--epochs", "5", "--objective_overrides", "{alpha: 0.5}",
+         "--private"]
+    )
+    assert stages == ["distill"]
+    assert (config.epochs, config.objective, config.objective_overrides, config.private) == (5, "clip_kd",
+                                                                                             {"alpha": 0.5}, True)
+    assert train_mcad.parse_args([])[0] == list(train_mcad.DEFAULT_STAGES)
+
+
+def test_unknown_options_and_stages_are_named(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("epochs: 3\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['learning_rat'\].*fields of TrainConfig"):
+        train_mcad.parse_args(["--config", str(config_file)])
+    result = run_script("distil", check=False)
+    assert result.returncode == 2 and "unknown stage(s) ['distil']" in result.stderr
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    """Embeddings are gathered with gradients: 2 processes × B/2 train exactly like 1 process × B."""
+    config = write_run(tmp_path / "run")
+    result = run_script("cache", "distill", "--config", config, processes=2)
+    assert "num_processes=2" in result.stderr
+    summary = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["samples_per_process"] == [64, 64]
+    two_processes = losses(tmp_path / "run")
+    sharded_cache = next((tmp_path / "run" / "cache").iterdir())
+    sharded_cache.rename(tmp_path / "sharded_cache")
+    (tmp_path / "run" / "distill_log.jsonl").unlink()
+
+    run_script("cache", "distill", "--config", config)
+    assert len(two_processes) == 4
+    assert losses(tmp_path / "run") == pytest.approx(two_processes, rel=1e-5)  # after three optimizer steps too
+    # The cache built by two processes, each on its share of the images, is the one-process cache.
+    single, sharded = (load_from_disk(str(path)) for path in (sharded_cache, tmp_path / "sharded_cache"))
+    assert single.column_names == sharded.column_names and single["pair_index"] == sharded["pair_index"]
+    for column in ("teacher_image_embeds", "adapted_text_embeds"):
+        torch.testing.assert_close(torch.tensor(single[column]), torch.tensor(sharded[column]), atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
+    config = write_run(tmp_path / "run", objective="contrastive", learning_rate=1e25, epochs=3,
+                       max_nonfinite_steps=3, warmup_steps=0)
+    result = run_script("distill", "--config", config, check=False)
+    assert result.returncode != 0
+    assert "non-finite loss at step" in result.stderr and "skipped" in result.stderr
+    assert "3 non-finite losses in a row" in result.stderr and "Lower --learning_rate" in result.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_student(tmp_path):
+    """SIGKILL after a checkpoint (at a random step), resume from 'latest': the same final weights."""
+    overrides = {"epochs": 6, "checkpoint_every_steps": 2, "batch_size": 16, "student_config": None}
+    reference = write_run(tmp_path / "reference", **overrides)
+    run_script("cache", "distill", "--config", reference)
+
+    interrupted = write_run(tmp_path / "interrupted", **overrides)
+    run_script("cache", "--config", interrupted)
+    kill_after = random.Random().randint(2, 30)
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_mcad.py"), "distill", "--config",
+                                str(interrupted)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=ONE_THREAD)
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        steps = [int(p.name.split("_")[1]) for p in checkpoints.glob("step_*")] if checkpoints.exists() else []
+        if steps and max(steps) >= kill_after:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "interrupted" / "student").exists()
+
+    run_script("distill", "--config", interrupted, "--resume_from_checkpoint", "latest")
+    expected = load_file(tmp_path / "reference" / "student" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "student" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
+    output = tmp_path / "smoke"
+    result = run_script("--config", REPO_ROOT / "configs" / "smoke.yaml", "--output_dir", output)
+    assert "num_processes=1" in result.stderr
+    results = json.loads((output / "results.json").read_text())
+    assert {"dual teacher", "fusion teacher (re-ranks dual top-10)", "student (mcad)"} <= set(results)
+    assert all(0 <= results["student (mcad)"][key] <= 100 for key in ("i2t_r1", "t2i_r10", "swap_accuracy"))
+    assert "| student (mcad) |" in result.stdout  # the printed table
+    report = json.loads((output / "teacher_report.json").read_text())
+    assert set(report["gates"]["validation"]) >= {"dual_beats_matchers", "fusion_beats_dual_binding", "passed"}
+    loaded = run_isolated(
+        f"""
+        import json
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(output / 'student')!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(output / 'student')!r}, trust_remote_code=True)
+        print(json.dumps({{"model": type(model).__name__, "processor": type(processor).__name__}}))
+        """,
+        tmp_path,
+    )
+    assert loaded == {"model": "MCADModel", "processor": "MCADProcessor"}

@@ -1,0 +1,628 @@
+"""Train a small dual-encoder student with MCAD (Multi-teacher Cross-modal Alignment Distillation).
+
+    accelerate launch train_mcad.py                       # every stage on mcad-shapes (configs/demo.yaml)
+    accelerate launch train_mcad.py distill evaluate --config configs/smoke.yaml --epochs 2
+    python train_mcad.py export --output_dir outputs/demo
+    python train_mcad.py push --output_dir outputs/demo --repo_id you/mcad-shapes --dry_run hub_folder
+
+Stages, run in the order given (default: teachers cache distill evaluate):
+    teachers  fine-tune the dual teacher and the fusion (cross-encoder) teacher on the training data, fit the
+              fusion adapter, measure both teachers' gates -> OUTPUT/teacher
+    cache     one pass of the frozen teachers over the training pairs -> OUTPUT/cache (Arrow, float16)
+    distill   train the student with MCADLoss (Accelerate) -> OUTPUT/student (save_pretrained + processor)
+    evaluate  retrieval and binding metrics of the teachers and the student on the test split -> results table
+    export    fp16, ONNX fp32/int8 (and ExecuTorch) variants with measured parity -> OUTPUT/export
+    push      the model card and the upload to the Hub (or --dry_run DIR)
+
+Every option is a field of `TrainConfig` below, with its default; a YAML file (`--config`) and then flags
+(`--field value`) override them.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from modeling_mcad.utils import atomic_directory, atomic_write_text
+
+logger = logging.getLogger("train_mcad")
+
+STAGES = ("teachers", "cache", "distill", "evaluate", "export", "push")
+DEFAULT_STAGES = ("teachers", "cache", "distill", "evaluate")
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---
+    output_dir: str = "outputs/demo"
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16" (works on CPU) or "fp16" (GPU)
+    log_every_steps: int = 10
+    # --- data: "mcad-shapes" (generated), a Hub dataset name, an imagefolder or a save_to_disk folder ---
+    dataset: str = "mcad-shapes"
+    shapes: dict = field(default_factory=lambda: {"train": 3000, "validation": 500, "test": 1000, "image_size": 64})
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    image_column: str = "image"
+    caption_column: str = "captions"
+    skip_bad_examples: bool = False
+    # --- teachers: "shapes" (built here from transformers configs and trained) or Hub ids / local folders ---
+    dual_teacher: str = "shapes"
+    fusion_teacher: str = "shapes"
+    train_teachers: bool = True  # fine-tune both teachers on the training split first (always for "shapes")
+    shapes_teachers: dict = field(default_factory=dict)  # teacher_training.shapes_teachers() sizes
+    dual_teacher_training: dict = field(default_factory=lambda: {"epochs": 8, "lr": 1e-3, "batch_size": 128})
+    fusion_teacher_training: dict = field(default_factory=lambda: {"epochs": 8, "lr": 5e-4, "batch_size": 64})
+    teacher_batch_size: int = 64  # images per teacher call in the cache stage
+    adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §3)
+    adapter_steps: int = 300
+    adapter_lr: float = 1e-3
+    # --- student ---
+    student_preset: str = "shapes"
+    student_config: dict | None = None  # an MCADConfig dict instead of the preset
+    student_tokenizer: str | None = None  # "dual_teacher", a Hub id or a folder; default: the preset's tokenizer
+    # --- objective: a preset of MCADLoss and knob overrides (see modeling_mcad/objectives.py) ---
+    objective: str = "mcad"
+    objective_overrides: dict = field(default_factory=dict)
+    negative_captions: list = field(default_factory=list)  # e.g. [swapped_caption, flipped_caption]: NegCLIP
+    # --- distillation ---
+    epochs: int = 12
+    batch_size: int = 128  # global batch: split across processes
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    max_nonfinite_steps: int = 5
+    num_workers: int = 0
+    # --- export / push ---
+    repo_id: str | None = None
+    private: bool = False
+    dry_run: str | None = None
+    max_r1_drop: float = 1.0  # a variant losing more Recall@1 (points) than this fails the export
+    executorch: bool = False  # also write ExecuTorch programs (needs the [executorch] extra)
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict) -> "TrainConfig":
+        values = {}
+        if config_file is not None:
+            values = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{config_file} must hold a mapping of TrainConfig fields, not {type(values).__name__}.")
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} in {config_file or 'the command line'}; the options are the fields of "
+                f"TrainConfig in train_mcad.py: {sorted(known)}."
+            )
+        return cls(**values)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[list[str], TrainConfig]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stages", nargs="*", help=f"stages to run, in order: {', '.join(STAGES)}")
+    parser.add_argument("--config", default=None, help="YAML file of TrainConfig fields (default: the demo)")
+    for config_field in dataclasses.fields(TrainConfig):
+        is_flag = config_field.type is bool
+        parser.add_argument(
+            f"--{config_field.name}",
+            type=yaml.safe_load,  # numbers, booleans, lists and {json: objects} as well as strings
+            nargs="?" if is_flag else None,
+            const=True if is_flag else None,
+            default=argparse.SUPPRESS,
+        )
+    args = vars(parser.parse_args(argv))
+    stages = args.pop("stages") or list(DEFAULT_STAGES)
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    return stages, TrainConfig.from_sources(args.pop("config"), args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up shared by the stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    accelerator = Accelerator(
+        # Without cpu=True, `accelerate launch --multi_gpu --num_processes 2` on a CPU machine runs each rank alone.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # batch_size is the global batch: each process takes its slice of the same batch, so N processes see
+        # exactly the pairs (and the loss) one process would.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+    )
+    logging.basicConfig(format=f"%(asctime)s [rank {accelerator.process_index}] %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+    logger.info("num_processes=%d (process %d)", accelerator.num_processes, accelerator.process_index)
+    return accelerator
+
+
+def load_splits(config: TrainConfig, accelerator) -> "datasets.DatasetDict":
+    """The train, evaluation and test splits, each grouped by image (`image`, `captions`)."""
+    import datasets
+
+    from modeling_mcad.data import load_image_text_dataset
+    from modeling_mcad.shapes import make_shapes
+
+    names = (config.train_split, config.eval_split, config.test_split)
+    if config.dataset != "mcad-shapes":
+        return datasets.DatasetDict({
+            name: load_image_text_dataset(config.dataset, split=name, image_column=config.image_column,
+                                          caption_column=config.caption_column,
+                                          skip_bad_examples=config.skip_bad_examples)
+            for name in names
+        })
+    # Generated once (main process first) and kept under the output folder, keyed by the generator's settings.
+    settings = {"seed": config.seed, **config.shapes}
+    folder = Path(config.output_dir) / "data" / f"mcad-shapes-{_fingerprint(settings)}"
+    with accelerator.main_process_first():
+        if not folder.exists() and accelerator.is_main_process:
+            with atomic_directory(folder) as temporary:
+                make_shapes(**settings).save_to_disk(str(temporary))
+    return datasets.load_from_disk(str(folder))
+
+
+def _fingerprint(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def teacher_folder(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / "teacher"
+
+
+def build_student(config: TrainConfig):
+    """
+    The student and its processor: a preset, or `student_config`. With `student_tokenizer` ("dual_teacher" or a
+    Hub id / folder) the student takes that tokenizer and sizes its text vocabulary to it.
+    """
+    from transformers import AutoTokenizer
+
+    from modeling_mcad import MCADConfig, MCADModel, MCADProcessor
+
+    if config.student_config is None:
+        student_config = MCADConfig.from_preset(config.student_preset)
+    else:
+        student_config = MCADConfig(**config.student_config)
+    tokenizer = None
+    if config.student_tokenizer == "dual_teacher":
+        from transformers import AutoProcessor
+
+        tokenizer = AutoProcessor.from_pretrained(teacher_folder(config), subfolder="dual_processor").tokenizer
+    elif config.student_tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(config.student_tokenizer)
+    if tokenizer is not None:
+        student_config.text_config.vocab_size = len(tokenizer)
+    torch.manual_seed(config.seed)
+    return MCADModel(student_config), MCADProcessor.from_config(student_config, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teachers: fine-tune both teachers, fit the fusion adapter, check the gates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def teachers(config: TrainConfig, accelerator) -> Path:
+    """Runs on the main process (the teachers train in one process; the other processes wait)."""
+    from torch.utils.data import DataLoader
+
+    from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, flatten_pairs
+    from modeling_mcad.teacher_training import (
+        FusionCurriculum,
+        TeacherModels,
+        shapes_teachers,
+        teacher_gates,
+        train_dual_teacher,
+        train_fusion_teacher,
+    )
+    from modeling_mcad.teachers import MCADTeacher, compute_adapter_features, fit_adapter
+
+    splits = load_splits(config, accelerator)
+    if accelerator.is_main_process:
+        train = splits[config.train_split]
+        if config.dual_teacher == "shapes" or config.fusion_teacher == "shapes":
+            if (config.dual_teacher, config.fusion_teacher) != ("shapes", "shapes"):
+                raise ValueError("dual_teacher and fusion_teacher are both 'shapes' or both Hub ids / folders.")
+            models = shapes_teachers(seed=config.seed, **config.shapes_teachers)
+        else:
+            published = MCADTeacher.from_teachers(config.dual_teacher, config.fusion_teacher)
+            models = TeacherModels(published.dual, published.processors["dual"], published.fusion.model,
+                                   published.processors["fusion"])
+        if config.train_teachers or config.dual_teacher == "shapes":
+            for model in (models.dual, models.fusion):
+                model.requires_grad_(True)
+            train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed,
+                               **config.dual_teacher_training)
+            fusion_training = dict(config.fusion_teacher_training)
+            curriculum = FusionCurriculum(**fusion_training.pop("curriculum", {}))
+            train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
+                                 dual_processor=models.dual_processor, curriculum=curriculum, seed=config.seed,
+                                 **fusion_training)
+        teacher = models.to_mcad_teacher(adapter_objective=config.adapter_objective)
+
+        # The adapter is fitted on one pass of the frozen teachers over the training pairs (one caption per image).
+        pairs = flatten_pairs(train)
+        loader = DataLoader(pairs, batch_size=config.teacher_batch_size,
+                            sampler=OneCaptionPerImageSampler(pairs, seed=config.seed),
+                            collate_fn=ImageTextCollator(teacher.processors))
+        fit = fit_adapter(teacher, compute_adapter_features(teacher, loader), steps=config.adapter_steps,
+                          lr=config.adapter_lr, seed=config.seed)
+        logger.info("adapter (%s): loss %.3f -> %.3f; in-batch R@1 dual %.1f, modified %.1f", fit.objective,
+                    fit.losses[0], fit.losses[-1], fit.dual_recall_at_1, fit.modified_recall_at_1)
+        teacher.save_pretrained(teacher_folder(config))
+
+        report = {"adapter": {"objective": fit.objective, "first_loss": fit.losses[0], "last_loss": fit.losses[-1],
+                              "dual_recall_at_1": fit.dual_recall_at_1,
+                              "modified_recall_at_1": fit.modified_recall_at_1}}
+        evaluation = splits[config.eval_split]
+        if {"swapped_captions", "flipped_captions"} <= set(evaluation.column_names):
+            gates = teacher_gates(teacher, evaluation)
+            report["gates"] = {config.eval_split: gates["gates"]}
+            report["validation_rows"] = gates["rows"]
+            print(f"\nTeachers on the {config.eval_split} split:\n\n{results_table(gates['rows'])}\n")
+            print("gates: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in gates["gates"].items()))
+        atomic_write_text(Path(config.output_dir) / "teacher_report.json", json.dumps(report, indent=2))
+    accelerator.wait_for_everyone()
+    return teacher_folder(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cache: the frozen teachers' targets for every training pair, computed once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache(config: TrainConfig, accelerator) -> Path:
+    from modeling_mcad.data import flatten_pairs
+    from modeling_mcad.teacher_cache import build_teacher_cache
+    from modeling_mcad.teachers import MCADTeacher
+
+    if not teacher_folder(config).exists():
+        raise FileNotFoundError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
+    teacher = MCADTeacher.from_pretrained(teacher_folder(config)).to(accelerator.device)
+    train = load_splits(config, accelerator)[config.train_split]
+    return build_teacher_cache(teacher, teacher_folder(config), train, flatten_pairs(train), config.output_dir,
+                               accelerator, batch_size=config.teacher_batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distill: the training loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def distill(config: TrainConfig, accelerator) -> Path:
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from modeling_mcad.checkpointing import CheckpointManager
+    from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, flatten_pairs
+    from modeling_mcad.distillation import DistillationModule
+    from modeling_mcad.objectives import MCADLoss, objective_settings
+    from modeling_mcad.teacher_cache import TeacherCache
+    from modeling_mcad.teachers import MCADTeacher
+
+    set_seed(config.seed)
+    torch.set_flush_denormal(True)  # Adam states turn subnormal on plateaus: 100x slower CPU steps otherwise
+    output_dir = Path(config.output_dir)
+    settings = objective_settings(config.objective, **config.objective_overrides)
+    splits = load_splits(config, accelerator)
+    pairs = flatten_pairs(splits[config.train_split])
+
+    # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise.
+    teacher = cache = None
+    teacher_dim = 1
+    if settings.uses_teacher:
+        teacher = MCADTeacher.from_pretrained(teacher_folder(config))
+        teacher_dim = teacher.config.teacher_dim
+        if settings.beta == 0:
+            cache = TeacherCache.for_run(output_dir, teacher_folder(config), pairs)
+            teacher = None
+        else:
+            teacher.to(accelerator.device)
+    student, processor = build_student(config)
+    objective = MCADLoss(settings, student.config.projection_dim, teacher_dim)
+    module = DistillationModule(student, objective)
+
+    processors = {"student": processor, **(teacher.processors if teacher is not None else {})}
+    loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True,
+                        sampler=OneCaptionPerImageSampler(pairs, seed=config.seed),
+                        collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions),
+                        num_workers=config.num_workers,
+                        # Its own generator: starting an epoch then draws no number from the global RNG, which
+                        # drives dropout and which a resumed run restores as it was at the checkpoint.
+                        generator=torch.Generator().manual_seed(config.seed))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = config.epochs * (len(loader) // config.gradient_accumulation_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+
+    checkpoints = CheckpointManager(output_dir / "checkpoints", accelerator, keep=config.keep_checkpoints)
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite_skipped": 0}
+    if config.resume_from_checkpoint:
+        state = checkpoints.load(config.resume_from_checkpoint)
+    accelerator.init_trackers("distill", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"distill ({config.objective})",
+                    disable=not accelerator.is_local_main_process)
+
+    nonfinite_in_a_row = 0
+    samples_seen = 0
+    for epoch in range(state["epoch"], config.epochs):
+        loader.set_epoch(epoch)  # a fresh caption per image and a fresh order, the same on every process
+        batches = loader
+        if epoch == state["epoch"] and state["step_in_epoch"]:
+            batches = accelerator.skip_first_batches(loader, state["step_in_epoch"])
+        module.train()
+        for batch in batches:
+            with accelerator.accumulate(module):
+                targets = None
+                if cache is not None:
+                    # The targets of the whole global batch, in the order the student's embeddings are gathered.
+                    targets = cache.targets(accelerator.gather(batch["pair_index"]), accelerator.device)
+                elif teacher is not None:
+                    targets = online_teacher_targets(teacher, batch, settings, accelerator)
+                output = module(batch["student"], targets, batch.get("negatives"))
+                # Every process holds the same global loss, so all of them skip a non-finite step together.
+                finite = bool(torch.isfinite(output.loss))
+                if finite:
+                    accelerator.backward(output.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad()
+            samples_seen += len(batch["pair_index"])
+            state["step_in_epoch"] += 1
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if not finite:
+                state["nonfinite_skipped"] += 1
+                logger.warning("non-finite loss at step %d: skipped (%d in a row, %d in all)",
+                               state["global_step"], nonfinite_in_a_row, state["nonfinite_skipped"])
+                if nonfinite_in_a_row >= config.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} non-finite losses in a row at step {state['global_step']}: training "
+                        "diverged. Lower --learning_rate, use --mixed_precision no, or check the data and the "
+                        f"teacher targets; the last good checkpoint is in {checkpoints.folder}."
+                    )
+            if not accelerator.sync_gradients:
+                continue
+            logit_scale = accelerator.unwrap_model(module).student.logit_scale
+            logit_scale.data.clamp_(0, math.log(100))  # CLIP's cap: keeps the softmax from saturating
+            state["global_step"] += 1
+            progress.update(1)
+            if finite and (state["global_step"] % config.log_every_steps == 0 or state["global_step"] == 1):
+                logs = {name: value.item() for name, value in vars(output).items() if value is not None}
+                logs.update(lr=scheduler.get_last_lr()[0], logit_scale=logit_scale.exp().item())
+                accelerator.log(logs, step=state["global_step"])
+                progress.set_postfix(loss=f"{logs['loss']:.3f}")
+                if accelerator.is_main_process:
+                    append_jsonl(output_dir / "distill_log.jsonl", {"step": state["global_step"], **logs})
+            if state["global_step"] % config.checkpoint_every_steps == 0:
+                checkpoints.save(state)
+        state.update(epoch=epoch + 1, step_in_epoch=0)
+        checkpoints.save(state)
+    progress.close()
+
+    samples_per_process = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
+    student_dir = output_dir / "student"
+    if accelerator.is_main_process:
+        with atomic_directory(student_dir) as temporary:
+            accelerator.unwrap_model(module).student.save_pretrained(temporary)
+            processor.save_pretrained(temporary)
+        atomic_write_text(output_dir / "distill_summary.json", json.dumps({
+            "objective": config.objective, "num_processes": accelerator.num_processes,
+            "samples_per_process": samples_per_process, "global_steps": state["global_step"],
+            "nonfinite_skipped": state["nonfinite_skipped"],
+        }, indent=2))
+        logger.info("student saved to %s", student_dir)
+    accelerator.wait_for_everyone()
+    return student_dir
+
+
+def online_teacher_targets(teacher, batch: dict, settings, accelerator) -> dict[str, torch.Tensor]:
+    """
+    The teacher's targets for the global batch when β > 0: the fusion teacher scores each row's top-k candidates
+    across the whole batch, so every process gathers the batch's teacher inputs and computes the same targets.
+    """
+    from accelerate.utils import pad_across_processes
+
+    def global_inputs(inputs):
+        return {name: accelerator.gather(pad_across_processes(value, dim=1) if value.ndim == 2 else value)
+                for name, value in inputs.items()}
+
+    # α is applied by the loss (from the adapted features), so the teacher is asked for α = 0 here.
+    targets = teacher.targets(global_inputs(batch["dual"]), global_inputs(batch["fusion"]), alpha=0.0,
+                              beta=settings.beta, top_k=settings.top_k)
+    return {
+        "teacher_image_embeds": targets.image_embeds, "teacher_text_embeds": targets.text_embeds,
+        "adapted_image_embeds": targets.adapted_image_embeds, "adapted_text_embeds": targets.adapted_text_embeds,
+        "fusion_logits": targets.fusion_logits, "fusion_mask": targets.fusion_mask,
+    }
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate: retrieval and binding on the test split, for the teachers and the student
+# ----------------------------------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "swap_accuracy",
+                  "flip_accuracy")
+
+
+def student_encoders(student, processor, device="cpu"):
+    """(encode_images, encode_texts) callables of a student, for `evaluation.evaluate_model`."""
+
+    @torch.no_grad()
+    def encode_images(images):
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        return student.get_image_features(pixel_values)
+
+    @torch.no_grad()
+    def encode_texts(texts):
+        inputs = processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(device)
+        return student.get_text_features(**inputs)
+
+    return encode_images, encode_texts
+
+
+def dual_teacher_encoders(teacher):
+    """(encode_images, encode_texts) callables of the dual teacher, for `evaluation.evaluate_model`."""
+    processor = teacher.processors["dual"]
+
+    def encode_images(images):
+        return teacher.encode_images(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+
+    def encode_texts(texts):
+        inputs = processor.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+        return teacher.encode_texts(inputs["input_ids"], inputs["attention_mask"])
+
+    return encode_images, encode_texts
+
+
+def evaluate(config: TrainConfig, accelerator) -> dict:
+    from modeling_mcad import MCADModel, MCADProcessor
+    from modeling_mcad.evaluation import evaluate_model
+    from modeling_mcad.teacher_training import teacher_gates
+    from modeling_mcad.teachers import MCADTeacher
+
+    splits = load_splits(config, accelerator)
+    results = {}
+    if accelerator.is_main_process:
+        test = splits[config.test_split]
+        output_dir = Path(config.output_dir)
+        if teacher_folder(config).exists():
+            teacher = MCADTeacher.from_pretrained(teacher_folder(config))
+            if {"swapped_captions", "flipped_captions"} <= set(test.column_names):
+                results.update(teacher_gates(teacher, test)["rows"])  # with the fusion teacher as a re-ranker
+            else:
+                results["dual teacher"] = evaluate_model(*dual_teacher_encoders(teacher), test)
+        student_dir = output_dir / "student"
+        if not student_dir.exists():
+            raise FileNotFoundError(f"No student in {student_dir}: run the distill stage first.")
+        student = MCADModel.from_pretrained(student_dir).eval()
+        processor = MCADProcessor.from_pretrained(student_dir)
+        results[f"student ({config.objective})"] = evaluate_model(*student_encoders(student, processor), test)
+        table = results_table(results)
+        print(f"\nTest split ({len(test)} images, {sum(len(c) for c in test['captions'])} captions):\n\n{table}\n")
+        atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(output_dir / "results.md", table + "\n")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """A markdown table of the models' test metrics (recalls and binding accuracies in %)."""
+    columns = [c for c in RESULT_COLUMNS if any(c in row for row in results.values())]
+    lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export and push: the Hub folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def export(config: TrainConfig, accelerator) -> None:
+    from modeling_mcad.export import export_variants
+
+    splits = load_splits(config, accelerator)
+    if accelerator.is_main_process:
+        output_dir = Path(config.output_dir)
+        report = export_variants(output_dir / "student", output_dir / "export", eval_split=splits[config.eval_split],
+                                 max_r1_drop=config.max_r1_drop, executorch=config.executorch)
+        print(json.dumps({name: {k: v for k, v in variant.items() if k in ("size_mb", "r1_drop", "passed")}
+                          for name, variant in report.get("variants", {}).items()}, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def push(config: TrainConfig, accelerator) -> None:
+    from modeling_mcad.hub import push_to_hub, render_model_card, widget_examples_from_split
+
+    if config.repo_id is None:
+        raise ValueError("push needs --repo_id (e.g. --repo_id you/mcad-shapes-student).")
+    splits = load_splits(config, accelerator)
+    if accelerator.is_main_process:
+        output_dir = Path(config.output_dir)
+        folder = output_dir / "export"
+        if not (folder / "parity.json").exists():
+            raise FileNotFoundError(f"No export in {folder}: run the export stage first.")
+        results = json.loads((output_dir / "results.json").read_text()) if (output_dir / "results.json").exists() else {}
+        student_row = next((row for name, row in results.items() if name.startswith("student")), None)
+        render_model_card(
+            folder,
+            repo_id=config.repo_id,
+            metrics=student_row,
+            comparison=results,
+            training_config=dataclasses.asdict(config),
+            base_models=[name for name in (config.dual_teacher, config.fusion_teacher)
+                         if isinstance(name, str) and "/" in name and not Path(name).exists()],
+            datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists() else [],
+            eval_dataset_name=config.dataset,
+            eval_dataset_id=config.dataset,
+            eval_split_name=config.test_split,
+            widget_examples=widget_examples_from_split(splits[config.test_split]),
+        )
+        push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
+    accelerator.wait_for_everyone()
+
+
+STAGE_FUNCTIONS = {"teachers": teachers, "cache": cache, "distill": distill, "evaluate": evaluate, "export": export,
+                   "push": push}
+
+
+def main(argv: list[str] | None = None) -> None:
+    stages, config = parse_args(argv)
+    accelerator = make_accelerator(config)
+    for stage in stages:
+        logger.info("stage %s", stage)
+        STAGE_FUNCTIONS[stage](config, accelerator)
+    accelerator.end_training()  # closes the trackers and the process group
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """
+    `main` from a shell: bad input (a ValueError or a missing file, whose messages name the input and the fix) ends
+    the run with `train_mcad.py: error: <message>` on stderr and status 2, as argparse's own errors do, not with a
+    traceback.
+    """
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
