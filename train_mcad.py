@@ -37,7 +37,6 @@ logger = logging.getLogger("train_mcad")
 
 STAGES = ("teachers", "cache", "distill", "evaluate", "export", "push")
 DEFAULT_STAGES = ("teachers", "cache", "distill", "evaluate")
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 @dataclass
@@ -46,10 +45,13 @@ class TrainConfig:
     output_dir: str = "outputs/demo"
     seed: int = 0
     mixed_precision: str = "no"  # "no", "bf16" (works on CPU) or "fp16" (GPU)
+    # Torch threads per process on CPU; default: the machine's cores shared among this machine's processes.
+    # (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which would leave all but one core idle.)
+    cpu_threads: int | None = None
     log_every_steps: int = 10
     # --- data: "mcad-shapes" (generated), a Hub dataset name, an imagefolder or a save_to_disk folder ---
     dataset: str = "mcad-shapes"
-    shapes: dict = field(default_factory=lambda: {"train": 3000, "validation": 500, "test": 1000, "image_size": 64})
+    shapes: dict = field(default_factory=lambda: {"train": 8000, "validation": 500, "test": 1000, "image_size": 64})
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
@@ -61,8 +63,13 @@ class TrainConfig:
     fusion_teacher: str = "shapes"
     train_teachers: bool = True  # fine-tune both teachers on the training split first (always for "shapes")
     shapes_teachers: dict = field(default_factory=dict)  # teacher_training.shapes_teachers() sizes
-    dual_teacher_training: dict = field(default_factory=lambda: {"epochs": 8, "lr": 1e-3, "batch_size": 128})
-    fusion_teacher_training: dict = field(default_factory=lambda: {"epochs": 8, "lr": 5e-4, "batch_size": 64})
+    # Many images, few epochs, small batches: a CLIP from scratch sits on a plateau for its first ~100 steps and
+    # generalises from fresh images, not from a few thousand seen many times.
+    dual_teacher_training: dict = field(default_factory=lambda: {"epochs": 3, "lr": 1e-3, "batch_size": 64})
+    fusion_teacher_training: dict = field(default_factory=lambda: {
+        "epochs": 4, "lr": 1e-3, "batch_size": 64,
+        "curriculum": {"canonical_epochs": 2.5, "random_negative_epochs": 2, "hard_negative_share": 0.8,
+                       "ramp_epochs": 0.5, "wording_ramp_epochs": 1}})
     teacher_batch_size: int = 64  # images per teacher call in the cache stage
     adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §3)
     adapter_steps: int = 300
@@ -76,7 +83,7 @@ class TrainConfig:
     objective_overrides: dict = field(default_factory=dict)
     negative_captions: list = field(default_factory=list)  # e.g. [swapped_caption, flipped_caption]: NegCLIP
     # --- distillation ---
-    epochs: int = 12
+    epochs: int = 3
     batch_size: int = 128  # global batch: split across processes
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-3
@@ -157,7 +164,11 @@ def make_accelerator(config: TrainConfig):
     logging.basicConfig(format=f"%(asctime)s [rank {accelerator.process_index}] %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
-    logger.info("num_processes=%d (process %d)", accelerator.num_processes, accelerator.process_index)
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+    logger.info("num_processes=%d (process %d), %d CPU threads each", accelerator.num_processes,
+                accelerator.process_index, torch.get_num_threads())
     return accelerator
 
 
@@ -235,6 +246,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_training import (
         FusionCurriculum,
         TeacherModels,
+        TrainingPairs,
         shapes_teachers,
         teacher_gates,
         train_dual_teacher,
@@ -256,13 +268,14 @@ def teachers(config: TrainConfig, accelerator) -> Path:
         if config.train_teachers or config.dual_teacher == "shapes":
             for model in (models.dual, models.fusion):
                 model.requires_grad_(True)
-            train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed,
+            pairs = TrainingPairs.from_split(train, models.processors)  # every image and text preprocessed once
+            train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed, pairs=pairs,
                                **config.dual_teacher_training)
             fusion_training = dict(config.fusion_teacher_training)
             curriculum = FusionCurriculum(**fusion_training.pop("curriculum", {}))
             train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
                                  dual_processor=models.dual_processor, curriculum=curriculum, seed=config.seed,
-                                 **fusion_training)
+                                 pairs=pairs, **fusion_training)
         teacher = models.to_mcad_teacher(adapter_objective=config.adapter_objective)
 
         # The adapter is fitted on one pass of the frozen teachers over the training pairs (one caption per image).

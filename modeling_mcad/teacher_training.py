@@ -313,18 +313,25 @@ class TrainingPairs:
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def epoch_batches(self, epoch: int, batch_size: int, seed: int, canonical_only: bool = False,
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int, all_wordings_share: float = 1.0,
                       group_families: bool = False) -> list[torch.Tensor]:
         """
         The pair indices of one epoch in batches of `batch_size` (the last, smaller one dropped): every image once
-        with one of its captions drawn afresh (`OneCaptionPerImageSampler`), from its canonical captions only when
-        `canonical_only` (images without one are left out).
+        with one of its captions drawn afresh (`OneCaptionPerImageSampler`). A random `all_wordings_share` of the
+        images draw from all their captions, the others from their canonical captions only (images without one
+        are then left out): 0 gives canonical captions only, 1 every wording.
 
         With `group_families` (and a `family` per image), the images of a family of near-duplicates come one after
         the other, families in a random order: a batch then holds each image's colour-swapped, place-swapped and
         re-coloured siblings, the hard negatives a random batch of a large split almost never holds.
         """
-        allowed = torch.nonzero(self.canonical if canonical_only else torch.ones_like(self.canonical)).flatten()
+        if all_wordings_share >= 1:
+            allowed = torch.arange(len(self.image_index))
+        else:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+            images = int(self.image_index.max()) + 1
+            any_wording = torch.rand(images, generator=generator) < all_wordings_share
+            allowed = torch.nonzero(self.canonical | any_wording[self.image_index]).flatten()
         sampler = OneCaptionPerImageSampler(self.image_index[allowed].tolist(), seed=seed, shuffle=not group_families)
         sampler.set_epoch(epoch)
         order = allowed[torch.tensor(list(sampler), dtype=torch.long)]
@@ -534,7 +541,9 @@ class FusionCurriculum:
     2. Then the hardest in-batch negatives under the dual teacher, and a share of colour-swap / relation-flip
        distractors rising linearly from 0 to `hard_negative_share` over `ramp_epochs`.
     Independently, the first `canonical_epochs` draw only canonical captions (naming the left / top object first),
-    later every paraphrase, inverse wordings included.
+    then a share of the images rising from 0 to 1 over `wording_ramp_epochs` draws from every paraphrase, inverse
+    wordings included (all at once: a cross-encoder that has learned "the first-named object is on the left" meets
+    inverse wordings as contradictions, and can fall back to a constant score).
 
     Args:
         canonical_epochs (`float`): epochs drawing canonical captions only.
@@ -543,23 +552,34 @@ class FusionCurriculum:
             rest are in-batch negatives).
         ramp_epochs (`float`): epochs over which the distractor share rises, from the end of the random phase
             (0: the full share at once).
+        wording_ramp_epochs (`float`): epochs over which inverse wordings come in, after `canonical_epochs`
+            (0: all at once).
     """
 
     canonical_epochs: float = 2.0
     random_negative_epochs: float = 2.0
     hard_negative_share: float = 0.8
     ramp_epochs: float = 1.0
+    wording_ramp_epochs: float = 0.0
 
     def __post_init__(self):
         if not 0 <= self.hard_negative_share <= 1:
             raise ValueError(f"hard_negative_share must be in [0, 1], got {self.hard_negative_share}.")
-        for name in ("canonical_epochs", "random_negative_epochs", "ramp_epochs"):
+        for name in ("canonical_epochs", "random_negative_epochs", "ramp_epochs", "wording_ramp_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
+    def all_wordings_share(self, epoch: float) -> float:
+        """The share of images drawing from every wording (the others: canonical captions only) at `epoch`."""
+        if epoch < self.canonical_epochs:
+            return 0.0
+        if self.wording_ramp_epochs == 0:
+            return 1.0
+        return min(1.0, (epoch - self.canonical_epochs) / self.wording_ramp_epochs)
+
     def canonical_only(self, epoch: float) -> bool:
         """Whether training at `epoch` draws canonical captions only."""
-        return epoch < self.canonical_epochs
+        return self.all_wordings_share(epoch) == 0
 
     def mines_negatives(self, epoch: float) -> bool:
         """Whether the in-batch negatives at `epoch` are the dual teacher's hardest (else random)."""
@@ -595,12 +615,13 @@ def mine_hard_negatives(similarity: torch.Tensor, same: torch.Tensor | None = No
 
 
 def _fusion_step_pairs(similarity: torch.Tensor, index: torch.Tensor, pairs: TrainingPairs, share: float,
-                       negatives_per_positive: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                       negatives_per_positive: int, generator: torch.Generator,
+                       distractor_kinds: Sequence[str] = ("swap", "flip")) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The (image position, text row) pairs of one fusion step and their kind (`POSITIVE`, `DISTRACTOR`, `MINED`): the
-    B positives, then `negatives_per_positive · B` negatives of which `share` are swap/flip distractors (as many as
-    the batch has) and the rest hardest in-batch negatives mined by the dual teacher (text for an image, image for a
-    text, in turn).
+    B positives, then `negatives_per_positive · B` negatives of which `share` are distractors of `distractor_kinds`
+    (as many as the batch has) and the rest hardest in-batch negatives mined by the dual teacher (text for an image,
+    image for a text, in turn).
     """
     batch = len(index)
     captions = pairs.caption_row[index]
@@ -609,7 +630,7 @@ def _fusion_step_pairs(similarity: torch.Tensor, index: torch.Tensor, pairs: Tra
     positions = torch.arange(batch)
     mined = torch.stack([torch.stack([positions, captions[text_of_image]], dim=1),
                          torch.stack([image_of_text, captions], dim=1)], dim=1).reshape(-1, 2)
-    distractors = _distractor_rows(pairs, index, ("swap", "flip"))
+    distractors = _distractor_rows(pairs, index, distractor_kinds)
     wanted = negatives_per_positive * batch
     taken = min(round(share * wanted), len(distractors))
     chosen = distractors[torch.randperm(len(distractors), generator=generator)[:taken]]
@@ -664,8 +685,11 @@ def train_fusion_teacher(
     relation-flip distractors of the batch's captions, the rest the hardest in-batch negatives under the frozen dual
     teacher (for each image the most similar other caption, for each caption the most similar other image). Under the
     wording curriculum the first `curriculum.canonical_epochs` draw only captions that name the left / top object
-    first; then every paraphrase, inverse wordings included. Trained on every wording at once, a cross-encoder learns
-    bag-of-words matching and stays at chance on swaps and flips (DESIGN §7).
+    first; then inverse wordings come in (`curriculum.wording_ramp_epochs`). Relation flips join the distractors
+    only once every wording is drawn: before, the relation word alone ("right of" never appears in a canonical
+    caption) tells a flip from a positive, a shortcut the model learns at once and must unlearn later. Trained on
+    every wording at once, a cross-encoder learns bag-of-words matching and stays at chance on swaps and flips
+    (DESIGN §7).
 
     Args:
         model ([`PreTrainedModel`]): the fusion teacher, trained in place (left in eval mode).
@@ -711,7 +735,10 @@ def train_fusion_teacher(
     for epoch in range(epochs):
         epoch_losses = []
         canonical_only, mining = curriculum.canonical_only(epoch), curriculum.mines_negatives(epoch)
-        batches = pairs.epoch_batches(epoch, batch_size, seed, canonical_only=canonical_only,
+        # A relation flip of a canonical caption says "right of" / "below", of an inverse one "left of" / "above":
+        # until every wording is drawn, the relation word alone would tell flips from positives.
+        distractor_kinds = ("swap", "flip") if curriculum.all_wordings_share(epoch) >= 1 else ("swap",)
+        batches = pairs.epoch_batches(epoch, batch_size, seed, curriculum.all_wordings_share(epoch),
                                       group_families=group_families and mining and pairs.family is not None)
         for index in batches:
             share = curriculum.distractor_share(step / steps_per_epoch)
@@ -721,7 +748,7 @@ def train_fusion_teacher(
             else:  # the "hardest" under a random score: random negatives
                 similarity = torch.rand(len(index), len(index), generator=generator)
             step_pairs, kinds = _fusion_step_pairs(similarity, index, pairs, share, negatives_per_positive,
-                                                         generator)
+                                                   generator, distractor_kinds)
             texts, text_position = torch.unique(step_pairs[:, 1], return_inverse=True)
             input_ids, attention_mask = table.rows(texts)
             output = encoder(pixels[images].to(device), input_ids.to(device), attention_mask.to(device),
@@ -735,9 +762,10 @@ def train_fusion_teacher(
             epoch_losses.append(loss.item())
             step += 1
         history.epoch_losses.append(float(np.mean(epoch_losses)))
-        logger.info("fusion teacher: epoch %d/%d, loss %.4f (%s captions, %s negatives, distractor share %.2f)",
-                    epoch + 1, epochs, history.epoch_losses[-1], "canonical" if canonical_only else "all",
-                    "mined" if mining else "random", curriculum.distractor_share(step / steps_per_epoch))
+        logger.info("fusion teacher: epoch %d/%d, loss %.4f (every wording for %.0f%% of images, %s negatives, "
+                    "distractor share %.2f)", epoch + 1, epochs, history.epoch_losses[-1],
+                    100 * curriculum.all_wordings_share(epoch), "mined" if mining else "random",
+                    curriculum.distractor_share(step / steps_per_epoch))
         _end_epoch(model, epoch, history, on_epoch_end)
     model.eval()
     history.seconds = time.perf_counter() - start

@@ -65,6 +65,9 @@ def test_curriculum_schedule():
     assert [curriculum.mines_negatives(e) for e in (0, 1.99, 2)] == [False, False, True]
     assert [curriculum.distractor_share(e) for e in (1, 2, 3, 4, 9)] == pytest.approx([0, 0, 0.4, 0.8, 0.8])
     assert FusionCurriculum(random_negative_epochs=0, ramp_epochs=0).distractor_share(0) == 0.8
+    wording = FusionCurriculum(canonical_epochs=1, wording_ramp_epochs=2)
+    assert [wording.all_wordings_share(e) for e in (0, 1, 2, 3, 5)] == [0, 0, 0.5, 1, 1]
+    assert [wording.canonical_only(e) for e in (0.5, 1, 2)] == [True, True, False]
     with pytest.raises(ValueError, match="hard_negative_share"):
         FusionCurriculum(hard_negative_share=1.5)
     with pytest.raises(ValueError, match="ramp_epochs"):
@@ -93,6 +96,21 @@ def test_rerank_moves_the_first_right_answer_within_the_top_k_only():
     assert rerank(ranks, candidates, scores, is_right).tolist() == [1, 7, 3]
     with pytest.raises(ValueError, match="one shape"):
         rerank(ranks, candidates, scores[:, :2], is_right)
+
+
+def test_epoch_batches_draw_canonical_captions_for_all_but_a_share_of_images(pairs):
+    def canonical_fraction(share):
+        batches = pairs.epoch_batches(0, 8, seed=0, all_wordings_share=share)
+        drawn = torch.cat(batches)
+        images = pairs.image_index[drawn]
+        assert len(torch.unique(images)) == len(images)  # each image at most once
+        return pairs.canonical[drawn].float().mean().item()
+
+    assert canonical_fraction(0.0) == 1.0
+    assert canonical_fraction(1.0) < canonical_fraction(0.5) < 1.0
+    grouped = torch.cat(pairs.epoch_batches(1, 8, seed=0, group_families=True))
+    families = pairs.family[pairs.image_index[grouped]].tolist()
+    assert all(families[i] == families[i + 1] or families[i + 1] not in families[:i] for i in range(len(families) - 1))
 
 
 def test_a_fusion_step_scores_positives_distractors_and_mined_negatives(pairs):

@@ -47,7 +47,7 @@ def write_run(folder: Path, **overrides) -> Path:
                                   fusion_processor=fusion_processor).save_pretrained(folder / "teacher")
     config = {"output_dir": str(folder), "shapes": {"train": 128, "validation": 32, "test": 32, "image_size": 32},
               "student_preset": "tiny", "student_config": NO_DROPOUT_STUDENT, "epochs": 1, "batch_size": 32,
-              "log_every_steps": 1, "warmup_steps": 2, **overrides}
+              "log_every_steps": 1, "warmup_steps": 2, "cpu_threads": 1, **overrides}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

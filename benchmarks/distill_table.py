@@ -1,0 +1,283 @@
+"""The ablation (issue 8): does MCAD beat every baseline and the sharpening and negatives controls on mcad-shapes?
+
+    python benchmarks/distill_table.py [--output_dir outputs/ablation] [--seeds 0 1 2] [--write]
+
+Trains the teachers once (the `teachers` and `cache` stages of `train_mcad.py` on a benchmark config whose training
+split is larger than the demo's), measures them on the test split (gates, the fusion teacher as a re-ranker, the
+bag-of-words floors), then distils one student per (objective, seed) with `train_mcad.py distill` in a subprocess
+and evaluates it on the test split: R@1/5/10 both ways, RSUM and binding accuracy (swap, flip). Rows:
+
+- the five objectives of DESIGN §7: `contrastive`, `clip_kd`, `affinity`, `fusion_only`, `mcad`;
+- the controls: `clip_kd_sharp` (τ_T = 0.01), `clip_kd_identity` (γ = 0.5) and `negclip` (contrastive with the
+  swap / flip captions the fusion teacher saw as extra negatives);
+- a sweep of `mcad`: α = 0.5 and 2, and β = 0.5 with k = 8 (β > 0 runs the fusion teacher online: about 5× the
+  step time), seed 0.
+
+Resumable: every finished run leaves `runs/<row>_s<seed>/result.json` and is skipped; a killed run resumes from
+its last checkpoint. `--write` replaces the ablation section of BENCHMARKS.md and writes `benchmarks/distill_table.png`.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import train_mcad  # noqa: E402
+from modeling_mcad.utils import atomic_write_text  # noqa: E402
+
+# The benchmark: the demo's recipe (configs/demo.yaml) on a larger training split; the data seed is fixed, the
+# student seed varies. `--train_images 8000 --output_dir outputs/demo` reuses the demo's teachers and cache.
+SHAPES = {"seed": 0, "validation": 500, "test": 1000, "image_size": 64}
+ROWS = [  # (row name, objective, overrides, negative captions, seeds: "all" or (0,))
+    ("contrastive", "contrastive", {}, [], "all"),
+    ("clip_kd", "clip_kd", {}, [], "all"),
+    ("affinity", "affinity", {}, [], "all"),
+    ("fusion_only", "fusion_only", {}, [], "all"),
+    ("mcad", "mcad", {}, [], "all"),
+    ("clip_kd_sharp (control)", "clip_kd_sharp", {}, [], "all"),
+    ("clip_kd_identity (control)", "clip_kd_identity", {}, [], "all"),
+    ("negclip (control)", "contrastive", {}, ["swapped_caption", "flipped_caption"], "all"),
+    ("mcad α=0.5", "mcad", {"alpha": 0.5}, [], (0,)),
+    ("mcad α=2", "mcad", {"alpha": 2.0}, [], (0,)),
+    ("mcad β=0.5 k=8", "mcad", {"beta": 0.5, "top_k": 8}, [], (0,)),
+]
+COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "swap_accuracy", "flip_accuracy")
+SECTION = "## Ablation: MCAD against every baseline and control (issue 8)"
+
+
+def run_folder(root: Path, row: str, seed: int) -> Path:
+    slug = "".join(c if c.isalnum() else "_" for c in row.replace("α", "alpha").replace("β", "beta"))
+    return root / "runs" / f"{slug.strip('_')}_s{seed}"
+
+
+def prepare_teachers(config, root: Path) -> dict:
+    """The teachers and their cache (once), and their test-split rows (gates, re-ranker, bag-of-words floors)."""
+    rows_file = root / "teacher_rows.json"
+    if rows_file.exists():
+        return json.loads(rows_file.read_text())
+    accelerator = train_mcad.make_accelerator(config)
+    started = time.perf_counter()
+    if not (root / "teacher_report.json").exists():
+        train_mcad.teachers(config, accelerator)
+    train_mcad.cache(config, accelerator)
+    from modeling_mcad.teacher_training import teacher_gates
+    from modeling_mcad.teachers import MCADTeacher
+
+    test = train_mcad.load_splits(config, accelerator)[config.test_split]
+    teacher = MCADTeacher.from_pretrained(train_mcad.teacher_folder(config))
+    gates = teacher_gates(teacher, test)
+    result = {"rows": gates["rows"], "gates": gates["gates"], "seconds": time.perf_counter() - started,
+              "parameters": {"dual teacher": teacher.dual.num_parameters(),
+                             "fusion teacher": teacher.fusion.model.num_parameters()}}
+    atomic_write_text(rows_file, json.dumps(result, indent=2))
+    return result
+
+
+def distill_run(base, root: Path, row: str, objective: str, overrides: dict, negatives: list, seed: int) -> dict:
+    """One student: `train_mcad.py distill` in a subprocess (resumed if killed), then its test metrics."""
+    folder = run_folder(root, row, seed)
+    result_file = folder / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    for shared in ("data", "teacher", "cache"):  # trained and built once, in the root
+        link = folder / shared
+        if not link.exists():
+            link.symlink_to((root / shared).resolve(), target_is_directory=True)
+    config = dataclasses.replace(base, output_dir=str(folder), seed=seed, objective=objective,
+                                 objective_overrides=overrides, negative_captions=negatives)
+    config_file = folder / "config.yaml"
+    atomic_write_text(config_file, yaml.safe_dump(dataclasses.asdict(config), allow_unicode=True))
+    started = time.perf_counter()
+    resume = ["--resume_from_checkpoint", "latest"] if (folder / "checkpoints").exists() else []
+    subprocess.run([sys.executable, str(REPO_ROOT / "train_mcad.py"), "distill", "--config", str(config_file),
+                    *resume], check=True)
+    seconds = time.perf_counter() - started
+    metrics = evaluate_student(folder / "student", config)
+    result = {"row": row, "seed": seed, "objective": objective, "overrides": overrides, "negatives": negatives,
+              "distill_seconds": seconds, **metrics}
+    atomic_write_text(result_file, json.dumps(result, indent=2))
+    return result
+
+
+def evaluate_student(student_dir: Path, config) -> dict:
+    from datasets import load_from_disk
+
+    from modeling_mcad import MCADModel, MCADProcessor
+    from modeling_mcad.evaluation import evaluate_model
+
+    student = MCADModel.from_pretrained(student_dir).eval()
+    processor = MCADProcessor.from_pretrained(student_dir)
+    data = next((Path(config.output_dir) / "data").iterdir())
+    test = load_from_disk(str(data))[config.test_split]
+    return evaluate_model(*train_mcad.student_encoders(student, processor), test)
+
+
+@torch.no_grad()
+def encode_times(root: Path, repeats: int = 20) -> dict:
+    """Per-item encode time (ms, batch 1, median) and parameters of the students and the teachers."""
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPModel
+
+    from modeling_mcad import MCADModel, MCADProcessor
+    from modeling_mcad.teachers import MCADTeacher
+
+    def median_ms(function) -> float:
+        function()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
+    caption = ["a small red circle to the left of a large blue square"]
+    rows = {}
+    for preset in ("shapes", "mobile"):
+        model, processor = MCADModel.from_preset(preset).eval(), MCADProcessor.from_preset(preset)
+        inputs = processor(images=Image.new("RGB", (64, 64)), text=caption, return_tensors="pt")
+        rows[f"student ({preset})"] = {
+            "parameters": model.num_parameters(),
+            "image_ms": median_ms(lambda: model.get_image_features(inputs["pixel_values"])),
+            "text_ms": median_ms(lambda: model.get_text_features(inputs["input_ids"], inputs["attention_mask"])),
+        }
+    clip = CLIPModel(CLIPConfig()).eval()  # ViT-B/32's shape, random weights (nothing is downloaded)
+    pixels, ids = torch.randn(1, 3, 224, 224), torch.randint(0, 49408, (1, 14))
+    rows["CLIP ViT-B/32 (shape only)"] = {
+        "parameters": clip.num_parameters(),
+        "image_ms": median_ms(lambda: clip.get_image_features(pixel_values=pixels)),
+        "text_ms": median_ms(lambda: clip.get_text_features(input_ids=ids)),
+    }
+    teacher = MCADTeacher.from_pretrained(root / "teacher")
+    dual = teacher.processors["dual"](images=Image.new("RGB", (64, 64)), text=caption, return_tensors="pt")
+    fusion = teacher.processors["fusion"](images=Image.new("RGB", (64, 64)), text=caption, return_tensors="pt")
+    rows["dual teacher (shapes)"] = {
+        "parameters": teacher.dual.num_parameters(),
+        "image_ms": median_ms(lambda: teacher.encode_images(dual["pixel_values"])),
+        "text_ms": median_ms(lambda: teacher.encode_texts(dual["input_ids"], dual["attention_mask"])),
+    }
+    rows["fusion teacher (shapes), per pair"] = {
+        "parameters": teacher.fusion.model.num_parameters(),
+        "pair_ms": median_ms(lambda: teacher.fuse(fusion["pixel_values"], fusion["input_ids"],
+                                                  fusion["attention_mask"])),
+    }
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def markdown(teachers: dict, results: list[dict], speed: dict, command: str, seconds: float, epochs: int,
+             train_images: int) -> str:
+    header = "| model | seeds | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS)
+    lines = [SECTION, "", f"```\n{command}\n```", "",
+             f"Test split of mcad-shapes (1000 images, 5000 captions); students: the `shapes` preset, {epochs} "
+             f"epochs on {train_images} training images. Wall time of the whole run: {seconds / 60:.0f} min "
+             "(2 CPU cores, shared).", "",
+             "Gates (DESIGN §7): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"
+                                               for name, ok in teachers["gates"].items()), "", header]
+    for name, row in teachers["rows"].items():
+        lines.append(f"| {name} | – | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in COLUMNS) + " |")
+    by_row = {}
+    for result in results:
+        by_row.setdefault(result["row"], []).append(result)
+    for name, runs in by_row.items():
+        cells = [mean_std([run[c] for run in runs]) for c in COLUMNS]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | parameters | image encode (ms / item) | text encode (ms / item) | pair (ms) |",
+              "|---|---|---|---|---|"]
+    for name, row in speed.items():
+        lines.append(f"| {name} | {row['parameters'] / 1e6:.2f}M | {row.get('image_ms', float('nan')):.2f} | "
+                     f"{row.get('text_ms', float('nan')):.2f} | {row.get('pair_ms', float('nan')):.2f} |")
+    lines += ["", "![RSUM and binding accuracy per objective](benchmarks/distill_table.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_row = {}
+    for result in results:
+        by_row.setdefault(result["row"], []).append(result)
+    names = list(by_row)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, key, label in ((axes[0], "rsum", "RSUM"), (axes[1], "binding_accuracy", "binding accuracy (%)")):
+        means = [statistics.mean(run[key] for run in by_row[name]) for name in names]
+        errors = [statistics.stdev([run[key] for run in by_row[name]]) if len(by_row[name]) > 1 else 0
+                  for name in names]
+        axis.barh(names, means, xerr=errors, color=["tab:red" if name.startswith("mcad") else "tab:blue"
+                                                    for name in names])
+        axis.set_xlabel(label)
+        axis.invert_yaxis()
+    axes[1].axvline(50, color="gray", linestyle="--", linewidth=1)  # chance
+    axes[1].set_yticklabels([])
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    os.replace(temporary, path)
+
+
+def write_section(text: str) -> None:
+    path = REPO_ROOT / "BENCHMARKS.md"
+    content = path.read_text(encoding="utf-8")
+    if SECTION in content:
+        start = content.index(SECTION)
+        following = content.find("\n## ", start + len(SECTION))
+        content = content[:start] + text + (content[following + 1:] if following != -1 else "")
+    else:
+        content = content.rstrip("\n") + "\n\n" + text
+    atomic_write_text(path, content)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/ablation")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train_images", type=int, default=12000)
+    parser.add_argument("--rows", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's section and the plot")
+    args = parser.parse_args()
+    root = Path(args.output_dir)
+    started = time.perf_counter()
+    base = train_mcad.TrainConfig(output_dir=str(root), epochs=args.epochs, checkpoint_every_steps=50,
+                                  shapes={**SHAPES, "train": args.train_images})
+    teachers = prepare_teachers(base, root)
+    results = []
+    for row, objective, overrides, negatives, seeds in ROWS:
+        if args.rows and row not in args.rows:
+            continue
+        for seed in (args.seeds if seeds == "all" else seeds):
+            result = distill_run(base, root, row, objective, overrides, negatives, seed)
+            print(f"{row} seed {seed}: rsum {result['rsum']:.1f}, binding {result['binding_accuracy']:.1f}",
+                  flush=True)
+            results.append(result)
+    speed = encode_times(root)
+    seconds = teachers["seconds"] + sum(result["distill_seconds"] for result in results)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    text = markdown(teachers, results, speed, command, seconds, args.epochs, args.train_images)
+    print(text)
+    if args.write:
+        plot(results, REPO_ROOT / "benchmarks" / "distill_table.png")
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
