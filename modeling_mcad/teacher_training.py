@@ -459,7 +459,7 @@ def train_dual_teacher(
     processor,
     train_split: datasets.Dataset,
     epochs: int = 8,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
     batch_size: int = 128,
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.1,
@@ -480,7 +480,9 @@ def train_dual_teacher(
         processor: its processor; every image and caption is preprocessed once, before the first step.
         train_split (`datasets.Dataset`): one row per image, `image` and `captions` (plus the mcad-shapes columns for
             `negatives`).
-        epochs, lr, batch_size, weight_decay, warmup_fraction, max_grad_norm: the optimisation.
+        epochs, lr, batch_size, weight_decay, warmup_fraction, max_grad_norm: the optimisation. On mcad-shapes a
+            CLIP from scratch at lr 1e-3 sits on a plateau that 5e-4 escapes (8000 images × 3 epochs: 159 against
+            400 validation RSUM).
         negatives (sequence of `"swap"`, `"flip"`): NegCLIP-style extra negatives: each caption's colour-swapped and /
             or relation-flipped distractor joins the image→text candidates. Empty: plain CLIP.
         group_families (`bool`): batches of whole families of near-duplicates (`TrainingPairs.epoch_batches`), where
