@@ -356,7 +356,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
         teacher = MCADTeacher.from_pretrained(teacher_folder(config))
         teacher_dim = teacher.config.teacher_dim
         if settings.beta == 0:
-            cache = TeacherCache.for_run(output_dir, teacher_folder(config), pairs)
+            cache = TeacherCache.for_run(output_dir, teacher_folder(config), splits[config.train_split])
             teacher = None
         else:
             teacher.to(accelerator.device)

@@ -7,8 +7,11 @@ For every pair i (in `flatten_pairs` order) it stores, as float16 in an Arrow da
 
 v̂, t̂ = modified_features(v, t, P_v f, P_t f, α) are formed from these at loss time: a change of α (or of any
 loss knob) reuses the cache, and with β = 0 distillation runs no teacher at all. The cache folder is named by a
-fingerprint of the teacher's files (weights, adapter, processors), the training pairs and this format; a rerun
-with the same three reuses it, a change of any of them builds a new one.
+fingerprint of the teacher's files (weights, adapter, processors), the training split (its pairs are
+`flatten_pairs(split)`, in that order) and this format; a rerun with the same three reuses it, a change of any of them
+builds a new one. The split's own fingerprint names it: the pairs' fingerprint also hashes the image transform's
+source dataset, file path included, so the same split opened through another path (a symlinked run folder) would
+miss its cache.
 
 Building shards the images across processes (each runs the teachers on its share, each image encoded once for
 all of its captions); the main process merges the shards in order and publishes the folder atomically.
@@ -44,9 +47,9 @@ def teacher_fingerprint(teacher_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_folder(output_dir: str | Path, teacher_dir: str | Path, pairs: datasets.Dataset) -> Path:
-    """Where the cache of these teachers over these pairs lives."""
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{teacher_fingerprint(teacher_dir)}|{pairs._fingerprint}".encode())
+def cache_folder(output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> Path:
+    """Where the cache of these teachers over the pairs of this split (grouped by image) lives."""
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{teacher_fingerprint(teacher_dir)}|{split._fingerprint}".encode())
     return Path(output_dir) / "cache" / key.hexdigest()[:16]
 
 
@@ -104,7 +107,7 @@ def build_teacher_cache(
     Returns:
         The cache folder.
     """
-    folder = cache_folder(output_dir, teacher_dir, pairs)
+    folder = cache_folder(output_dir, teacher_dir, split)
     if folder.exists():
         logger.info("teacher cache found: %s", folder)
         return folder
@@ -145,9 +148,9 @@ class TeacherCache:
         self.rows = datasets.load_from_disk(str(self.folder)).select_columns(list(CACHE_COLUMNS)).with_format("torch")
 
     @classmethod
-    def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, pairs: datasets.Dataset) -> "TeacherCache":
-        """The cache of this run's teacher and pairs, which the `cache` stage must have built."""
-        folder = cache_folder(output_dir, teacher_dir, pairs)
+    def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> "TeacherCache":
+        """The cache of this run's teacher and training split, which the `cache` stage must have built."""
+        folder = cache_folder(output_dir, teacher_dir, split)
         if not folder.exists():
             raise FileNotFoundError(
                 f"No teacher cache for this teacher and training data at {folder}: run the cache stage first "

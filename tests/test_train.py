@@ -188,3 +188,17 @@ def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
         tmp_path,
     )
     assert loaded == {"model": "MCADModel", "processor": "MCADProcessor"}
+
+
+def test_a_run_folder_linked_to_shared_data_and_cache_distils_from_that_cache(tmp_path):
+    # benchmarks/distill_table.py: teachers, data and cache once in a root, one linked run folder per student.
+    root = tmp_path / "root"
+    run_script("cache", "--config", write_run(root))
+    run = tmp_path / "run"
+    run.mkdir()
+    for shared in ("data", "teacher", "cache"):
+        (run / shared).symlink_to(root / shared, target_is_directory=True)
+    result = run_script("distill", "--config", write_run(run), check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((root / "cache").iterdir())) == 1  # read, not built again
+    assert (run / "student" / "model.safetensors").exists()
