@@ -14,7 +14,7 @@ and evaluates it on the test split: R@1/5/10 both ways, RSUM and binding accurac
   step time), seed 0.
 
 Then the speed table: per-item encode times of the `shapes` student and the teachers, and the `mobile` preset
-against CLIP ViT-B/32's architecture at 224 px, batch 1 and 32. About 75 minutes on 2 CPU cores with the defaults
+against CLIP ViT-B/32's architecture at 224 px, batch 1 and 32. About 85 minutes on 2 CPU cores with the defaults
 (students: 5 epochs).
 
 Resumable: every finished run leaves `runs/<row>_s<seed>/result.json` and is skipped; a killed run resumes from
@@ -282,7 +282,7 @@ def write_section(text: str) -> None:
     if SECTION in content:
         start = content.index(SECTION)
         following = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + (content[following + 1:] if following != -1 else "")
+        content = content[:start] + text.rstrip("\n") + "\n" + (content[following:] if following != -1 else "")
     else:
         content = content.rstrip("\n") + "\n\n" + text
     atomic_write_text(path, content)
