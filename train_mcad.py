@@ -312,7 +312,6 @@ def teachers(config: TrainConfig, accelerator) -> Path:
 
 
 def cache(config: TrainConfig, accelerator) -> Path:
-    from modeling_mcad.data import flatten_pairs
     from modeling_mcad.teacher_cache import build_teacher_cache
     from modeling_mcad.teachers import MCADTeacher
 
@@ -320,8 +319,8 @@ def cache(config: TrainConfig, accelerator) -> Path:
         raise FileNotFoundError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
     teacher = MCADTeacher.from_pretrained(teacher_folder(config)).to(accelerator.device)
     train = load_splits(config, accelerator)[config.train_split]
-    return build_teacher_cache(teacher, teacher_folder(config), train, flatten_pairs(train), config.output_dir,
-                               accelerator, batch_size=config.teacher_batch_size)
+    return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
+                               batch_size=config.teacher_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         teacher.save_pretrained(Path(folder) / "teacher")
-        cache = TeacherCache(build_teacher_cache(teacher, Path(folder) / "teacher", split, pairs, folder,
+        cache = TeacherCache(build_teacher_cache(teacher, Path(folder) / "teacher", split, folder,
                                                  Accelerator(cpu=True), batch_size=64))
         runs = {
             "contrastive": make_step("contrastive", teacher, lambda: None),

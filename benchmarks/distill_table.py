@@ -3,9 +3,9 @@
     python benchmarks/distill_table.py [--output_dir outputs/ablation] [--seeds 0 1 2] [--write]
 
 Trains the teachers once (the `teachers` and `cache` stages of `train_mcad.py` with the demo's recipe on 10 000
-training images, the demo's 8000 plus a quarter), measures them on the test split (gates, the fusion teacher as a re-ranker, the
-bag-of-words floors), then distils one student per (objective, seed) with `train_mcad.py distill` in a subprocess
-and evaluates it on the test split: R@1/5/10 both ways, RSUM and binding accuracy (swap, flip). Rows:
+training images, the demo's 8000 plus a quarter), measures them on the test split (gates, the fusion teacher as a
+re-ranker, the bag-of-words floors), then distils one student per (objective, seed) with `train_mcad.py distill` in a
+subprocess and evaluates it on the test split: R@1/5/10 both ways, RSUM and binding accuracy (swap, flip). Rows:
 
 - the five objectives of DESIGN §7: `contrastive`, `clip_kd`, `affinity`, `fusion_only`, `mcad`;
 - the controls: `clip_kd_sharp` (τ_T = 0.01), `clip_kd_identity` (γ = 0.5) and `negclip` (contrastive with the
@@ -218,8 +218,8 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
     header = "| model | seeds | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS)
     lines = [SECTION, "", f"```\n{command}\n```", "",
              f"Test split of mcad-shapes (1000 images, 5000 captions); students: the `shapes` preset, {epochs} "
-             f"epoch(s) on {train_images} training images, batch {batch_size}, lr {learning_rate:g}. Wall time of the whole run: {seconds / 60:.0f} min "
-             "(2 CPU cores, shared).", "",
+             f"epoch(s) on {train_images} training images, batch {batch_size}, lr {learning_rate:g}. Wall time of "
+             f"the whole run: {seconds / 60:.0f} min (2 CPU cores, shared).", "",
              "Gates (DESIGN §7): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"
                                                for name, ok in teachers["gates"].items()), "", header]
     for name, row in teachers["rows"].items():
@@ -240,10 +240,10 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
               "batch, median; targets: image ≥ 8×, text ≥ 5× faster):", "",
               "| model | parameters | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, row in mobile.items():
-        ratio = name.startswith("speed-up")
-        cells = [f"{row[key]:.1f}×" if ratio else f"{row[key]:.1f}" for key in ["parameters", *keys]]
-        if not ratio:
-            cells[0] = f"{row['parameters'] / 1e6:.1f}M"
+        if name.startswith("speed-up"):
+            cells = [f"{row[key]:.1f}×" for key in ["parameters", *keys]]
+        else:
+            cells = [f"{row['parameters'] / 1e6:.1f}M", *(f"{row[key]:.1f}" for key in keys)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "![RSUM and binding accuracy per objective](benchmarks/distill_table.png)", ""]
     return "\n".join(lines)

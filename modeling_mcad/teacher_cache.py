@@ -87,19 +87,18 @@ def build_teacher_cache(
     teacher: MCADTeacher,
     teacher_dir: str | Path,
     split: datasets.Dataset,
-    pairs: datasets.Dataset,
     output_dir: str | Path,
     accelerator,
     batch_size: int = 64,
 ) -> Path:
     """
-    Write (or reuse) the cache of `teacher` over the pairs of `split`; every process must call it.
+    Write (or reuse) the cache of `teacher` over the pairs of `split` (rows in `flatten_pairs(split)` order); every
+    process must call it.
 
     Args:
         teacher ([`MCADTeacher`]): the frozen teachers with their fitted adapter.
         teacher_dir (`str` or `Path`): the folder the teacher was loaded from (its files name the cache).
         split (`datasets.Dataset`): the training split grouped by image (`image`, `captions`).
-        pairs (`datasets.Dataset`): `flatten_pairs(split)`: the cache's rows follow its order.
         output_dir (`str` or `Path`): the run's output folder; the cache goes under `cache/`.
         accelerator (`accelerate.Accelerator`): shards the images across its processes.
         batch_size (`int`): images per teacher call.
@@ -124,8 +123,9 @@ def build_teacher_cache(
         merged = datasets.concatenate_datasets(
             [datasets.load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(world)]
         )
-        if merged["pair_index"] != list(range(len(pairs))):
-            raise RuntimeError(f"The teacher cache covers {len(merged)} pairs but there are {len(pairs)}: the training "
+        pair_count = sum(captions_per_image)
+        if merged["pair_index"] != list(range(pair_count)):
+            raise RuntimeError(f"The teacher cache covers {len(merged)} pairs but there are {pair_count}: the training "
                                "split changed while the cache was built. Run the cache stage again.")
         with atomic_directory(folder) as temporary:
             merged.save_to_disk(str(temporary))
