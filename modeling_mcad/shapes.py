@@ -136,14 +136,18 @@ class Statement:
     relation: str | None
 
     def is_true_of(self, scene: Scene) -> bool:
+        return self.grounding(scene) is not None
+
+    def grounding(self, scene: Scene) -> tuple[int, ...] | None:
+        """The scene objects the named ones are, in naming order, where the statement is true of the scene."""
         matches = [[index for index, obj in enumerate(scene.objects) if _matches(obj.key(), named)]
                    for named in self.named]
         for choice in itertools.product(*matches):
             if len(set(choice)) < len(choice):
                 continue
             if self.relation is None or (choice[0] < choice[1]) == (self.relation == "before"):
-                return True
-        return False
+                return choice
+        return None
 
 
 def _matches(key: tuple, named: tuple) -> bool:
@@ -562,12 +566,67 @@ def matcher_embeddings(split: datasets.Dataset, matcher: str = "colour_shape",
     return embed(image_bags), embed(text_bags), text_to_image
 
 
+def _parse_scene(scene: dict) -> Scene:
+    return Scene(tuple(ShapeObject(obj["shape"], obj["colour"], obj["size"]) for obj in scene["objects"]),
+                 scene["axis"], scene["relations"])
+
+
 def reference_caption(scene: dict) -> str:
     """The canonical description of a scene (its JSON `scene` column, parsed): every object, the relation first."""
-    parsed = Scene(tuple(ShapeObject(obj["shape"], obj["colour"], obj["size"]) for obj in scene["objects"]),
-                   scene["axis"], scene["relations"])
+    parsed = _parse_scene(scene)
     count = len(parsed.objects)
     return Wording(0, tuple(range(count)), 0 if parsed.relations else None, (0,) * count).render(parsed)
+
+
+# Relation words: True where the first-named object is left of / above the second (the canonical phrases).
+_RELATION_WORDS = {"left": True, "above": True, "over": True, "right": False, "below": False, "under": False}
+_SIZE_OF_WORD = {word: size for size, words in SIZE_WORDS.items() for word in words}
+
+
+def caption_is_true(caption: str, scene: str | dict) -> bool:
+    """
+    Whether an mcad-shapes caption (or distractor) is a true description of a scene, e.g. of another image of its
+    family: the named objects, each with its size, colour and shape, are there (distinct), and the first two stand
+    in the stated relation. Reads the grammar `make_shapes` writes.
+
+    Args:
+        caption (`str`): a caption in mcad-shapes' grammar.
+        scene (`str` or `dict`): the image's `scene` column (JSON), or it parsed.
+    """
+    return caption_grounding(caption, scene) is not None
+
+
+def caption_grounding(caption: str, scene: str | dict) -> list[tuple[float, float]] | None:
+    """
+    Where the objects a true caption names are: their centres `(x, y)` (fractions of the image side), in the order
+    the caption names them (its shape words' order); None if the caption is false of the scene.
+
+    Args:
+        caption (`str`): a caption in mcad-shapes' grammar.
+        scene (`str` or `dict`): the image's `scene` column (JSON), or it parsed.
+    """
+    scene = json.loads(scene) if isinstance(scene, str) else scene
+    objects = _caption_statement(caption).grounding(_parse_scene(scene))
+    if objects is None:
+        return None
+    return [(scene["objects"][index]["x"], scene["objects"][index]["y"]) for index in objects]
+
+
+def _caption_statement(caption: str) -> Statement:
+    named, relation, size, colour = [], None, None, None
+    for word in _words(caption):
+        if word in _SIZE_OF_WORD:
+            size = _SIZE_OF_WORD[word]
+        elif word in COLOURS:
+            colour = word
+        elif word in SHAPES:
+            named.append((size, colour, word))
+            size = colour = None
+        elif word in _RELATION_WORDS and relation is None:
+            relation = "before" if _RELATION_WORDS[word] else "after"
+    if not named:
+        raise ValueError(f"The caption {caption!r} names no shape: only mcad-shapes captions can be read.")
+    return Statement(tuple(named), relation)
 
 
 def _words(text: str) -> list[str]:
@@ -593,5 +652,5 @@ def _text_words(caption: str, matcher: str) -> list[str]:
     return kept
 
 
-__all__ = ["COLOURS", "MATCHERS", "SHAPES", "make_shapes", "matcher_embeddings", "reference_caption",
-           "to_imagefolder"]
+__all__ = ["COLOURS", "MATCHERS", "SHAPES", "caption_grounding", "caption_is_true", "make_shapes", "matcher_embeddings",
+           "reference_caption", "to_imagefolder"]

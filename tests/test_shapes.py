@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from modeling_mcad.evaluation import retrieval_metrics
-from modeling_mcad.shapes import COLOURS, SHAPES, make_shapes, matcher_embeddings, to_imagefolder
+from modeling_mcad.shapes import (
+    COLOURS,
+    SHAPES,
+    caption_grounding,
+    caption_is_true,
+    make_shapes,
+    matcher_embeddings,
+    to_imagefolder,
+)
 
 # An independent reading of the captions, from the words alone, to check them against the scene's coordinates.
 SIZE = {"small": "small", "little": "small", "large": "large", "big": "large"}
@@ -81,6 +89,33 @@ def test_captions_are_true_and_distractors_false(knobs):
                 assert canonical == ([tuple(n[1:]) for n in named] == [o[1:] for o in in_order])
         if len(scene["objects"]) > 1:  # a curriculum starts from the canonical wordings, then all
             assert 2 <= sum(row["canonical"]) <= 3
+
+
+def test_caption_truth_and_grounding_agree_with_an_independent_reading_across_a_family(benchmark):
+    scenes, families = benchmark["scene"], benchmark["family"]
+    outcomes = Counter()
+    for captions, flipped, family in zip(benchmark["captions"], benchmark["flipped_captions"], families):
+        siblings = [other for other, its_family in enumerate(families) if its_family == family]
+        for caption in captions + [distractor for distractor in flipped if distractor is not None]:
+            for other in siblings:  # a sibling may or may not fit another image's caption: both must be read right
+                scene = json.loads(scenes[other])
+                truth = is_true(caption, scene)
+                assert caption_is_true(caption, scenes[other]) == truth, (caption, scene)
+                outcomes[truth] += 1
+                centres = caption_grounding(caption, scene)
+                if not truth:
+                    assert centres is None
+                    continue
+                named, relation = read_caption(caption)
+                found = [next(o for o in scene["objects"] if (o["x"], o["y"]) == centre) for centre in centres]
+                assert [(o["size"] if size else None, o["colour"], o["shape"]) for o, (size, _, _) in
+                        zip(found, named)] == named  # the named objects, in naming order
+                if relation is not None:
+                    axis, before = relation
+                    assert (found[0][axis] < found[1][axis]) == before
+    assert outcomes[True] > 100 and outcomes[False] > 100
+    with pytest.raises(ValueError, match="names no shape"):
+        caption_is_true("a photo of a dog", scenes[0])
 
 
 def test_same_seed_same_bytes_other_seed_other_images():
