@@ -20,6 +20,9 @@ gate, ALBEF / BLIP's own: a fusion stack over aligned unimodal states.
   `--wording_ramp_steps`.
 - `--grounding λ`: an auxiliary loss — from each positive caption's shape-word states after layer
   `--grounding_layer`, regress where in the image that object is (`shapes.caption_grounding`).
+- `--relation λ`: an auxiliary loss — from the relation word's state after that layer, in the caption and in its
+  relation flip, predict whether the first-named object is left of / above the second (the canonical flag): the
+  order half of the XOR, supervised where the relation word cannot give it away.
 
 Prints, every `--eval_every` steps, validation accuracy of the true caption against its colour swap and its
 relation flip (the flip split by canonical / inverse wording), of the true image against the family siblings the
@@ -83,10 +86,10 @@ class FusionStack(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
         self.contrastive_weight = nn.Parameter(torch.tensor(10.0))
         self.grounding_head = nn.Linear(width, 2)
+        self.relation_head = nn.Linear(width, 1)
 
     def forward(self, images, texts, mask, image_embeds, text_embeds, grounding_layer: int = 0):
-        """Match logits of pairs (images[p], texts[p]) and, after layer `grounding_layer`, the text positions'
-        predicted object centres."""
+        """Match logits of pairs (images[p], texts[p]) and the text positions' states after layer `grounding_layer`."""
         pairs, length = texts.shape[:2]
         sequence = torch.cat([
             self.fusion_token.expand(pairs, 1, -1),
@@ -95,13 +98,13 @@ class FusionStack(nn.Module):
         ], dim=1)
         padding = torch.cat([torch.zeros(pairs, 1, dtype=torch.bool), ~mask,
                              torch.zeros(pairs, images.shape[1], dtype=torch.bool)], dim=1)
-        grounded = None
+        text_middle = None
         for depth, layer in enumerate(self.layers, start=1):
             sequence = layer(sequence, src_key_padding_mask=padding)
             if depth == grounding_layer:
-                grounded = self.grounding_head(sequence[:, 1 : 1 + length])
+                text_middle = sequence[:, 1 : 1 + length]
         logits = self.head(sequence[:, 0]).squeeze(-1) + self.contrastive_weight * (image_embeds * text_embeds).sum(-1)
-        return logits, grounded
+        return logits, text_middle
 
 
 def main() -> None:
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--no_siblings", action="store_true")
     parser.add_argument("--grounding", type=float, default=1.0)
     parser.add_argument("--grounding_layer", type=int, default=2)
+    parser.add_argument("--relation", type=float, default=0.0)
     parser.add_argument("--eval_every", type=int, default=150)
     args = parser.parse_args()
     print(json.dumps(vars(args)), flush=True)
@@ -158,6 +162,9 @@ def main() -> None:
         for named, ((x, y), token) in enumerate(zip(caption_grounding(caption, scenes[image]), tokens)):
             token_of[pair, named], centre[pair, named], grounded[pair, named] = token, torch.tensor([x, y]), True
     centre = (centre - 0.5) * 4  # about unit variance
+    relation_ids = set(processor.tokenizer.convert_tokens_to_ids(["left", "right", "above", "below", "over", "under"]))
+    relation_token = torch.tensor([next((t for t, token in enumerate(ids) if token in relation_ids), 0)
+                                   for ids in pairs.tables["dual"].input_ids.tolist()])
     print(f"states and targets ready, {time.perf_counter() - started:.0f} s", flush=True)
 
     # Validation: the binding probe, and each caption's image against the siblings it is false of.
@@ -250,16 +257,27 @@ def main() -> None:
             logits, positions = score(images, image_embeds, texts, masks, text_embeds,
                                       torch.cat([image.repeat_interleave(5), image_candidates.flatten()]),
                                       torch.cat([candidates.flatten(), caption.repeat_interleave(4)]),
-                                      args.grounding_layer if args.grounding else 0)
+                                      args.grounding_layer if args.grounding or args.relation else 0)
             text_logits = logits[: 5 * len(index)].view(-1, 5).masked_fill(~valid, -1e4)
             image_logits = torch.cat([text_logits[:, :1], logits[5 * len(index) :].view(-1, 4)], 1)
             target = torch.zeros(len(index), dtype=torch.long)
             loss = (F.cross_entropy(text_logits, target)
                     + F.cross_entropy(image_logits.masked_fill(~image_valid, -1e4), target))
+            rows = torch.arange(len(index))
             if args.grounding:
                 positives = positions[: 5 * len(index) : 5]
-                predicted = positives[torch.arange(len(index))[:, None], token_of[index]]
+                predicted = model.grounding_head(positives[rows[:, None], token_of[index]])
                 loss = loss + args.grounding * ((predicted - centre[index]) ** 2).sum(-1)[grounded[index]].mean()
+            if args.relation:
+                # Whether the first-named object is left of / above the second, read at the relation word of the
+                # caption and of its flip (the same objects, the other word): the image decides, not the word.
+                related = flipped >= 0
+                for column, texts_of in ((0, caption), (2, flipped.clamp(min=0))):
+                    states = positions[column : 5 * len(index) : 5][rows, relation_token[texts_of]]
+                    predicted = model.relation_head(states).squeeze(-1)
+                    target = pairs.canonical[index].float()
+                    loss = loss + args.relation * F.binary_cross_entropy_with_logits(predicted[related],
+                                                                                     target[related]) / 2
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
