@@ -45,10 +45,26 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from modeling_mcad.evaluation import binding_probe  # noqa: E402
-from modeling_mcad.shapes import SHAPES, caption_grounding, caption_is_true  # noqa: E402
-from modeling_mcad.teacher_training import TrainingPairs, _prepare_cpu, _sincos_positions, encode_texts  # noqa: E402
+from modeling_mcad.evaluation import binding_probe, flatten_captions  # noqa: E402
+from modeling_mcad.shapes import ORIENTATION_WORDS, SHAPES, caption_grounding, caption_is_true  # noqa: E402
+from modeling_mcad.teacher_training import (  # noqa: E402
+    TrainingPairs,
+    _prepare_cpu,
+    _sincos_positions,
+    encode_images,
+    encode_texts,
+)
 from modeling_mcad.teachers import MCADTeacher  # noqa: E402
+
+
+def false_siblings(captions: list[str], image_of: list[int], families: list[int], scenes: list[str]) -> list[list[int]]:
+    """Per caption, the other images of its image's family that it is false of (`shapes.caption_is_true`)."""
+    members: dict[int, list[int]] = {}
+    for image, family in enumerate(families):
+        members.setdefault(family, []).append(image)
+    return [[other for other in members[families[image]]
+             if other != image and not caption_is_true(caption, scenes[other])]
+            for caption, image in zip(captions, image_of)]
 
 
 @torch.no_grad()
@@ -145,24 +161,21 @@ def main() -> None:
 
     # Per pair: the family siblings its caption is false of, and where its named objects are (shape-word tokens).
     scenes = train["scene"]
-    members: dict[int, list[int]] = {}
-    for image, family in enumerate(pairs.family.tolist()):
-        members.setdefault(family, []).append(image)
+    captions = [pairs.texts[row] for row in pairs.caption_row.tolist()]
     siblings = torch.full((len(pairs), 3), -1, dtype=torch.long)
+    if not args.no_siblings:
+        for pair, false_of in enumerate(false_siblings(captions, pairs.image_index.tolist(), pairs.family.tolist(),
+                                                       scenes)):
+            siblings[pair, : len(false_of[:3])] = torch.tensor(false_of[:3], dtype=torch.long)
     shape_ids = set(processor.tokenizer.convert_tokens_to_ids(list(SHAPES)))
     token_of, centre, grounded = (torch.zeros(len(pairs), 3, dtype=torch.long), torch.zeros(len(pairs), 3, 2),
                                   torch.zeros(len(pairs), 3, dtype=torch.bool))
     for pair, (image, row) in enumerate(zip(pairs.image_index.tolist(), pairs.caption_row.tolist())):
-        caption = pairs.texts[row]
-        false_of = [other for other in members[int(pairs.family[image])]
-                    if other != image and not caption_is_true(caption, scenes[other])][:3]
-        if not args.no_siblings:
-            siblings[pair, : len(false_of)] = torch.tensor(false_of, dtype=torch.long)
         tokens = [t for t, token in enumerate(pairs.tables["dual"].input_ids[row].tolist()) if token in shape_ids]
-        for named, ((x, y), token) in enumerate(zip(caption_grounding(caption, scenes[image]), tokens)):
+        for named, ((x, y), token) in enumerate(zip(caption_grounding(captions[pair], scenes[image]), tokens)):
             token_of[pair, named], centre[pair, named], grounded[pair, named] = token, torch.tensor([x, y]), True
     centre = (centre - 0.5) * 4  # about unit variance
-    relation_ids = set(processor.tokenizer.convert_tokens_to_ids(["left", "right", "above", "below", "over", "under"]))
+    relation_ids = set(processor.tokenizer.convert_tokens_to_ids(list(ORIENTATION_WORDS)))
     relation_token = torch.tensor([next((t for t, token in enumerate(ids) if token in relation_ids), 0)
                                    for ids in pairs.tables["dual"].input_ids.tolist()])
     print(f"states and targets ready, {time.perf_counter() - started:.0f} s", flush=True)
@@ -173,18 +186,14 @@ def main() -> None:
     columns = validation.with_format(None)[:]
     canonical_of = {caption: flag for captions, flags in zip(columns["captions"], columns["canonical"])
                     for caption, flag in zip(captions, flags)}
-    family_of: dict[int, list[int]] = {}
-    for image, family in enumerate(columns["family"]):
-        family_of.setdefault(family, []).append(image)
-    sibling_pairs = []  # (image, sibling, caption row, canonical)
-    for image, (captions, family) in enumerate(zip(columns["captions"], columns["family"])):
-        for caption in captions:
-            for other in family_of[family]:
-                if other != image and not caption_is_true(caption, columns["scene"][other]):
-                    sibling_pairs.append((image, other, row_of.setdefault(caption, len(row_of)), canonical_of[caption]))
-    val_images, val_image_embeds = image_states(dual, torch.cat([
-        processor(images=list(validation[start : start + 256]["image"]), return_tensors="pt")["pixel_values"]
-        for start in range(0, len(validation), 256)]))
+    val_captions, val_image_of = flatten_captions(validation)
+    sibling_pairs = [  # (image, sibling, caption row, canonical)
+        (image, other, row_of.setdefault(caption, len(row_of)), canonical_of[caption])
+        for caption, image, false_of in zip(val_captions, val_image_of, false_siblings(
+            val_captions, val_image_of, columns["family"], columns["scene"]))
+        for other in false_of]
+    val_images, val_image_embeds = image_states(dual, encode_images(
+        validation.cast_column("image", datasets.Image(decode=False))[:]["image"], processor))
     val_texts, val_masks, val_text_embeds = text_states(dual, encode_texts(list(row_of), processor))
     probe_image = torch.tensor(probe.image_index)
     probe_caption = torch.tensor([row_of[c] for c in probe.captions])

@@ -579,7 +579,9 @@ def reference_caption(scene: dict) -> str:
 
 
 # Relation words: True where the first-named object is left of / above the second (the canonical phrases).
-_RELATION_WORDS = {"left": True, "above": True, "over": True, "right": False, "below": False, "under": False}
+_RELATION_WORDS = {word: canonical for phrases in RELATION_PHRASES.values() for pair in phrases
+                   for canonical, phrase in zip((True, False), pair) for word in phrase.split()
+                   if word in ORIENTATION_WORDS}
 _SIZE_OF_WORD = {word: size for size, words in SIZE_WORDS.items() for word in words}
 
 
