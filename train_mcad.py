@@ -66,10 +66,11 @@ class TrainConfig:
     # At lr 1e-3 a CLIP from scratch sits on a plateau (159 validation RSUM after 8000 images × 3 epochs); at 5e-4
     # the same steps reach 400 and five epochs 500, above the bag-of-words floors.
     dual_teacher_training: dict = field(default_factory=lambda: {"epochs": 5, "lr": 5e-4, "batch_size": 128})
+    # The shapes fusion teacher: `teacher_training.train_fusion_stack` arguments (BENCHMARKS.md, issue 8: swap 96%,
+    # flip 95% on validation after 700 steps). For a published cross-encoder (BLIP, ViLT) with train_teachers:
+    # `train_fusion_teacher` arguments (epochs, lr, batch_size, curriculum: a FusionCurriculum dict, ...).
     fusion_teacher_training: dict = field(default_factory=lambda: {
-        "epochs": 3, "lr": 1e-3, "batch_size": 64,
-        "curriculum": {"canonical_epochs": 2, "random_negative_epochs": 2, "hard_negative_share": 0.8,
-                       "ramp_epochs": 0.5, "wording_ramp_epochs": 1}})
+        "steps": 600, "canonical_steps": 200, "lr": 5e-4, "batch_size": 64})
     teacher_batch_size: int = 64  # images per teacher call in the cache stage
     adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §3)
     adapter_steps: int = 300
@@ -245,6 +246,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     from torch.utils.data import DataLoader
 
     from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, flatten_pairs
+    from modeling_mcad.fusion_teacher import MCADFusionModel
     from modeling_mcad.teacher_training import (
         FusionCurriculum,
         TeacherModels,
@@ -252,6 +254,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
         shapes_teachers,
         teacher_gates,
         train_dual_teacher,
+        train_fusion_stack,
         train_fusion_teacher,
     )
     from modeling_mcad.teachers import MCADTeacher, compute_adapter_features, fit_adapter
@@ -274,10 +277,14 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed, pairs=pairs,
                                **config.dual_teacher_training)
             fusion_training = dict(config.fusion_teacher_training)
-            curriculum = FusionCurriculum(**fusion_training.pop("curriculum", {}))
-            train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
-                                 dual_processor=models.dual_processor, curriculum=curriculum, seed=config.seed,
-                                 pairs=pairs, **fusion_training)
+            if isinstance(models.fusion, MCADFusionModel):
+                train_fusion_stack(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
+                                   seed=config.seed, pairs=pairs, **fusion_training)
+            else:
+                curriculum = FusionCurriculum(**fusion_training.pop("curriculum", {}))
+                train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
+                                     dual_processor=models.dual_processor, curriculum=curriculum, seed=config.seed,
+                                     pairs=pairs, **fusion_training)
         teacher = models.to_mcad_teacher(adapter_objective=config.adapter_objective)
 
         # The adapter is fitted on one pass of the frozen teachers over the training pairs (one caption per image).

@@ -4,21 +4,22 @@ MCAD needs two teachers (DESIGN §1, §3). Real ones come from the Hub; on the b
 here, from random weights, on the training split — as real transformers classes, so the rest of the package treats
 them exactly like CLIP and BLIP checkpoints:
 
-- `shapes_teachers(...)`: a `CLIPModel` (the dual teacher, ≥ 10× the `shapes` student) and a
-  `ViltForImageAndTextRetrieval` (the fusion teacher), each with its own offline processor.
+- `shapes_teachers(...)`: a `CLIPModel` (the dual teacher, ≥ 10× the `shapes` student) with its offline processor,
+  and an `MCADFusionModel` (the fusion teacher: a single-stream stack over the dual teacher's token states).
 - `train_dual_teacher(...)`: CLIP's contrastive loss, one caption per image per batch (DESIGN §3).
-- `train_fusion_teacher(...)`: BLIP's image-text matching loss, balanced between positives and negatives, on hard
-  negatives mined by the dual teacher and colour-swap / relation-flip distractors, with a wording curriculum
-  (DESIGN §7: a cross-encoder trained on every wording at once collapses to bag-of-words matching).
+- `train_fusion_stack(...)`: the shapes fusion teacher — a listwise matching loss over swap / flip distractors,
+  mined captions and false family siblings, a canonical-wording phase first, grounding and relation supervision.
+- `train_fusion_teacher(...)`: fine-tuning a published cross-encoder (BLIP, ViLT): BLIP's image-text matching loss,
+  balanced between positives and negatives, on hard negatives mined by the dual teacher and distractors, with a
+  wording curriculum. From scratch on mcad-shapes it stays at chance on binding (BENCHMARKS.md, issue 8).
 - `teacher_gates(...)`: the gates of DESIGN §7 — the dual teacher beats the bag-of-words matchers; the fusion teacher
   beats it on binding accuracy and as a re-ranker of its top-k.
 
 Typical use (what the teachers stage of `train_mcad.py` does):
 
     teachers = shapes_teachers(image_size=32, seed=0)
-    train_dual_teacher(teachers.dual, teachers.dual_processor, splits["train"], epochs=8)
-    train_fusion_teacher(teachers.fusion, teachers.fusion_processor, splits["train"],
-                         dual_teacher=teachers.dual, dual_processor=teachers.dual_processor, epochs=8)
+    train_dual_teacher(teachers.dual, teachers.dual_processor, splits["train"], epochs=5)
+    train_fusion_stack(teachers.fusion, teachers.fusion_processor, splits["train"], steps=600)
     gates = teacher_gates(teachers, splits["validation"])   # select on validation, report on test
     teacher = teachers.to_mcad_teacher()                     # frozen, ready for the adapter fit and the cache
 
@@ -44,19 +45,16 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     PreTrainedModel,
-    ViltConfig,
-    ViltForImageAndTextRetrieval,
-    ViltProcessor,
     get_cosine_schedule_with_warmup,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
 from .configuration_mcad import PRESET_VOCABULARY
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .data import OneCaptionPerImageSampler, flatten_pairs, to_rgb
 from .evaluation import binding_probe, flatten_captions, metrics_from_ranks, retrieval_metrics, retrieval_ranks
-from .shapes import matcher_embeddings
+from .fusion_teacher import MCADFusionModel, MCADFusionOutput, sincos_positions
+from .shapes import ORIENTATION_WORDS, SHAPES, caption_grounding, caption_is_true, matcher_embeddings
 from .teachers import MCADTeacher, _embedding
 
 logger = logging.getLogger(__name__)
@@ -146,35 +144,30 @@ def shapes_teachers(
     dual_projection_dim: int = 256,
     fusion_width: int = 128,
     fusion_layers: int = 4,
-    sincos_positions: bool = True,
     seed: int = 0,
 ) -> TeacherModels:
     """
-    Randomly initialised teachers for mcad-shapes, with offline processors (images resized to `image_size`, captions
-    tokenized by `shapes_tokenizer`).
+    Randomly initialised teachers for mcad-shapes, with an offline processor (images resized to `image_size`,
+    captions tokenized by `shapes_tokenizer`) that both use.
 
     - dual: a `CLIPModel`, vision and text towers of `dual_width` × `dual_layers` (the defaults: 6.5M parameters,
       10× the `shapes` student). CLIP pools the text at the end-of-text token: here [SEP] (`eos_token_id`), with
-      [PAD] = 0.
-    - fusion: a `ViltForImageAndTextRetrieval`, one joint stack of `fusion_width` × `fusion_layers` over the caption's
-      tokens, [CLS] and the image's patches; its ranking head scores pairs. DESIGN §7 measured this single-stream
-      shape passing the gate in minutes on the CPU; a BLIP-style text encoder cross-attending to a separate vision
-      tower, trained from scratch, did not.
+      [PAD] = 0. Its patch positions start from 2D sine-cosine values (trainable): the relations of mcad-shapes need
+      to know where a patch is from the first step on.
+    - fusion: an [`MCADFusionModel`] of `fusion_width` × `fusion_layers` over a copy of the dual teacher (its
+      unimodal encoders: `train_fusion_stack` copies the trained dual teacher in). ViLT and BLIP trained from
+      scratch here stayed at chance on binding (BENCHMARKS.md, issue 8).
 
     Args:
         image_size (`int`): the models' input side in pixels (mcad-shapes images are resized to it).
-        patch_size (`int`): both models' ViT patch side: (image_size / patch_size)² image tokens.
+        patch_size (`int`): the ViT patch side: (image_size / patch_size)² image tokens.
         dual_width, dual_layers, dual_projection_dim (`int`): the CLIP towers' width and depth, and d_T.
-        fusion_width, fusion_layers (`int`): the ViLT width and depth.
-        sincos_positions (`bool`): initialise both models' patch position embeddings with 2D sine-cosine values (they
-            stay trainable) rather than near-zero noise: the relations of mcad-shapes need to know where a patch is
-            from the first step on.
+        fusion_width, fusion_layers (`int`): the fusion stack's width and depth.
         seed (`int`): the initialisation seed.
     """
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}.")
     tokenizer = shapes_tokenizer()
-    vocab_size = len(PRESET_VOCABULARY)
     special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
                "eos_token_id": tokenizer.sep_token_id}
     torch.manual_seed(seed)
@@ -182,44 +175,20 @@ def shapes_teachers(
         vision_config={"image_size": image_size, "patch_size": patch_size, "hidden_size": dual_width,
                        "intermediate_size": 4 * dual_width, "num_hidden_layers": dual_layers,
                        "num_attention_heads": dual_width // 64},
-        text_config={"vocab_size": vocab_size, "max_position_embeddings": MAX_CAPTION_TOKENS,
+        text_config={"vocab_size": len(PRESET_VOCABULARY), "max_position_embeddings": MAX_CAPTION_TOKENS,
                      "hidden_size": dual_width, "intermediate_size": 4 * dual_width,
                      "num_hidden_layers": dual_layers, "num_attention_heads": dual_width // 64, **special},
         projection_dim=dual_projection_dim,
     ))
-    fusion = ViltForImageAndTextRetrieval(ViltConfig(
-        vocab_size=vocab_size, max_position_embeddings=MAX_CAPTION_TOKENS, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=fusion_width, intermediate_size=4 * fusion_width, num_hidden_layers=fusion_layers,
-        num_attention_heads=fusion_width // 32, image_size=image_size, patch_size=patch_size,
-    ))
-    if sincos_positions:
-        grid = image_size // patch_size
-        with torch.no_grad():
-            dual.vision_model.embeddings.position_embedding.weight.copy_(_sincos_positions(grid, dual_width))
-            fusion.vilt.embeddings.position_embeddings.copy_(_sincos_positions(grid, fusion_width)[None])
-    dual_images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                        crop_size={"height": image_size, "width": image_size})
-    # ViLT resizes the shorter side and rounds down to a multiple of size_divisor: square images come out square.
-    fusion_images = ViltImageProcessorPil(size={"shortest_edge": image_size}, size_divisor=patch_size)
-    return TeacherModels(dual=dual, dual_processor=CLIPProcessor(image_processor=dual_images, tokenizer=tokenizer),
-                         fusion=fusion, fusion_processor=ViltProcessor(image_processor=fusion_images,
-                                                                       tokenizer=tokenizer))
-
-
-def _sincos_positions(grid: int, width: int) -> torch.Tensor:
-    """2D sine-cosine position embeddings, `(1 + grid², width)`: a zero row for [CLS], then the patches row by row
-    (half the channels encode the row, half the column, as in MAE)."""
-    if width % 4:
-        raise ValueError(f"2D sine-cosine positions need a width divisible by 4, got {width}.")
-    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
-    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                   indexing="ij")
-    parts = []
-    for coordinate in (rows.flatten(), columns.flatten()):
-        angles = coordinate[:, None] * frequencies[None, :]
-        parts += [angles.sin(), angles.cos()]
-    patches = torch.cat(parts, dim=1)
-    return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches]).float()
+    with torch.no_grad():
+        dual.vision_model.embeddings.position_embedding.weight.copy_(
+            sincos_positions(image_size // patch_size, dual_width))
+    fusion = MCADFusionModel.from_dual_teacher(dual, hidden_size=fusion_width, num_hidden_layers=fusion_layers,
+                                               num_attention_heads=fusion_width // 32)
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                                   "width": image_size})
+    processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    return TeacherModels(dual=dual, dual_processor=processor, fusion=fusion, fusion_processor=processor)
 
 
 # --- Data: every image and text preprocessed once ----------------------------------------------------------------------
@@ -775,6 +744,209 @@ def train_fusion_teacher(
 
 
 # --- Gates ---------------------------------------------------------------------------------------------------------
+
+
+def false_siblings(captions: Sequence[str], image_of: Sequence[int], families: Sequence[int],
+                   scenes: Sequence[str]) -> list[list[int]]:
+    """Per caption, the other images of its image's family that it is false of (`shapes.caption_is_true`)."""
+    members: dict[int, list[int]] = {}
+    for image, family in enumerate(families):
+        members.setdefault(family, []).append(image)
+    return [[other for other in members[families[image]]
+             if other != image and not caption_is_true(caption, scenes[other])]
+            for caption, image in zip(captions, image_of)]
+
+
+def first_relation_token(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Per text, the position of its first relation word ("left", "above", ...; 0 where it has none)."""
+    relation_ids = set(tokenizer.convert_tokens_to_ids(list(ORIENTATION_WORDS)))
+    return torch.tensor([next((t for t, token in enumerate(ids) if token in relation_ids), 0)
+                         for ids in input_ids.tolist()], dtype=torch.long)
+
+
+@dataclass
+class FusionStackTargets:
+    """
+    Per training pair, what `train_fusion_stack` supervises besides the match: the family siblings its caption is
+    false of (up to three, -1: none), each named object's shape-word position and centre (x, y), and the position
+    of the caption's relation word.
+    """
+
+    siblings: torch.Tensor
+    shape_token: torch.Tensor
+    centre: torch.Tensor
+    grounded: torch.Tensor
+    relation_token: torch.Tensor
+
+    @classmethod
+    def from_pairs(cls, pairs: TrainingPairs, split: datasets.Dataset, tokenizer,
+                   processor_name: str = "fusion") -> "FusionStackTargets":
+        scenes, table = split["scene"], pairs.tables[processor_name]
+        captions = [pairs.texts[row] for row in pairs.caption_row.tolist()]
+        siblings = torch.full((len(pairs), 3), -1, dtype=torch.long)
+        for pair, false_of in enumerate(false_siblings(captions, pairs.image_index.tolist(), pairs.family.tolist(),
+                                                       scenes)):
+            siblings[pair, : len(false_of[:3])] = torch.tensor(false_of[:3], dtype=torch.long)
+        shape_ids = set(tokenizer.convert_tokens_to_ids(list(SHAPES)))
+        shape_token, centre = torch.zeros(len(pairs), 3, dtype=torch.long), torch.zeros(len(pairs), 3, 2)
+        grounded = torch.zeros(len(pairs), 3, dtype=torch.bool)
+        for pair, (image, row) in enumerate(zip(pairs.image_index.tolist(), pairs.caption_row.tolist())):
+            tokens = [t for t, token in enumerate(table.input_ids[row].tolist()) if token in shape_ids]
+            for named, (xy, token) in enumerate(zip(caption_grounding(captions[pair], scenes[image]), tokens)):
+                shape_token[pair, named], centre[pair, named], grounded[pair, named] = token, torch.tensor(xy), True
+        return cls(siblings=siblings, shape_token=shape_token, centre=(centre - 0.5) * 4,  # about unit variance
+                   grounded=grounded, relation_token=first_relation_token(table.input_ids, tokenizer))
+
+
+@torch.no_grad()
+def fusion_stack_states(model: MCADFusionModel, pixel_values: torch.Tensor, table: TextTable,
+                        batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """The frozen unimodal encoders' states of every image and text (float16) and their embeddings v, t."""
+    image_states = torch.cat([model.image_states(chunk) for chunk in pixel_values.split(batch_size)])
+    text_states, text_embeds = [], []
+    for start in range(0, len(table.input_ids), 4 * batch_size):
+        rows = slice(start, start + 4 * batch_size)
+        states, embeds = model.text_states(table.input_ids[rows], table.attention_mask[rows])
+        text_states.append(states.half())
+        text_embeds.append(embeds)
+    return {"images": image_states.half(), "image_embeds": model.image_embeds(image_states),
+            "texts": torch.cat(text_states), "masks": table.attention_mask.bool(), "text_embeds": torch.cat(text_embeds)}
+
+
+def fuse_cached(model: MCADFusionModel, states: Mapping[str, torch.Tensor], image_rows: torch.Tensor,
+                text_rows: torch.Tensor) -> MCADFusionOutput:
+    """The fusion stack on pairs (image_rows[p], text_rows[p]) of cached `fusion_stack_states`."""
+    length = int(states["masks"][text_rows].sum(1).max())
+    return model.fuse(states["images"][image_rows], states["texts"][text_rows, :length],
+                      states["masks"][text_rows, :length], states["image_embeds"][image_rows],
+                      states["text_embeds"][text_rows])
+
+
+def train_fusion_stack(
+    model: MCADFusionModel,
+    processor,
+    train_split: datasets.Dataset,
+    dual_teacher: CLIPModel | None = None,
+    steps: int = 600,
+    canonical_steps: int = 200,
+    lr: float = 5e-4,
+    batch_size: int = 64,
+    grounding: float = 1.0,
+    relation: float = 1.0,
+    siblings: bool = True,
+    weight_decay: float = 0.05,
+    warmup_steps: int = 50,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    pairs: TrainingPairs | None = None,
+    on_step: Callable[[int, MCADFusionModel], None] | None = None,
+) -> TrainingHistory:
+    """
+    Train the fusion stack of an [`MCADFusionModel`] on mcad-shapes. Its unimodal encoders (the trained dual teacher,
+    copied in from `dual_teacher` when given) stay frozen: their states of every image and text are computed once.
+
+    Each step takes `batch_size` pairs in batches of whole families (`TrainingPairs.epoch_batches`) and a listwise
+    loss: per image, cross-entropy over {its caption, the caption's colour swap, its relation flip, the dual
+    teacher's hardest in-batch caption, a random caption}; per caption, over {its image, up to three family
+    siblings it is false of (`siblings`), the hardest in-batch image}. For the first `canonical_steps` captions are
+    canonical only (left / top object named first) and flips are left out (the word alone would tell them): the
+    stack learns which named object is left / above; then every wording. Auxiliary losses on the caption tokens'
+    states after `config.relation_layer`: `grounding` · the squared error of each named object's centre regressed from
+    its shape word, `relation` · the cross-entropy of the object order read at the relation word (of the caption and
+    of its flip: the image decides, not the word). BENCHMARKS.md (issue 8) has every variant tried.
+
+    Args:
+        model ([`MCADFusionModel`]): trained in place (left in eval mode).
+        processor: the model's processor (the dual teacher's); its tokenizer finds shape and relation words.
+        train_split (`datasets.Dataset`): mcad-shapes rows (`scene`, `family`, `canonical`, distractor columns).
+        dual_teacher ([`CLIPModel`], *optional*): the trained dual teacher, copied into `model.unimodal` first.
+        steps, canonical_steps, lr, batch_size, weight_decay, warmup_steps, max_grad_norm: the schedule.
+        grounding, relation (`float`): the auxiliary losses' weights (0: off).
+        siblings (`bool`): rank each caption's image above the family siblings it is false of.
+        seed (`int`): caption draws, batch order, random captions.
+        pairs ([`TrainingPairs`], *optional*): the split already encoded with `{"fusion": processor}`.
+        on_step (`Callable[[int, MCADFusionModel], None]`, *optional*): called after every step with the step number
+            (from 1) and the model (in train mode; switch it to eval to score).
+    """
+    start = time.perf_counter()
+    _prepare_cpu(model)
+    if not {"scene", "family"} <= set(train_split.column_names):
+        raise ValueError("train_fusion_stack needs mcad-shapes columns `scene` and `family` (the scene graph gives the "
+                         "siblings, the grounding and the object order); build the split with make_shapes.")
+    pairs = pairs if pairs is not None else TrainingPairs.from_split(train_split, {"fusion": processor})
+    if dual_teacher is not None:
+        model.unimodal.load_state_dict(dual_teacher.state_dict())
+    model.unimodal.requires_grad_(False).eval()
+    states = fusion_stack_states(model, pairs.pixel_values["fusion"], pairs.tables["fusion"])
+    targets = FusionStackTargets.from_pairs(pairs, train_split, processor.tokenizer)
+    if not siblings:
+        targets.siblings.fill_(-1)
+    stack = [p for name, p in model.named_parameters() if not name.startswith("unimodal.")]
+    optimizer = torch.optim.AdamW(stack, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    generator = torch.Generator().manual_seed(seed)
+    history, step, epoch = TrainingHistory(), 0, 0
+    model.train()
+    model.unimodal.eval()
+    while step < steps:
+        canonical_phase = step < canonical_steps
+        batches = pairs.epoch_batches(epoch, batch_size, seed, 0.0 if canonical_phase else 1.0, group_families=True)
+        if not batches:
+            raise ValueError(f"batch_size={batch_size} is larger than the images drawn per epoch; lower it.")
+        for index in batches:
+            loss = _fusion_stack_loss(model, states, pairs, targets, index, canonical_phase, grounding, relation,
+                                      generator)
+            _step(loss, model, optimizer, scheduler, max_grad_norm)  # the frozen encoders have no gradients
+            history.losses.append(loss.item())
+            history.steps.append({"lr": scheduler.get_last_lr()[0], "canonical_only": canonical_phase})
+            step += 1
+            if on_step is not None:
+                on_step(step, model)
+            if step >= steps or canonical_phase != (step < canonical_steps):
+                break
+        epoch += 1
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    logger.info("fusion teacher: %d steps, loss %.4f -> %.4f, %.0f s", steps, np.mean(history.losses[:50]),
+                np.mean(history.losses[-50:]), history.seconds)
+    return history
+
+
+def _fusion_stack_loss(model, states, pairs: TrainingPairs, targets: FusionStackTargets, index: torch.Tensor,
+                       canonical_phase: bool, grounding: float, relation: float, generator) -> torch.Tensor:
+    image, caption = pairs.image_index[index], pairs.caption_row[index]
+    swapped, flipped = pairs.swapped_row[index], pairs.flipped_row[index]
+    similarity = states["image_embeds"][image] @ states["text_embeds"][caption].t()
+    similarity[caption[:, None] == caption[None, :]] = -9  # never a pair's own caption
+    mined_text, mined_image = caption[similarity.argmax(1)], image[similarity.argmax(0)]
+    random_text = caption[torch.randint(len(caption), (len(caption),), generator=generator)]
+    texts = torch.stack([caption, torch.where(swapped >= 0, swapped, random_text),
+                         torch.where(flipped >= 0, flipped, mined_text), mined_text, random_text], 1)
+    text_valid = torch.ones_like(texts, dtype=torch.bool)
+    text_valid[:, 1], text_valid[:, 2] = swapped >= 0, (flipped >= 0) & (not canonical_phase)
+    sibling = targets.siblings[index]
+    images = torch.cat([torch.where(sibling >= 0, sibling, image[:, None]), mined_image[:, None]], 1)
+    image_valid = torch.cat([sibling >= 0, torch.ones(len(index), 1, dtype=torch.bool)], 1)
+    output = fuse_cached(model, states, torch.cat([image.repeat_interleave(5), images.flatten()]),
+                         torch.cat([texts.flatten(), caption.repeat_interleave(4)]))
+    per_image = output.match_logits[: 5 * len(index)].view(-1, 5)
+    per_caption = torch.cat([per_image[:, :1], output.match_logits[5 * len(index) :].view(-1, 4)], 1)
+    target = torch.zeros(len(index), dtype=torch.long)
+    loss = (F.cross_entropy(per_image.masked_fill(~text_valid, -1e4), target)
+            + F.cross_entropy(per_caption.masked_fill(~torch.cat([text_valid[:, :1], image_valid], 1), -1e4), target))
+    rows = torch.arange(len(index))
+    relation_states = output.relation_states[: 5 * len(index)].view(len(index), 5, *output.relation_states.shape[1:])
+    if grounding:
+        predicted = model.grounding_head(relation_states[:, 0][rows[:, None], targets.shape_token[index]])
+        error = ((predicted - targets.centre[index]) ** 2).sum(-1)
+        loss = loss + grounding * error[targets.grounded[index]].mean()
+    if relation and (flipped >= 0).any():
+        related = flipped >= 0
+        for column, rows_of in ((0, caption), (2, flipped.clamp(min=0))):
+            order = model.relation_head(relation_states[:, column][rows, targets.relation_token[rows_of]]).squeeze(-1)
+            loss = loss + relation * F.binary_cross_entropy_with_logits(
+                order[related], pairs.canonical[index][related].float()) / 2
+    return loss
 
 
 def _match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor,

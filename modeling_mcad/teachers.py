@@ -34,6 +34,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 from .cross_encoders import CrossEncoder, FusedParts, FusionOutput, cross_encoder_class
+from .fusion_teacher import MCADFusionModel  # noqa: F401  (registers model_type "mcad_fusion")
 from .utils import atomic_directory
 
 logger = logging.getLogger(__name__)

@@ -3,23 +3,27 @@
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPModel, ViltForImageAndTextRetrieval
+from transformers import BertTokenizer, CLIPModel, ViltConfig, ViltForImageAndTextRetrieval, ViltProcessor
+from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
 from modeling_mcad import MCADModel
-from modeling_mcad.shapes import make_shapes
+from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
+from modeling_mcad.fusion_teacher import MCADFusionModel, sincos_positions
+from modeling_mcad.shapes import ORIENTATION_WORDS, SHAPES, caption_grounding, caption_is_true, make_shapes
 from modeling_mcad.teacher_training import (
     DISTRACTOR,
     MINED,
     POSITIVE,
     FusionCurriculum,
+    FusionStackTargets,
     TrainingPairs,
     _fusion_step_pairs,
-    _sincos_positions,
     mine_hard_negatives,
     rerank,
     shapes_teachers,
     teacher_gates,
     train_dual_teacher,
+    train_fusion_stack,
     train_fusion_teacher,
 )
 
@@ -43,7 +47,8 @@ def pairs(shapes, small_teachers):
 
 def test_default_teachers_are_real_classes_ten_times_the_student_with_their_own_processors(shapes):
     teachers = shapes_teachers()
-    assert isinstance(teachers.dual, CLIPModel) and isinstance(teachers.fusion, ViltForImageAndTextRetrieval)
+    assert isinstance(teachers.dual, CLIPModel) and isinstance(teachers.fusion, MCADFusionModel)
+    assert teachers.fusion.unimodal is not teachers.dual  # a copy: the fusion teacher saves its own encoders
     student_size = MCADModel.from_preset("shapes").num_parameters()
     assert teachers.dual.num_parameters() >= 10 * student_size
     image, caption = shapes["train"][0]["image"], shapes["train"][0]["captions"][0]
@@ -52,11 +57,40 @@ def test_default_teachers_are_real_classes_ten_times_the_student_with_their_own_
         assert inputs["pixel_values"].shape == (1, 3, 32, 32)  # 64 px images resized to the teachers' 32 px
         assert inputs["input_ids"][0, 0] == processor.tokenizer.cls_token_id
     # The patch grids start from 2D sine-cosine positions: every patch has its own.
-    positions = teachers.fusion.vilt.embeddings.position_embeddings[0]
-    torch.testing.assert_close(positions, _sincos_positions(4, 128))
+    torch.testing.assert_close(teachers.dual.vision_model.embeddings.position_embedding.weight,
+                               sincos_positions(4, 256))
+    positions = teachers.fusion.patch_positions
+    torch.testing.assert_close(positions, sincos_positions(4, 128))
     assert len(torch.unique(positions[1:], dim=0)) == 16
     with pytest.raises(ValueError, match="multiple of patch_size"):
         shapes_teachers(image_size=30)
+
+
+def test_fusion_stack_targets_read_each_caption_against_the_scene(shapes, small_teachers, pairs):
+    """Siblings are family members the caption is false of; the shape tokens are the named objects' words, in
+    naming order, with their centres; the relation token is the caption's relation word."""
+    train = shapes["train"]
+    tokenizer = small_teachers.fusion_processor.tokenizer
+    targets = FusionStackTargets.from_pairs(pairs, train, tokenizer)
+    scenes, families = train["scene"], pairs.family.tolist()
+    checked_siblings = 0
+    for pair in range(len(pairs)):
+        image, caption = int(pairs.image_index[pair]), pairs.texts[int(pairs.caption_row[pair])]
+        ids = pairs.tables["fusion"].input_ids[int(pairs.caption_row[pair])]
+        words = tokenizer.convert_ids_to_tokens(ids.tolist())
+        for sibling in targets.siblings[pair][targets.siblings[pair] >= 0].tolist():
+            assert families[sibling] == families[image] and sibling != image
+            assert not caption_is_true(caption, scenes[sibling])
+            checked_siblings += 1
+        grounded = targets.grounded[pair]
+        named = [words[t] for t in targets.shape_token[pair][grounded].tolist()]
+        assert named == [word for word in caption.split() if word in SHAPES][: len(named)]
+        centres = targets.centre[pair][grounded] / 4 + 0.5
+        torch.testing.assert_close(centres, torch.tensor(caption_grounding(caption, scenes[image]),
+                                                         dtype=torch.float32))
+        if pairs.flipped_row[pair] >= 0:  # a relation caption
+            assert words[targets.relation_token[pair]] in ORIENTATION_WORDS
+    assert checked_siblings > 0
 
 
 def test_curriculum_schedule():
@@ -136,16 +170,20 @@ def test_teachers_learn_and_gates_report_every_model(shapes, small_teachers, pai
     assert not small_teachers.dual.training
     assert any(not torch.equal(a, b) for a, b in zip(dual_before, small_teachers.dual.parameters()))
 
-    curriculum = FusionCurriculum(canonical_epochs=1, random_negative_epochs=1, hard_negative_share=0.5,
-                                  ramp_epochs=0)
-    history = train_fusion_teacher(small_teachers.fusion, small_teachers.fusion_processor, shapes["train"],
-                                   small_teachers.dual, small_teachers.dual_processor, epochs=2, batch_size=16,
-                                   curriculum=curriculum, pairs=pairs)
-    steps = history.steps
-    assert all(np.isfinite(history.losses)) and not small_teachers.fusion.training
-    assert steps[0]["canonical_only"] and not steps[0]["mined_negatives"] and steps[0]["distractor_share"] == 0
-    assert not steps[-1]["canonical_only"] and steps[-1]["mined_negatives"]
-    assert steps[-1]["distractor_share"] == pytest.approx(0.5)
+    stack_before = {name: p.detach().clone() for name, p in small_teachers.fusion.named_parameters()
+                    if not name.startswith("unimodal.")}
+    history = train_fusion_stack(small_teachers.fusion, small_teachers.fusion_processor, shapes["train"],
+                                 dual_teacher=small_teachers.dual, steps=6, canonical_steps=3, batch_size=16,
+                                 warmup_steps=1, pairs=pairs)
+    assert len(history.losses) == 6 and all(np.isfinite(history.losses)) and not small_teachers.fusion.training
+    assert [step["canonical_only"] for step in history.steps] == [True] * 3 + [False] * 3
+    # The unimodal encoders are the trained dual teacher's weights, frozen; the stack learned.
+    for name, weight in small_teachers.dual.state_dict().items():
+        assert torch.equal(small_teachers.fusion.unimodal.state_dict()[name], weight), name
+    assert not any(p.requires_grad for p in small_teachers.fusion.unimodal.parameters())
+    changed = [name for name, p in small_teachers.fusion.named_parameters() if name in stack_before
+               and not torch.equal(p, stack_before[name])]
+    assert {"match_head.weight", "readout_gate.weight", "relation_head.weight", "grounding_head.weight"} <= set(changed)
 
     gates = teacher_gates(small_teachers, shapes["validation"], top_k=5)
     assert set(gates["rows"]) == {"dual teacher", "fusion teacher (re-ranks dual top-5)",
@@ -158,3 +196,25 @@ def test_teachers_learn_and_gates_report_every_model(shapes, small_teachers, pai
     assert gates["gates"]["passed"] == all(gates["gates"][name] for name in
                                            ("dual_beats_matchers", "fusion_beats_dual_binding", "reranking_beats_dual"))
     assert gates["gates"]["reranking_beats_dual"] == (reranked["rsum"] > dual["rsum"])
+
+
+def test_a_published_cross_encoder_is_fine_tuned_with_the_matching_curriculum(shapes, small_teachers, pairs):
+    """`train_fusion_teacher`, the path for BLIP / ViLT checkpoints: a balanced matching loss whose curriculum moves
+    from canonical captions and random negatives to mined negatives and distractors."""
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(PRESET_VOCABULARY)})
+    vilt = ViltForImageAndTextRetrieval(ViltConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=len(PRESET_VOCABULARY), max_position_embeddings=32, image_size=32, patch_size=8))
+    processor = ViltProcessor(image_processor=ViltImageProcessorPil(size={"shortest_edge": 32}, size_divisor=8),
+                              tokenizer=tokenizer)
+    before = [p.detach().clone() for p in vilt.parameters()]
+    curriculum = FusionCurriculum(canonical_epochs=1, random_negative_epochs=1, hard_negative_share=0.5,
+                                  ramp_epochs=0)
+    history = train_fusion_teacher(vilt, processor, shapes["train"], small_teachers.dual,
+                                   small_teachers.dual_processor, epochs=2, batch_size=16, curriculum=curriculum)
+    steps = history.steps
+    assert all(np.isfinite(history.losses)) and not vilt.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, vilt.parameters()))
+    assert steps[0]["canonical_only"] and not steps[0]["mined_negatives"] and steps[0]["distractor_share"] == 0
+    assert not steps[-1]["canonical_only"] and steps[-1]["mined_negatives"]
+    assert steps[-1]["distractor_share"] == pytest.approx(0.5)

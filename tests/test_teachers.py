@@ -1,10 +1,12 @@
 """The teachers (issue 3): dual and fusion wrappers, the modified teacher, the adapter fit, save/load, freezing.
 
 Every teacher is a tiny random config of the real transformers class (CLIPModel, SiglipModel,
-BlipForImageTextRetrieval, ViltForImageAndTextRetrieval) with a processor built offline, saved to a local folder where a path is needed.
+BlipForImageTextRetrieval, ViltForImageAndTextRetrieval, MCADFusionModel) with a processor built offline, saved to a local folder where a path is needed.
 """
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ from modeling_mcad.cross_encoders import (
     ViltCrossEncoder,
     cross_encoder_class,
 )
+from modeling_mcad.fusion_teacher import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel
 from modeling_mcad.teachers import (
     AdapterFeatures,
     MCADTeacher,
@@ -52,7 +55,7 @@ from modeling_mcad.teachers import (
     top_k_candidates,
 )
 
-from .conftest import random_images
+from .conftest import REPO_ROOT, random_images
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "star", "triangle"]
@@ -323,6 +326,64 @@ def test_vilt_adapter_reproduces_its_ranking_score_for_any_pairs(teacher_folders
     assert isinstance(loaded.fusion, ViltCrossEncoder)
     torch.testing.assert_close(loaded.targets(batch["dual"], batch["fusion"]).modified_image_embeds,
                                expected.modified_image_embeds)
+
+
+def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(teacher_folders, tmp_path):
+    """The shapes fusion teacher: its unimodal encoders are a copy of the dual teacher (not shared), m = head(f) +
+    w·<v, t> + the relation readout, the adapter scores any pairs as the model's own forward, and the whole MCAD
+    teacher round-trips through save_pretrained / from_pretrained (AutoConfig knows "mcad_fusion")."""
+    clip, processor = tiny_clip()
+    torch.manual_seed(0)
+    fusion = MCADFusionModel.from_dual_teacher(clip, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    assert fusion.config.relation_layer == 1 and fusion.config.unimodal_config.projection_dim == 24
+    for (name, copied), original in zip(fusion.unimodal.state_dict().items(), clip.state_dict().values()):
+        assert torch.equal(copied, original) and copied.data_ptr() != original.data_ptr(), name
+    fusion.eval()
+    inputs = processor(images=random_images(3, seed=7), text=CAPTIONS[:4], return_tensors="pt", padding=True)
+    pairs = torch.tensor([[0, 0], [2, 3], [1, 1], [2, 0]])
+    scored = MCADFusionCrossEncoder(fusion)(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                                            pairs=pairs)
+    with torch.no_grad():
+        single = fusion(pixel_values=inputs["pixel_values"][pairs[:, 0]], input_ids=inputs["input_ids"][pairs[:, 1]],
+                        attention_mask=inputs["attention_mask"][pairs[:, 1]])
+        similarity = (clip.get_image_features(pixel_values=inputs["pixel_values"][pairs[:, 0]]).pooler_output,
+                      clip.get_text_features(input_ids=inputs["input_ids"][pairs[:, 1]],
+                                             attention_mask=inputs["attention_mask"][pairs[:, 1]]).pooler_output)
+        cosine = F.cosine_similarity(*similarity)
+        head = fusion.match_head(single.fused).squeeze(-1)
+    torch.testing.assert_close(scored.match_logits, single.match_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scored.fused, single.fused, atol=1e-5, rtol=1e-4)
+    readout = single.match_logits - head - fusion.contrastive_weight * cosine
+    assert readout.abs().max() > 0  # the relation readout is on by default ...
+    fusion.config.relation_readout = False  # ... and off, m is the fused head plus the weighted CLIP similarity
+    with torch.no_grad():
+        plain = fusion(pixel_values=inputs["pixel_values"][pairs[:, 0]], input_ids=inputs["input_ids"][pairs[:, 1]],
+                       attention_mask=inputs["attention_mask"][pairs[:, 1]]).match_logits
+    torch.testing.assert_close(plain, head + fusion.contrastive_weight * cosine, atol=1e-5, rtol=1e-4)
+    fusion.config.relation_readout = True
+
+    teacher = MCADTeacher.from_teachers(clip, fusion, dual_processor=processor, fusion_processor=processor)
+    assert teacher.adapter.image_projection.in_features == 32
+    batch = collate(teacher, random_images(3, seed=8), CAPTIONS[:3])
+    expected = teacher.fuse(batch["fusion"]["pixel_values"], batch["fusion"]["input_ids"],
+                            batch["fusion"]["attention_mask"])
+    teacher.save_pretrained(tmp_path / "fusion_teacher")
+    loaded = MCADTeacher.from_pretrained(tmp_path / "fusion_teacher")
+    assert isinstance(loaded.fusion, MCADFusionCrossEncoder)
+    # A fresh process that imports only the teachers module (as the distill stage does) knows the model type too.
+    script = (f"from modeling_mcad.teachers import MCADTeacher; "
+              f"print(type(MCADTeacher.from_pretrained({str(tmp_path / 'fusion_teacher')!r}).fusion).__name__)")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert fresh.stdout.strip().endswith("MCADFusionCrossEncoder"), fresh.stderr[-2000:]
+    again = loaded.fuse(batch["fusion"]["pixel_values"], batch["fusion"]["input_ids"],
+                        batch["fusion"]["attention_mask"])
+    torch.testing.assert_close(again.match_logits, expected.match_logits)
+    with pytest.raises(ValueError, match="CLIPModel"):
+        MCADFusionModel.from_dual_teacher(tiny_vilt()[0])
+    with pytest.raises(ValueError, match="relation_layer"):
+        MCADFusionConfig(unimodal_config=clip.config.to_dict(), num_hidden_layers=2, relation_layer=3)
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_states"):
+        fusion(input_ids=inputs["input_ids"])
 
 
 def test_a_cross_encoder_with_separate_image_and_text_parts_plugs_in(teacher_folders, batch, monkeypatch):
