@@ -1,7 +1,8 @@
 """The shapes fusion teacher against its gate, step by step (issue 8): which structure learns relations here?
 
     python benchmarks/fusion_probe.py [--root outputs/ablation] [--steps 700] [--canonical_steps 200] \
-        [--readout relation|none] [--grounding 1.0] [--relation 1.0] [--no_siblings] [--layers 4] [--lr 5e-4]
+        [--readout relation|none] [--grounding 1.0] [--relation 1.0] [--no_siblings] [--layers 4] [--width 128] \
+        [--lr 5e-4] [--train_images 10000]
 
 Needs the dual teacher and data of `python benchmarks/distill_table.py` (ROOT/teacher, ROOT/data). Trains an
 `MCADFusionModel` over that dual teacher with `teacher_training.train_fusion_stack` (the recipe the teachers stage
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--relation_layer", type=int, default=2)
+    parser.add_argument("--relation_layer", type=int, default=None, help="default: half the depth")
     parser.add_argument("--readout", choices=("relation", "none"), default="relation")
     parser.add_argument("--grounding", type=float, default=1.0)
     parser.add_argument("--relation", type=float, default=1.0)

@@ -10,7 +10,8 @@ head gets no first-order gradient for an XOR. [`MCADFusionModel`] is the structu
 - m = head(f) + w · <v, t> + Σ_tokens g(x_t) · r(h_t): the fused state's score, the CLIP similarity (as BLIP adds ITC
   to ITM when it re-ranks) and a **relation readout**: each caption token's state after `relation_layer`, read by
   the relation head r (trained to tell which named object is left of / above the other), times a gate g learned
-  from the token's own input state (the word). The product gives the XOR a first-order gradient.
+  from the token's input state (the dual teacher's text state there, which carries the word). The product gives
+  the XOR a first-order gradient.
 
 `MCADFusionCrossEncoder` is its cross-encoder adapter (registered for `model_type` "mcad_fusion"), so
 `MCADTeacher.from_teachers(dual, fusion)` takes it like BLIP or ViLT.
@@ -55,8 +56,8 @@ class MCADFusionConfig(PreTrainedConfig):
         hidden_size (`int`, *optional*, defaults to 128): width of the fusion stack.
         num_hidden_layers (`int`, *optional*, defaults to 4): its depth.
         num_attention_heads (`int`, *optional*, defaults to 4).
-        relation_layer (`int`, *optional*): the layer (from 1; default: half the depth, at least 1) whose caption-token states the grounding and
-            relation heads read (and the relation readout).
+        relation_layer (`int`, *optional*): the layer (from 1; default: half the depth, at least 1) whose
+            caption-token states the grounding and relation heads read (and the relation readout).
         relation_readout (`bool`, *optional*, defaults to `True`): add the gated relation readout to m. `False`
             gives the additive head of the second round of BENCHMARKS.md, which stays at chance on relation flips.
         contrastive_weight_init (`float`, *optional*, defaults to 10.0): initial w in m = ... + w · <v, t>.
@@ -75,6 +76,9 @@ class MCADFusionConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.unimodal_config.model_type != "clip":
             raise ValueError(f"unimodal_config must be a CLIP config (the dual teacher's), got model_type "
                              f"{self.unimodal_config.model_type!r}.")
@@ -119,7 +123,8 @@ class MCADFusionModel(PreTrainedModel):
     def __init__(self, config: MCADFusionConfig):
         super().__init__(config)
         self.unimodal = CLIPModel(config.unimodal_config)
-        vision, text, width = config.unimodal_config.vision_config, config.unimodal_config.text_config, config.hidden_size
+        vision, text = config.unimodal_config.vision_config, config.unimodal_config.text_config
+        width = config.hidden_size
         self.image_projection = nn.Sequential(nn.LayerNorm(vision.hidden_size), nn.Linear(vision.hidden_size, width))
         self.text_projection = nn.Sequential(nn.LayerNorm(text.hidden_size), nn.Linear(text.hidden_size, width))
         self.register_buffer("patch_positions", sincos_positions(vision.image_size // vision.patch_size, width))
@@ -140,7 +145,8 @@ class MCADFusionModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # The stack keeps torch's own initialisation (what it was tuned with); the unimodal encoders come from a
-        # trained dual teacher (`from_dual_teacher`) or a checkpoint.
+        # trained dual teacher (`from_dual_teacher`). Loading needs a complete checkpoint (as MCADTeacher saves it):
+        # stack weights missing from one would not be initialised here.
         if isinstance(module, MCADFusionModel):
             init.normal_(module.text_positions, std=0.02)
             init.normal_(module.modality, std=0.02)
@@ -169,8 +175,8 @@ class MCADFusionModel(PreTrainedModel):
         pooled = self.unimodal.vision_model.post_layernorm(image_states[:, 0])
         return F.normalize(self.unimodal.visual_projection(pooled), dim=-1)
 
-    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
+    def text_states(self, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The unimodal text encoder's token states and t, the L2-normalised text embedding."""
         output = self.unimodal.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return output.last_hidden_state, F.normalize(self.unimodal.text_projection(output.pooler_output), dim=-1)
@@ -187,12 +193,17 @@ class MCADFusionModel(PreTrainedModel):
             image_embeds, text_embeds (`torch.Tensor` of shape `(pairs, projection dim)`): v and t.
         """
         pairs, length = text_states.shape[:2]
+        if len(image_states) != pairs or image_states.shape[1] != len(self.patch_positions):
+            raise ValueError(f"Got image states of shape {tuple(image_states.shape)} for {pairs} captions: pass one "
+                             f"image per caption, each with {len(self.patch_positions)} tokens (the dual teacher's "
+                             f"[CLS] and patches at its image size, from `image_states`).")
         mask = attention_mask.bool()
-        words = self.text_projection(text_states.float())
+        dtype = self.fusion_token.dtype
+        words = self.text_projection(text_states.to(dtype))
         sequence = torch.cat([
             self.fusion_token.expand(pairs, 1, -1),
             words + self.modality[0] + self.text_positions[:length],
-            self.image_projection(image_states.float()) + self.patch_positions + self.modality[1],
+            self.image_projection(image_states.to(dtype)) + self.patch_positions + self.modality[1],
         ], dim=1)
         padding = torch.cat([mask.new_zeros(pairs, 1), ~mask, mask.new_zeros(pairs, image_states.shape[1])], dim=1)
         relation_states = None

@@ -19,7 +19,7 @@ Typical use (what the teachers stage of `train_mcad.py` does):
 
     teachers = shapes_teachers(image_size=32, seed=0)
     train_dual_teacher(teachers.dual, teachers.dual_processor, splits["train"], epochs=5)
-    train_fusion_stack(teachers.fusion, teachers.fusion_processor, splits["train"], steps=600)
+    train_fusion_stack(teachers.fusion, teachers.fusion_processor, splits["train"], dual_teacher=teachers.dual)
     gates = teacher_gates(teachers, splits["validation"])   # select on validation, report on test
     teacher = teachers.to_mcad_teacher()                     # frozen, ready for the adapter fit and the cache
 
@@ -76,10 +76,11 @@ class TeacherModels:
     `teacher_gates` takes either.
 
     Args:
-        dual ([`PreTrainedModel`]): a dual-stream model with `get_image_features` / `get_text_features` (CLIPModel, ...).
+        dual ([`PreTrainedModel`]): a dual-stream model with `get_image_features` / `get_text_features`
+            (CLIPModel, ...).
         dual_processor: its processor (images and text).
         fusion ([`PreTrainedModel`]): a single-stream ITM model with a registered cross-encoder adapter
-            (ViltForImageAndTextRetrieval, BlipForImageTextRetrieval, ...).
+            (MCADFusionModel, BlipForImageTextRetrieval, ViltForImageAndTextRetrieval, ...).
         fusion_processor: its processor.
     """
 
@@ -743,7 +744,7 @@ def train_fusion_teacher(
     return history
 
 
-# --- Gates ---------------------------------------------------------------------------------------------------------
+# --- The shapes fusion teacher's training ---------------------------------------------------------------------------
 
 
 def false_siblings(captions: Sequence[str], image_of: Sequence[int], families: Sequence[int],
@@ -767,9 +768,9 @@ def first_relation_token(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 @dataclass
 class FusionStackTargets:
     """
-    Per training pair, what `train_fusion_stack` supervises besides the match: the family siblings its caption is
-    false of (up to three, -1: none), each named object's shape-word position and centre (x, y), and the position
-    of the caption's relation word.
+    What `train_fusion_stack` supervises besides the match. Per training pair: the family siblings its caption is
+    false of (up to three, -1: none), each named object's shape-word position and centre (x, y). Per text row of
+    `pairs.texts` (captions and distractors): the position of its relation word.
     """
 
     siblings: torch.Tensor
@@ -801,25 +802,33 @@ class FusionStackTargets:
 @torch.no_grad()
 def fusion_stack_states(model: MCADFusionModel, pixel_values: torch.Tensor, table: TextTable,
                         batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """The frozen unimodal encoders' states of every image and text (float16) and their embeddings v, t."""
-    image_states = torch.cat([model.image_states(chunk) for chunk in pixel_values.split(batch_size)])
+    """The frozen unimodal encoders' states of every image and text (float16, on the CPU: the whole split is
+    held) and their embeddings v, t; the encoders run on the model's device, in eval mode."""
+    model.unimodal.eval()
+    device = model.device
+    image_states, image_embeds = [], []
+    for chunk in pixel_values.split(batch_size):
+        states = model.image_states(chunk.to(device))
+        image_states.append(states.half().cpu())
+        image_embeds.append(model.image_embeds(states).float().cpu())
     text_states, text_embeds = [], []
     for start in range(0, len(table.input_ids), 4 * batch_size):
         rows = slice(start, start + 4 * batch_size)
-        states, embeds = model.text_states(table.input_ids[rows], table.attention_mask[rows])
-        text_states.append(states.half())
-        text_embeds.append(embeds)
-    return {"images": image_states.half(), "image_embeds": model.image_embeds(image_states),
-            "texts": torch.cat(text_states), "masks": table.attention_mask.bool(), "text_embeds": torch.cat(text_embeds)}
+        states, embeds = model.text_states(table.input_ids[rows].to(device), table.attention_mask[rows].to(device))
+        text_states.append(states.half().cpu())
+        text_embeds.append(embeds.float().cpu())
+    return {"images": torch.cat(image_states), "image_embeds": torch.cat(image_embeds), "texts": torch.cat(text_states),
+            "masks": table.attention_mask.bool(), "text_embeds": torch.cat(text_embeds)}
 
 
 def fuse_cached(model: MCADFusionModel, states: Mapping[str, torch.Tensor], image_rows: torch.Tensor,
                 text_rows: torch.Tensor) -> MCADFusionOutput:
     """The fusion stack on pairs (image_rows[p], text_rows[p]) of cached `fusion_stack_states`."""
     length = int(states["masks"][text_rows].sum(1).max())
-    return model.fuse(states["images"][image_rows], states["texts"][text_rows, :length],
-                      states["masks"][text_rows, :length], states["image_embeds"][image_rows],
-                      states["text_embeds"][text_rows])
+    device = model.device
+    return model.fuse(states["images"][image_rows].to(device), states["texts"][text_rows, :length].to(device),
+                      states["masks"][text_rows, :length].to(device), states["image_embeds"][image_rows].to(device),
+                      states["text_embeds"][text_rows].to(device))
 
 
 def train_fusion_stack(
@@ -882,6 +891,7 @@ def train_fusion_stack(
     if not siblings:
         targets.siblings.fill_(-1)
     stack = [p for name, p in model.named_parameters() if not name.startswith("unimodal.")]
+    # Every stack tensor decays, norms and the CLIP weight w included: the recipe BENCHMARKS.md measured.
     optimizer = torch.optim.AdamW(stack, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
     generator = torch.Generator().manual_seed(seed)
@@ -900,6 +910,8 @@ def train_fusion_stack(
             history.losses.append(loss.item())
             history.steps.append({"lr": scheduler.get_last_lr()[0], "canonical_only": canonical_phase})
             step += 1
+            if step % 100 == 0:
+                logger.info("fusion teacher: step %d/%d, loss %.4f", step, steps, np.mean(history.losses[-100:]))
             if on_step is not None:
                 on_step(step, model)
             if step >= steps or canonical_phase != (step < canonical_steps):
@@ -931,22 +943,27 @@ def _fusion_stack_loss(model, states, pairs: TrainingPairs, targets: FusionStack
                          torch.cat([texts.flatten(), caption.repeat_interleave(4)]))
     per_image = output.match_logits[: 5 * len(index)].view(-1, 5)
     per_caption = torch.cat([per_image[:, :1], output.match_logits[5 * len(index) :].view(-1, 4)], 1)
-    target = torch.zeros(len(index), dtype=torch.long)
+    device = per_image.device
+    text_valid, image_valid = text_valid.to(device), torch.cat([text_valid[:, :1], image_valid], 1).to(device)
+    target = torch.zeros(len(index), dtype=torch.long, device=device)
     loss = (F.cross_entropy(per_image.masked_fill(~text_valid, -1e4), target)
-            + F.cross_entropy(per_caption.masked_fill(~torch.cat([text_valid[:, :1], image_valid], 1), -1e4), target))
+            + F.cross_entropy(per_caption.masked_fill(~image_valid, -1e4), target))
     rows = torch.arange(len(index))
     relation_states = output.relation_states[: 5 * len(index)].view(len(index), 5, *output.relation_states.shape[1:])
-    if grounding:
+    if grounding and targets.grounded[index].any():
         predicted = model.grounding_head(relation_states[:, 0][rows[:, None], targets.shape_token[index]])
-        error = ((predicted - targets.centre[index]) ** 2).sum(-1)
-        loss = loss + grounding * error[targets.grounded[index]].mean()
+        error = ((predicted - targets.centre[index].to(device)) ** 2).sum(-1)
+        loss = loss + grounding * error[targets.grounded[index].to(device)].mean()
     if relation and (flipped >= 0).any():
         related = flipped >= 0
         for column, rows_of in ((0, caption), (2, flipped.clamp(min=0))):
             order = model.relation_head(relation_states[:, column][rows, targets.relation_token[rows_of]]).squeeze(-1)
             loss = loss + relation * F.binary_cross_entropy_with_logits(
-                order[related], pairs.canonical[index][related].float()) / 2
+                order[related.to(device)], pairs.canonical[index][related].float().to(device)) / 2
     return loss
+
+
+# --- Gates ---------------------------------------------------------------------------------------------------------
 
 
 def _match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor,
@@ -1097,6 +1114,9 @@ def _margin_accuracy(margin: torch.Tensor) -> float:
     return 100.0 * float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
 
 
-__all__ = ["BalancedMatchingLoss", "ContrastiveLoss", "FusionCurriculum", "TeacherModels", "TextTable",
-           "TrainingHistory", "TrainingPairs", "encode_images", "encode_texts", "mine_hard_negatives", "rerank",
-           "shapes_teachers", "symmetric_cross_entropy", "shapes_tokenizer", "teacher_gates", "train_dual_teacher", "train_fusion_teacher"]
+__all__ = [
+    "BalancedMatchingLoss", "ContrastiveLoss", "FusionCurriculum", "FusionStackTargets", "TeacherModels", "TextTable",
+    "TrainingHistory", "TrainingPairs", "encode_images", "encode_texts", "false_siblings", "first_relation_token",
+    "fuse_cached", "fusion_stack_states", "mine_hard_negatives", "rerank", "shapes_teachers", "shapes_tokenizer",
+    "symmetric_cross_entropy", "teacher_gates", "train_dual_teacher", "train_fusion_stack", "train_fusion_teacher",
+]

@@ -45,7 +45,7 @@ def pairs(shapes, small_teachers):
     return TrainingPairs.from_split(shapes["train"], small_teachers.processors)
 
 
-def test_default_teachers_are_real_classes_ten_times_the_student_with_their_own_processors(shapes):
+def test_default_teachers_are_real_classes_ten_times_the_student_with_an_offline_processor(shapes):
     teachers = shapes_teachers()
     assert isinstance(teachers.dual, CLIPModel) and isinstance(teachers.fusion, MCADFusionModel)
     assert teachers.fusion.unimodal is not teachers.dual  # a copy: the fusion teacher saves its own encoders
@@ -88,8 +88,10 @@ def test_fusion_stack_targets_read_each_caption_against_the_scene(shapes, small_
         centres = targets.centre[pair][grounded] / 4 + 0.5
         torch.testing.assert_close(centres, torch.tensor(caption_grounding(caption, scenes[image]),
                                                          dtype=torch.float32))
-        if pairs.flipped_row[pair] >= 0:  # a relation caption
-            assert words[targets.relation_token[pair]] in ORIENTATION_WORDS
+        if pairs.flipped_row[pair] >= 0:  # a relation caption, and its flip: the relation word of each text row
+            for row in (pairs.caption_row[pair], pairs.flipped_row[pair]):
+                ids = pairs.tables["fusion"].input_ids[row]
+                assert tokenizer.convert_ids_to_tokens(int(ids[targets.relation_token[row]])) in ORIENTATION_WORDS
     assert checked_siblings > 0
 
 

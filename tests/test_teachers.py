@@ -1,7 +1,8 @@
 """The teachers (issue 3): dual and fusion wrappers, the modified teacher, the adapter fit, save/load, freezing.
 
 Every teacher is a tiny random config of the real transformers class (CLIPModel, SiglipModel,
-BlipForImageTextRetrieval, ViltForImageAndTextRetrieval, MCADFusionModel) with a processor built offline, saved to a local folder where a path is needed.
+BlipForImageTextRetrieval, ViltForImageAndTextRetrieval, MCADFusionModel) with a processor built offline, saved to a
+local folder where a path is needed.
 """
 
 import itertools
@@ -328,7 +329,7 @@ def test_vilt_adapter_reproduces_its_ranking_score_for_any_pairs(teacher_folders
                                expected.modified_image_embeds)
 
 
-def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(teacher_folders, tmp_path):
+def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(tmp_path):
     """The shapes fusion teacher: its unimodal encoders are a copy of the dual teacher (not shared), m = head(f) +
     w·<v, t> + the relation readout, the adapter scores any pairs as the model's own forward, and the whole MCAD
     teacher round-trips through save_pretrained / from_pretrained (AutoConfig knows "mcad_fusion")."""
@@ -353,14 +354,20 @@ def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(teac
         head = fusion.match_head(single.fused).squeeze(-1)
     torch.testing.assert_close(scored.match_logits, single.match_logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scored.fused, single.fused, atol=1e-5, rtol=1e-4)
-    readout = single.match_logits - head - fusion.contrastive_weight * cosine
-    assert readout.abs().max() > 0  # the relation readout is on by default ...
-    fusion.config.relation_readout = False  # ... and off, m is the fused head plus the weighted CLIP similarity
+    fusion.config.relation_readout = False  # off, m is the fused head plus the weighted CLIP similarity ...
     with torch.no_grad():
         plain = fusion(pixel_values=inputs["pixel_values"][pairs[:, 0]], input_ids=inputs["input_ids"][pairs[:, 1]],
                        attention_mask=inputs["attention_mask"][pairs[:, 1]]).match_logits
-    torch.testing.assert_close(plain, head + fusion.contrastive_weight * cosine, atol=1e-5, rtol=1e-4)
     fusion.config.relation_readout = True
+    torch.testing.assert_close(plain, head + fusion.contrastive_weight * cosine, atol=1e-5, rtol=1e-4)
+    # ... on (the default), Σ_tokens gate(word state) · relation_head(state after relation_layer) is added.
+    with torch.no_grad():
+        text_states, _ = fusion.text_states(inputs["input_ids"][pairs[:, 1]], inputs["attention_mask"][pairs[:, 1]])
+        gate = fusion.readout_gate(fusion.text_projection(text_states)).squeeze(-1)
+        order = fusion.relation_head(single.relation_states).squeeze(-1)
+    readout = (gate * order * inputs["attention_mask"][pairs[:, 1]]).sum(-1)
+    assert readout.abs().min() > 1e-4
+    torch.testing.assert_close(single.match_logits - plain, readout, atol=1e-5, rtol=1e-4)
 
     teacher = MCADTeacher.from_teachers(clip, fusion, dual_processor=processor, fusion_processor=processor)
     assert teacher.adapter.image_projection.in_features == 32
@@ -384,6 +391,10 @@ def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(teac
         MCADFusionConfig(unimodal_config=clip.config.to_dict(), num_hidden_layers=2, relation_layer=3)
     with pytest.raises(ValueError, match="exactly one of pixel_values and image_states"):
         fusion(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="one image per caption"):
+        fusion(pixel_values=inputs["pixel_values"][:2], input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="num_attention_heads must be >= 1"):
+        MCADFusionConfig(unimodal_config=clip.config.to_dict(), num_attention_heads=0)
 
 
 def test_a_cross_encoder_with_separate_image_and_text_parts_plugs_in(teacher_folders, batch, monkeypatch):
