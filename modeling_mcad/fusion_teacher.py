@@ -154,8 +154,9 @@ class MCADFusionModel(PreTrainedModel):
             init.constant_(module.contrastive_weight, self.config.contrastive_weight_init)
             init.normal_(module.readout_gate.weight, std=0.02)
             init.zeros_(module.readout_gate.bias)
-            init.copy_(module.patch_positions, sincos_positions(
-                int((module.patch_positions.shape[0] - 1) ** 0.5), module.patch_positions.shape[1]))
+            vision = self.config.unimodal_config.vision_config
+            init.copy_(module.patch_positions,
+                       sincos_positions(vision.image_size // vision.patch_size, self.config.hidden_size))
 
     @classmethod
     def from_dual_teacher(cls, dual: CLIPModel, **config_kwargs) -> "MCADFusionModel":

@@ -270,14 +270,19 @@ class TrainingPairs:
             return torch.tensor([-1 if text is None else row[text] for text in texts], dtype=torch.long)
 
         images = split.cast_column("image", datasets.Image(decode=False))[:]["image"]
+        # Teachers that share one processor (the shapes teachers) share its encodings: each is made once.
+        encoded = {}
+        for processor in processors.values():
+            if id(processor) not in encoded:
+                encoded[id(processor)] = encode_images(images, processor), encode_texts(list(row), processor)
         return cls(
             image_index=torch.tensor(columns["image_index"], dtype=torch.long),
             canonical=torch.tensor(canonical, dtype=torch.bool),
             caption_row=rows(captions), swapped_row=rows(swapped), flipped_row=rows(flipped),
             texts=list(row),
             family=torch.tensor(split["family"], dtype=torch.long) if "family" in split.column_names else None,
-            pixel_values={name: encode_images(images, processor) for name, processor in processors.items()},
-            tables={name: encode_texts(list(row), processor) for name, processor in processors.items()},
+            pixel_values={name: encoded[id(processor)][0] for name, processor in processors.items()},
+            tables={name: encoded[id(processor)][1] for name, processor in processors.items()},
         )
 
     def __len__(self) -> int:
@@ -890,7 +895,7 @@ def train_fusion_stack(
     targets = FusionStackTargets.from_pairs(pairs, train_split, processor.tokenizer)
     if not siblings:
         targets.siblings.fill_(-1)
-    stack = [p for name, p in model.named_parameters() if not name.startswith("unimodal.")]
+    stack = [p for p in model.parameters() if p.requires_grad]
     # Every stack tensor decays, norms and the CLIP weight w included: the recipe BENCHMARKS.md measured.
     optimizer = torch.optim.AdamW(stack, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
