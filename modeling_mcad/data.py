@@ -382,14 +382,40 @@ class OneCaptionPerImageSampler(Sampler[int]):
             made by `flatten_pairs`; the sampler yields row positions in it.
         seed (`int`): the random seed.
         shuffle (`bool`): draw a random image order each epoch (else images in index order, captions still drawn).
+        image_groups (sequence of `int`, *optional*): a group per image (indexed by image index), e.g. mcad-shapes'
+            `family` of near-duplicates. The images of a group then come one after the other, groups in a random
+            order each epoch (images in index order within a group): a batch holds each image's hard negatives,
+            which a random batch of a large split almost never holds.
+        canonical (sequence of `bool`, *optional*): per pair, whether its caption is canonical (mcad-shapes: names
+            the left / top object first); read for `canonical_epochs`.
+        canonical_epochs (`int`): for epochs below this number each image draws among its canonical captions only
+            (an image without one draws among all): the wording curriculum of the fusion teacher. Relations under
+            inverse wordings are an XOR of the relation word and the object order; on canonical captions alone the
+            order is learnt first.
     """
 
-    def __init__(self, pairs, seed: int = 0, shuffle: bool = True):
+    def __init__(self, pairs, seed: int = 0, shuffle: bool = True, image_groups: Sequence[int] | None = None,
+                 canonical: Sequence[bool] | None = None, canonical_epochs: int = 0):
         image_index = np.asarray(pairs["image_index"] if hasattr(pairs, "column_names") else pairs, dtype=np.int64)
-        # Pairs sorted by image: image k's pairs are order[starts[k] : starts[k] + counts[k]].
-        self._order = np.argsort(image_index, kind="stable")
-        _, self._starts, self._counts = np.unique(image_index[self._order], return_index=True, return_counts=True)
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        if canonical_epochs and canonical is None:
+            raise ValueError("canonical_epochs needs each pair's `canonical` flag (mcad-shapes' `canonical` column).")
+        canonical = np.ones(len(image_index), dtype=bool) if canonical is None else np.asarray(canonical, dtype=bool)
+        if canonical.shape != image_index.shape:
+            raise ValueError(f"canonical has {len(canonical)} flags for {len(image_index)} pairs: give one per pair.")
+        # Pairs sorted by image, canonical captions first: image k's pairs are order[starts[k] : starts[k] + counts[k]],
+        # its canonical ones the first canonical_counts[k] of them.
+        self._order = np.lexsort((~canonical, image_index))
+        images, self._starts, self._counts = np.unique(image_index[self._order], return_index=True,
+                                                       return_counts=True)
+        canonical_counts = np.add.reduceat(canonical[self._order], self._starts)
+        self._canonical_counts = np.where(canonical_counts > 0, canonical_counts, self._counts)
+        self._groups = None
+        if image_groups is not None:
+            image_groups = np.asarray(image_groups, dtype=np.int64)
+            if len(image_groups) <= images.max() or image_groups.min() < 0:
+                raise ValueError(f"image_groups must give a group id >= 0 to each of the {images.max() + 1} images.")
+            self._groups = torch.from_numpy(image_groups[images])
+        self.seed, self.shuffle, self.canonical_epochs, self.epoch = seed, shuffle, canonical_epochs, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -399,8 +425,13 @@ class OneCaptionPerImageSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        chosen = self._order[self._starts + (rng.random(len(self._starts)) * self._counts).astype(np.int64)]
-        if self.shuffle:
+        counts = self._canonical_counts if self.epoch < self.canonical_epochs else self._counts
+        chosen = self._order[self._starts + (rng.random(len(self._starts)) * counts).astype(np.int64)]
+        if self._groups is not None:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            group_rank = torch.randperm(int(self._groups.max()) + 1, generator=generator)[self._groups]
+            chosen = chosen[torch.argsort(group_rank, stable=True).numpy()]
+        elif self.shuffle:
             chosen = chosen[rng.permutation(len(chosen))]
         return iter(chosen.tolist())
 

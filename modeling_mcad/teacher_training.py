@@ -307,16 +307,12 @@ class TrainingPairs:
             images = int(self.image_index.max()) + 1
             any_wording = torch.rand(images, generator=generator) < all_wordings_share
             allowed = torch.nonzero(self.canonical | any_wording[self.image_index]).flatten()
-        sampler = OneCaptionPerImageSampler(self.image_index[allowed].tolist(), seed=seed, shuffle=not group_families)
+        if group_families and self.family is None:
+            raise ValueError("group_families needs a `family` column in the split (mcad-shapes has one).")
+        sampler = OneCaptionPerImageSampler(self.image_index[allowed].tolist(), seed=seed,
+                                            image_groups=self.family if group_families else None)
         sampler.set_epoch(epoch)
         order = allowed[torch.tensor(list(sampler), dtype=torch.long)]
-        if group_families:
-            if self.family is None:
-                raise ValueError("group_families needs a `family` column in the split (mcad-shapes has one).")
-            families = self.family[self.image_index[order]]
-            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            family_rank = torch.randperm(int(families.max()) + 1, generator=generator)[families]
-            order = order[torch.argsort(family_rank, stable=True)]
         return list(order[: len(order) // batch_size * batch_size].split(batch_size))
 
 

@@ -125,6 +125,45 @@ def test_sampler_draws_each_image_once_per_epoch_with_a_fresh_caption():
     assert [image_index[pair] for pair in ordered] == list(range(20))
 
 
+def test_sampler_batches_whole_groups_in_a_fresh_group_order():
+    image_index = [i // 3 for i in range(60)]  # 20 images, 3 captions each
+    groups = [image // 4 for image in range(20)]  # 5 groups of 4 images
+    sampler = OneCaptionPerImageSampler(image_index, seed=1, image_groups=groups)
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        images = [image_index[pair] for pair in sampler]
+        assert sorted(images) == list(range(20))
+        batches = [images[start : start + 4] for start in range(0, 20, 4)]
+        assert all(len({groups[image] for image in batch}) == 1 for batch in batches)  # a batch is one group
+        orders.append([groups[batch[0]] for batch in batches])
+    assert len({tuple(order) for order in orders}) > 1  # groups come in a new order each epoch
+    with pytest.raises(ValueError, match="image_groups must give a group id"):
+        OneCaptionPerImageSampler(image_index, image_groups=groups[:10])
+
+
+def test_sampler_draws_canonical_captions_only_in_the_curriculum_epochs():
+    image_index = [i // 4 for i in range(40)]  # 10 images, 4 captions each
+    canonical = [caption % 4 < 2 for caption in range(40)]  # the first two captions of each image
+    canonical[36:40] = [False] * 4  # image 9 has no canonical caption: it draws from all of them
+    sampler = OneCaptionPerImageSampler(image_index, seed=0, canonical=canonical, canonical_epochs=3)
+    early, late = set(), set()
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert sorted(image_index[pair] for pair in drawn) == list(range(10))
+        (early if epoch < 3 else late).update(drawn)
+    assert {pair for pair in early if pair < 36} <= {pair for pair in range(36) if canonical[pair]}
+    assert late == set(range(40))  # afterwards every wording comes up
+    sampler.set_epoch(0)
+    image_nine = [pair for pair in sampler if image_index[pair] == 9]
+    assert len(image_nine) == 1
+    with pytest.raises(ValueError, match="canonical_epochs needs"):
+        OneCaptionPerImageSampler(image_index, canonical_epochs=1)
+    with pytest.raises(ValueError, match="canonical has 3 flags for 40 pairs"):
+        OneCaptionPerImageSampler(image_index, canonical=[True] * 3)
+
+
 def test_sampler_under_accelerate_shards_the_same_batches_across_processes(shapes):
     """Two processes (simulated with accelerate's `prepare_data_loader`), each a half of every global batch: together
     they see what one process sees, each image at most once per batch, and `set_epoch` reaches the sampler."""
