@@ -84,12 +84,21 @@ class TrainConfig:
     objective_overrides: dict = field(default_factory=dict)
     negative_captions: list = field(default_factory=list)  # e.g. [swapped_caption, flipped_caption]: NegCLIP
     # --- distillation ---
-    # A student from scratch needs steps and a moderate rate: with the demo's teachers, 3 epochs at 2e-3 gave 62
-    # test RSUM, 5 at 5e-4 117, 10 at 1e-3 273.
-    epochs: int = 10
-    batch_size: int = 128  # global batch: split across processes
+    # A column of the training split grouping near-duplicate images (mcad-shapes: "family"; null, or a split
+    # without the column: random batches). Batches then hold whole groups: each image's hard negatives (colour-
+    # swapped, place-swapped, re-coloured siblings), which a random batch of 64 out of 10 000 almost never holds.
+    batch_groups: str | None = "family"
+    # Epochs at the start that draw only canonical captions (the split's `canonical` column; mcad-shapes: the left /
+    # top object named first): the fusion teacher's wording curriculum. With family batches, 2 of 6 epochs took a
+    # contrastive student from 50% to 100% on relation flips (BENCHMARKS.md, issue 8); 0, or a split without the
+    # column: off.
+    canonical_epochs: int = 2
+    # The shapes student on the ablation's teachers (validation RSUM, mcad, α = 1): 6 epochs of batch 64 at 5e-4
+    # gave 558.5, batch 128 at 1e-3 523.3, 5 epochs 546.9 (BENCHMARKS.md, issue 8).
+    epochs: int = 6
+    batch_size: int = 64  # global batch: split across processes
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
@@ -231,7 +240,15 @@ def build_student(config: TrainConfig):
     elif config.student_tokenizer is not None:
         tokenizer = AutoTokenizer.from_pretrained(config.student_tokenizer)
     if tokenizer is not None:
-        student_config.text_config.vocab_size = len(tokenizer)
+        text_config = student_config.text_config
+        text_config.vocab_size = len(tokenizer)
+        if text_config.model_type == "clip_text_model":
+            # CLIP's text tower pools at its eos token, which must be the token that ends this tokenizer's texts.
+            end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+            if end is None:
+                raise ValueError(f"student_tokenizer {config.student_tokenizer!r} has no eos or sep token for the "
+                                 "CLIP text tower to pool at; use a tokenizer that ends texts with one.")
+            text_config.eos_token_id = end
     torch.manual_seed(config.seed)
     return MCADModel(student_config), MCADProcessor.from_config(student_config, tokenizer)
 
@@ -342,7 +359,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
     from transformers import get_cosine_schedule_with_warmup
 
     from modeling_mcad.checkpointing import CheckpointManager
-    from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, flatten_pairs
+    from modeling_mcad.data import ImageTextCollator, flatten_pairs
     from modeling_mcad.distillation import DistillationModule
     from modeling_mcad.objectives import MCADLoss, objective_settings
     from modeling_mcad.teacher_cache import TeacherCache
@@ -371,8 +388,8 @@ def distill(config: TrainConfig, accelerator) -> Path:
     module = DistillationModule(student, objective)
 
     processors = {"student": processor, **(teacher.processors if teacher is not None else {})}
-    loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True,
-                        sampler=OneCaptionPerImageSampler(pairs, seed=config.seed),
+    sampler = training_sampler(config, splits[config.train_split], pairs)
+    loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, sampler=sampler,
                         collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions),
                         num_workers=config.num_workers,
                         # Its own generator: starting an epoch then draws no number from the global RNG, which
@@ -407,7 +424,10 @@ def distill(config: TrainConfig, accelerator) -> Path:
                     targets = cache.targets(accelerator.gather(batch["pair_index"]), accelerator.device)
                 elif teacher is not None:
                     targets = online_teacher_targets(teacher, batch, settings, accelerator)
-                output = module(batch["student"], targets, batch.get("negatives"))
+                negatives = batch.get("negatives")
+                if epoch < sampler.canonical_epochs:
+                    negatives = without_flips(negatives, config.negative_captions)
+                output = module(batch["student"], targets, negatives)
                 # Every process holds the same global loss, so all of them skip a non-finite step together.
                 finite = bool(torch.isfinite(output.loss))
                 if finite:
@@ -463,6 +483,44 @@ def distill(config: TrainConfig, accelerator) -> Path:
         logger.info("student saved to %s", student_dir)
     accelerator.wait_for_everyone()
     return student_dir
+
+
+def training_sampler(config: TrainConfig, split, pairs):
+    """
+    The distill stage's sampler: one caption per image, images in `batch_groups`, canonical captions for the first
+    `canonical_epochs`. A split without those columns (any dataset but mcad-shapes) gets random batches and every
+    wording from the start, with a warning naming the missing column.
+    """
+    from modeling_mcad.data import OneCaptionPerImageSampler
+
+    image_groups = canonical = None
+    if config.batch_groups is not None:
+        if config.batch_groups in split.column_names:
+            image_groups = split[config.batch_groups]
+        else:
+            logger.warning("batch_groups=%r is not a column of the training split (%s): batches are random. Pass "
+                           "--batch_groups null to say so.", config.batch_groups, split.column_names)
+    if config.canonical_epochs:
+        if "canonical" in pairs.column_names:
+            canonical = pairs.with_format(None)["canonical"]
+        else:
+            logger.warning("canonical_epochs=%d needs a `canonical` column, which the training split has not: every "
+                           "wording from the first epoch. Pass --canonical_epochs 0 to say so.", config.canonical_epochs)
+    return OneCaptionPerImageSampler(pairs, seed=config.seed, image_groups=image_groups, canonical=canonical,
+                                     canonical_epochs=config.canonical_epochs if canonical is not None else 0)
+
+
+def without_flips(negatives, columns: list):
+    """
+    A batch's NegCLIP negatives (`columns`, laid out example by example, column by column) without the relation
+    flips: for the canonical epochs, since a flip of a canonical caption names its relation with the inverse word,
+    which no canonical caption uses, and the word alone would reject it (the fusion teacher's curriculum leaves flips
+    out for the same reason).
+    """
+    if negatives is None or "flipped_caption" not in columns:
+        return negatives
+    keep = [row for row in range(len(negatives["input_ids"])) if columns[row % len(columns)] != "flipped_caption"]
+    return {name: value[keep] for name, value in negatives.items()} if keep else None
 
 
 def online_teacher_targets(teacher, batch: dict, settings, accelerator) -> dict[str, torch.Tensor]:
