@@ -165,7 +165,7 @@ def test_full_mcad_loss_by_hand(alpha):
 
 def test_fusion_logits_are_blended_into_the_top_k_entries_by_hand():
     beta, tau_f = 0.4, 2.0
-    loss_fn = MCADLoss.from_preset("mcad", student_dim=2, teacher_dim=2, alpha=0.0, beta=beta,
+    loss_fn = MCADLoss.from_preset("mcad", student_dim=2, teacher_dim=2, alpha=0.0, beta=beta, lambda_dist=1.0,
                                    teacher_temperature=TAU, fusion_temperature=tau_f, lambda_feat=0.0)
     fusion = [[3.0, 0.0, -1.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
     mask = [[True, False, True], [False, True, False], [False, False, True]]
@@ -183,7 +183,7 @@ def test_fusion_logits_are_blended_into_the_top_k_entries_by_hand():
 
 def test_fusion_only_targets_come_from_the_adapter_alone():
     loss_fn = MCADLoss.from_preset("fusion_only", student_dim=2, teacher_dim=2, teacher_temperature=TAU,
-                                   lambda_feat=0.0)
+                                   lambda_dist=1.0, lambda_feat=0.0)
     s = matrix(S_IMAGE, S_TEXT, SCALE)
     teacher = matrix([normalize(a) for a in AV], [normalize(a) for a in AT], 1 / TAU)
     expected = (kl_rows(teacher, s) + kl_rows(transpose(teacher), transpose(s))) / 2
@@ -199,6 +199,11 @@ def test_presets_are_settings_of_one_module():
     assert objective_settings("clip_kd").alpha == 0 and not objective_settings("clip_kd").uses_fusion_teacher
     assert objective_settings("affinity").lambda_feat == 0
     assert objective_settings("mcad").uses_fusion_teacher
+    # mcad distils the modified features only (chosen on validation); its controls differ from it in one part each.
+    mcad = objective_settings("mcad")
+    assert (mcad.alpha, mcad.lambda_dist, mcad.lambda_feat) == (2.0, 0.0, 1.0)
+    assert not objective_settings("clip_kd_feature").uses_fusion_teacher
+    assert objective_settings("clip_kd_feature").lambda_dist == objective_settings("fusion_only").lambda_dist == 0
     assert set(OBJECTIVE_PRESETS) >= {"contrastive", "clip_kd", "affinity", "fusion_only", "mcad"}
     with pytest.raises(ValueError, match="Unknown objective knob"):
         objective_settings("mcad", gamma=1)
