@@ -97,6 +97,58 @@ def test_unknown_options_and_stages_are_named(tmp_path):
     assert result.returncode == 2 and "unknown stage(s) ['distil']" in result.stderr
 
 
+def test_distill_batches_whole_families_with_canonical_captions_first(caplog):
+    from modeling_mcad.data import flatten_pairs
+    from modeling_mcad.shapes import make_shapes
+
+    split = make_shapes(seed=0, train=48, validation=0, test=0, image_size=32)["train"]
+    pairs = flatten_pairs(split)
+    config = train_mcad.TrainConfig()  # the demo: family batches, canonical captions for 2 epochs
+    sampler = train_mcad.training_sampler(config, split, pairs)
+    columns = pairs.with_format(None)[:]
+    drawn_per_epoch = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        families = [split["family"][columns["image_index"][pair]] for pair in drawn]
+        assert families == sorted(families, key=families.index)  # each family's images one after the other
+        drawn_per_epoch.append([columns["canonical"][pair] for pair in drawn])
+    assert all(all(flags) for flags in drawn_per_epoch[:2])
+    assert not all(drawn_per_epoch[2]) and not all(drawn_per_epoch[3])  # then every wording
+
+    plain = split.select_columns(["image", "captions"])  # any other dataset: random batches, every wording
+    with caplog.at_level("WARNING", logger="train_mcad"):
+        sampler = train_mcad.training_sampler(config, plain, flatten_pairs(plain))
+    assert "batch_groups='family' is not a column" in caplog.text and "canonical_epochs=2 needs" in caplog.text
+    assert sampler.canonical_epochs == 0
+
+
+def test_relation_flips_are_left_out_of_negclip_negatives_while_captions_are_canonical():
+    # Two negatives per example, example by example: swap, flip, swap, flip, ...
+    negatives = {"input_ids": torch.arange(12).view(6, 2), "attention_mask": torch.ones(6, 2)}
+    kept = train_mcad.without_flips(negatives, ["swapped_caption", "flipped_caption"])
+    assert kept["input_ids"].tolist() == [[0, 1], [4, 5], [8, 9]] and kept["attention_mask"].shape == (3, 2)
+    assert train_mcad.without_flips(negatives, ["swapped_caption"]) is negatives
+    assert train_mcad.without_flips(negatives, ["flipped_caption"]) is None
+
+
+def test_a_clip_text_tower_pools_at_the_student_tokenizers_end_token(tmp_path):
+    from .test_teachers import tiny_clip
+
+    tokenizer = tiny_clip()[1].tokenizer
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    student, processor = train_mcad.build_student(train_mcad.TrainConfig(student_tokenizer=str(tmp_path / "tokenizer")))
+    text_config = student.config.text_config
+    assert text_config.model_type == "clip_text_model"  # the shapes preset
+    assert (text_config.vocab_size, text_config.eos_token_id) == (len(tokenizer), tokenizer.eos_token_id)
+    inputs = processor(text=["a red circle", "a blue square left of it"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output = student.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    ends = (inputs["input_ids"] == tokenizer.eos_token_id).int().argmax(dim=1)
+    assert ends.tolist() == (inputs["attention_mask"].sum(dim=1) - 1).tolist()  # the last real token of each text
+    torch.testing.assert_close(output.pooler_output, output.last_hidden_state[torch.arange(2), ends])
+
+
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 
