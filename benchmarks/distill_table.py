@@ -221,14 +221,16 @@ def mean_std(values: list[float]) -> str:
 
 
 def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, command: str, seconds: float,
-             config, jobs: int) -> str:
+             config, jobs: int, reused: int) -> str:
     header = "| model | seeds | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS)
     lines = [SECTION, "", f"```\n{command}\n```", "",
              f"Test split of mcad-shapes (1000 images, 5000 captions); students: the `shapes` preset, {config.epochs} "
              f"epochs on {config.shapes['train']} training images, batch {config.batch_size} (whole "
              f"`{config.batch_groups}` groups), lr {config.learning_rate:g}, canonical captions for the first "
              f"{config.canonical_epochs} epochs; {jobs} students at a time. Wall time of the whole run (teachers "
-             f"included): {seconds / 60:.0f} min (2 CPU cores).", "",
+             f"included): {seconds / 60:.0f} min (2 CPU cores)"
+             + (f", not counting the {reused} students an earlier, interrupted invocation had finished." if reused
+                else "."), "",
              "Gates (DESIGN §7): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"
                                                for name, ok in teachers["gates"].items()), "", header]
     for name, row in teachers["rows"].items():
@@ -277,6 +279,8 @@ def plot(results: list[dict], path: Path) -> None:
                                                     for name in names])
         axis.set_xlabel(label)
         axis.invert_yaxis()
+        if key == "rsum":  # the rows differ by tens out of ~500: start the axis below the lowest
+            axis.set_xlim(left=50 * (min(means) // 50 - 1))
     axes[1].axvline(50, color="gray", linestyle="--", linewidth=1)  # chance
     axes[1].set_yticklabels([])
     figure.tight_layout()
@@ -324,6 +328,7 @@ def main() -> None:
     if args.jobs > 1:
         base = dataclasses.replace(base, cpu_threads=1)
         torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
+    reused = sum((run_folder(root, row, seed) / "result.json").exists() for row, *_, seed in jobs)
     started = time.perf_counter()
     # The online-teacher runs take longest: start them first, so that the others fill the second slot meanwhile.
     order = sorted(range(len(jobs)), key=lambda job: -jobs[job][2].get("beta", 0))
@@ -339,7 +344,7 @@ def main() -> None:
     speed, mobile = encode_times(root), mobile_speed()
     seconds = teachers["seconds"] + students_seconds
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    text = markdown(teachers, results, speed, mobile, command, seconds, base, args.jobs)
+    text = markdown(teachers, results, speed, mobile, command, seconds, base, args.jobs, reused)
     print(text)
     if args.write:
         plot(results, REPO_ROOT / "benchmarks" / "distill_table.png")

@@ -381,7 +381,8 @@ class OneCaptionPerImageSampler(Sampler[int]):
         pairs (`datasets.Dataset` with an `image_index` column, or a sequence of `int`): the image of each pair, as
             made by `flatten_pairs`; the sampler yields row positions in it.
         seed (`int`): the random seed.
-        shuffle (`bool`): draw a random image order each epoch (else images in index order, captions still drawn).
+        shuffle (`bool`): draw a random image order each epoch (else images in index order, captions still drawn);
+            with `image_groups` the groups' order is random either way.
         image_groups (sequence of `int`, *optional*): a group per image (indexed by image index), e.g. mcad-shapes'
             `family` of near-duplicates. The images of a group then come one after the other, groups in a random
             order each epoch (images in index order within a group): a batch holds each image's hard negatives,
@@ -428,6 +429,7 @@ class OneCaptionPerImageSampler(Sampler[int]):
         counts = self._canonical_counts if self.epoch < self.canonical_epochs else self._counts
         chosen = self._order[self._starts + (rng.random(len(self._starts)) * counts).astype(np.int64)]
         if self._groups is not None:
+            # torch's generator, as when TrainingPairs drew the teachers' family batches: they keep their order.
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             group_rank = torch.randperm(int(self._groups.max()) + 1, generator=generator)[self._groups]
             chosen = chosen[torch.argsort(group_rank, stable=True).numpy()]

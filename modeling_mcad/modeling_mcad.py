@@ -146,10 +146,10 @@ class MCADModel(MCADPreTrainedModel):
         A randomly initialised student of a named preset, built offline.
 
         - `tiny`: a few hundred thousand parameters, for tests.
-        - `shapes`: the mcad-shapes student (32 px images, 4 px patches): about 0.5M parameters.
+        - `shapes`: the mcad-shapes student (32 px images, 4 px patches, a CLIP text tower): 0.63M parameters.
         - `mobile`: 224 px, deployable: a ViT-192/32 (6 layers) image tower and a BERT-256 (4 layers) text
           tower, about 6.9M parameters with the preset vocabulary (CLIP ViT-B/32: 151M) — chosen for CPU and
-          phone latency: at 224 px it encodes an image about 12x faster than ViT-B/32 on 2 CPU cores.
+          phone latency: at 224 px it encodes an image 12-20x faster than ViT-B/32 on 2 CPU cores.
 
         Args:
             name (`str`): `tiny`, `shapes` or `mobile`.

@@ -159,7 +159,7 @@ class ObjectiveSettings:
 # `mcad` distils the modified teacher *features* (α = 2, λ_dist = 0), chosen on mcad-shapes' validation split
 # (BENCHMARKS.md, issue 8): a dual teacher is blind to relation flips, and the in-batch distributions of a batch of
 # near-duplicates then tell the student that a caption and its place-swapped sibling's caption fit an image equally
-# well. The distribution term (λ_dist = 1, also with β > 0: the fusion teacher ranks place swaps right 65-77% of
+# well. The distribution term (λ_dist = 1, also with β > 0: the fusion teacher ranks place swaps right 62-77% of
 # the time) held the student at 52-55% on flips where the labels alone teach 99%; even λ_dist = 0.1 cost 16 points.
 # `fusion_only` and `clip_kd_feature` are `mcad` without the dual teacher's and without the fusion teacher's part.
 OBJECTIVE_PRESETS = {
