@@ -148,7 +148,7 @@ class MCADModel(MCADPreTrainedModel):
         - `tiny`: a few hundred thousand parameters, for tests.
         - `shapes`: the mcad-shapes student (32 px images, 4 px patches, a CLIP text tower): 0.63M parameters.
         - `mobile`: 224 px, deployable: a ViT-192/32 (6 layers) image tower and a BERT-256 (4 layers) text
-          tower, about 6.9M parameters with the preset vocabulary (CLIP ViT-B/32: 151M) — chosen for CPU and
+          tower, about 6.8M parameters with the preset vocabulary (CLIP ViT-B/32: 151M) — chosen for CPU and
           phone latency: at 224 px it encodes an image 12-20x faster than ViT-B/32 on 2 CPU cores.
 
         Args:
