@@ -35,7 +35,7 @@ sitting standing walking running riding holding playing eating looking wearing l
 ball frisbee kite umbrella bag phone laptop book food pizza cake plate cup bottle clock sign
 """.split()
 PRESET_VOCABULARY = _SPECIAL_TOKENS + _CHARACTERS + ["##" + c for c in _CHARACTERS] + sorted(set(_WORDS) - set(_CHARACTERS))
-_PRESET_SPECIAL_TOKEN_IDS = {"pad_token_id": PRESET_VOCABULARY.index("[PAD]"),
+PRESET_SPECIAL_TOKEN_IDS = {"pad_token_id": PRESET_VOCABULARY.index("[PAD]"),
                              "bos_token_id": PRESET_VOCABULARY.index("[CLS]"),
                              "eos_token_id": PRESET_VOCABULARY.index("[SEP]")}
 
@@ -63,7 +63,7 @@ PRESETS = {
         },
         "text_config": {
             "model_type": "clip_text_model", "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3,
-            "intermediate_size": 384, "max_position_embeddings": 32, **_PRESET_SPECIAL_TOKEN_IDS,
+            "intermediate_size": 384, "max_position_embeddings": 32, **PRESET_SPECIAL_TOKEN_IDS,
         },
         "projection_dim": 96,
     },

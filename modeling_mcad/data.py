@@ -429,7 +429,7 @@ class OneCaptionPerImageSampler(Sampler[int]):
         counts = self._canonical_counts if self.epoch < self.canonical_epochs else self._counts
         chosen = self._order[self._starts + (rng.random(len(self._starts)) * counts).astype(np.int64)]
         if self._groups is not None:
-            # torch's generator, as when TrainingPairs drew the teachers' family batches: they keep their order.
+            # torch's generator: the teachers' recipes and gates were measured on family batches drawn with it.
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             group_rank = torch.randperm(int(self._groups.max()) + 1, generator=generator)[self._groups]
             chosen = chosen[torch.argsort(group_rank, stable=True).numpy()]

@@ -49,7 +49,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .configuration_mcad import PRESET_VOCABULARY
+from .configuration_mcad import PRESET_SPECIAL_TOKEN_IDS, PRESET_VOCABULARY
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .data import OneCaptionPerImageSampler, flatten_pairs, to_rgb
 from .evaluation import binding_probe, flatten_captions, metrics_from_ranks, retrieval_metrics, retrieval_ranks
@@ -169,8 +169,6 @@ def shapes_teachers(
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}.")
     tokenizer = shapes_tokenizer()
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
-               "eos_token_id": tokenizer.sep_token_id}
     torch.manual_seed(seed)
     dual = CLIPModel(CLIPConfig(
         vision_config={"image_size": image_size, "patch_size": patch_size, "hidden_size": dual_width,
@@ -178,7 +176,8 @@ def shapes_teachers(
                        "num_attention_heads": dual_width // 64},
         text_config={"vocab_size": len(PRESET_VOCABULARY), "max_position_embeddings": MAX_CAPTION_TOKENS,
                      "hidden_size": dual_width, "intermediate_size": 4 * dual_width,
-                     "num_hidden_layers": dual_layers, "num_attention_heads": dual_width // 64, **special},
+                     "num_hidden_layers": dual_layers,
+                     "num_attention_heads": dual_width // 64, **PRESET_SPECIAL_TOKEN_IDS},
         projection_dim=dual_projection_dim,
     ))
     with torch.no_grad():
