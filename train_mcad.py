@@ -111,7 +111,7 @@ class TrainConfig:
     repo_id: str | None = None
     private: bool = False
     dry_run: str | None = None
-    max_r1_drop: float = 1.0  # a variant losing more Recall@1 (points) than this fails the export
+    max_r1_drop: float = 1.0  # a variant losing more Recall@1 (points) than this, beyond 2 standard errors, fails
     executorch: bool = False  # also write ExecuTorch programs (needs the [executorch] extra)
 
     @classmethod
@@ -640,7 +640,8 @@ def export(config: TrainConfig, accelerator) -> None:
         output_dir = Path(config.output_dir)
         report = export_variants(output_dir / "student", output_dir / "export", eval_split=splits[config.eval_split],
                                  max_r1_drop=config.max_r1_drop, executorch=config.executorch)
-        print(json.dumps({name: {k: v for k, v in variant.items() if k in ("size_mb", "r1_drop", "passed")}
+        summary = ("size_bytes", "r1_drop", "r1_drop_se", "passed")
+        print(json.dumps({name: {key: variant[key] for key in summary}
                           for name, variant in report.get("variants", {}).items()}, indent=2))
     accelerator.wait_for_everyone()
 

@@ -166,6 +166,13 @@ def draw_recall_plot(rows: Mapping[str, Mapping[str, float]], path: str | os.Pat
         plt.close(figure)
 
 
+def _r1_change(variant: Mapping, direction: str) -> str:
+    """A variant's Recall@1 change in one direction, with its paired standard error (exports before it had none)."""
+    change = f"{variant['recall_change'][f'{direction}_r1']:+.2f}"
+    standard_error = variant.get("r1_drop_se", {}).get(direction)
+    return change if standard_error is None else f"{change} ± {standard_error:.2f}"
+
+
 def _variant_rows(parity: Mapping) -> list[dict]:
     rows = []
     for name, variant in parity["variants"].items():
@@ -176,7 +183,7 @@ def _variant_rows(parity: Mapping) -> list[dict]:
             "size_mb": f"{variant['size_bytes'] / 1e6:.2f}",
             "latency": {key: f"{value:.2f}" for key, value in latency.items()},
             "cosine": f"{min(variant['image_cosine']['min'], variant['text_cosine']['min']):.6f}",
-            "r1_change": f"{variant['recall_change']['i2t_r1']:+.2f} / {variant['recall_change']['t2i_r1']:+.2f}",
+            "r1_change": " / ".join(_r1_change(variant, direction) for direction in ("i2t", "t2i")),
             "usage": VARIANT_USAGE.get(name, ""),
         })
     return rows
