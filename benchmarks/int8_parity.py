@@ -23,15 +23,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
-from modeling_mcad.evaluation import retrieval_metrics  # noqa: E402
+from modeling_mcad.evaluation import retrieval_ranks  # noqa: E402
 from modeling_mcad.export import (  # noqa: E402
     QUANTIZE_PER_CHANNEL,
     QUANTIZED_OP_TYPES,
     OnnxEncoders,
     TorchEncoders,
+    _cosine_summary,
     encode_split,
     export_onnx,
     prepare_eval_inputs,
+    recall_at_1_change,
 )
 from modeling_mcad.shapes import make_shapes  # noqa: E402
 
@@ -45,12 +47,15 @@ RECIPES = {
 NOISE_SCALES = (0.02, 0.03)  # the norm of the added noise, on unit embeddings
 
 
-def row(reference: tuple, reference_metrics: dict, embeddings: tuple, text_to_image) -> dict:
-    metrics = retrieval_metrics(*embeddings, text_to_image)
-    cosines = [float((a * b).sum(axis=1).min()) for a, b in zip(reference, embeddings)]  # all rows are unit vectors
-    return {"i2t": metrics["i2t_r1"] - reference_metrics["i2t_r1"],
-            "t2i": metrics["t2i_r1"] - reference_metrics["t2i_r1"],
-            "image_cosine": cosines[0], "text_cosine": cosines[1]}
+def row(reference: tuple, reference_ranks: tuple, embeddings: tuple, text_to_image) -> dict:
+    """One variant's Recall@1 changes (and their paired standard errors) and lowest cosines against fp32 torch."""
+    ranks = retrieval_ranks(*embeddings, text_to_image)
+    measured = {}
+    for direction, before, after in zip(("i2t", "t2i"), reference_ranks, ranks):
+        measured[direction], measured[f"{direction}_se"] = recall_at_1_change(before, after)
+    for kind, fp32, variant in zip(("image_cosine", "text_cosine"), reference, embeddings):
+        measured[kind] = _cosine_summary(fp32, variant)["min"]
+    return measured
 
 
 def with_noise(embeddings: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -72,26 +77,28 @@ def main() -> None:
     results = {}
     for folder in args.students:
         model = MCADModel.from_pretrained(folder, dtype=torch.float32).eval()
-        inputs = prepare_eval_inputs(split, MCADProcessor.from_pretrained(folder))
+        processor = MCADProcessor.from_pretrained(folder)
+        inputs = prepare_eval_inputs(split, processor)
         reference = encode_split(TorchEncoders(model), inputs)
-        reference_metrics = retrieval_metrics(*reference, inputs.text_to_image)
+        reference_ranks = retrieval_ranks(*reference, inputs.text_to_image)
         rows = {}
         with tempfile.TemporaryDirectory() as scratch:
-            graphs = export_onnx(model, MCADProcessor.from_pretrained(folder), scratch)
+            graphs = export_onnx(model, processor, scratch)
             for recipe, options in RECIPES.items():
                 quantized = []
                 for name in ("text_model", "vision_model"):
                     quantized.append(Path(scratch) / f"{name}_{len(rows)}.onnx")
                     quantize_dynamic(graphs[name], quantized[-1], weight_type=QuantType.QInt8, **options)
                 embeddings = encode_split(OnnxEncoders(*quantized, num_threads=args.threads), inputs)
-                rows[recipe] = row(reference, reference_metrics, embeddings, inputs.text_to_image)
+                rows[recipe] = row(reference, reference_ranks, embeddings, inputs.text_to_image)
         rng = np.random.default_rng(0)
         for scale in NOISE_SCALES:
             noisy = tuple(with_noise(embeddings, scale, rng) for embeddings in reference)
-            rows[f"fp32 + noise {scale}"] = row(reference, reference_metrics, noisy, inputs.text_to_image)
+            rows[f"fp32 + noise {scale}"] = row(reference, reference_ranks, noisy, inputs.text_to_image)
         for recipe, measured in rows.items():
             results.setdefault(recipe, []).append(measured)
-            print(f"{folder} | {recipe} | ΔR@1 i→t {measured['i2t']:+.2f} t→i {measured['t2i']:+.2f} | cosine min "
+            print(f"{folder} | {recipe} | ΔR@1 i→t {measured['i2t']:+.2f} ± {measured['i2t_se']:.2f} t→i "
+                  f"{measured['t2i']:+.2f} ± {measured['t2i_se']:.2f} | cosine min "
                   f"{measured['image_cosine']:.5f} / {measured['text_cosine']:.5f}", flush=True)
     print(f"\n{len(args.students)} students, {args.eval_images} validation images, {5 * args.eval_images} captions\n")
     print("| int8 recipe | ΔR@1 i→t | ΔR@1 t→i | worst ΔR@1 | cosine min (image / text) |\n|---|---|---|---|---|")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from modeling_mcad import MCADModel, MCADProcessor
-from modeling_mcad.export import default_eval_split, export_variants
+from modeling_mcad.export import export_variants
 from modeling_mcad.shapes import make_shapes
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["shapes", "mobile"], help="random-init students to export")
     parser.add_argument("--model_dir", help="a trained student folder instead of --presets")
     parser.add_argument("--eval_images", type=int, default=1000,
-                        help="size of the mcad-shapes validation split generated for parity (1000: the export default)")
+                        help="size of the mcad-shapes validation split generated for parity (1000: the export's default)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and onnxruntime")
     parser.add_argument("--executorch", action="store_true", help="also export and time the ExecuTorch programs")
     parser.add_argument("--max_r1_drop", type=float, default=1.0)
@@ -62,8 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    split = default_eval_split() if args.eval_images == 1000 else make_shapes(train=0, validation=args.eval_images,
-                                                                             test=0)["validation"]
+    split = make_shapes(train=0, validation=args.eval_images, test=0)["validation"]
     print(f"Command: python {' '.join(sys.argv)}\n")
     reports = {}
     with tempfile.TemporaryDirectory() as scratch:
