@@ -1,6 +1,7 @@
 """The ablation (issue 8): does MCAD beat every baseline and the sharpening and negatives controls on mcad-shapes?
 
-    python benchmarks/distill_table.py [--output_dir outputs/ablation] [--seeds 0 1 2] [--jobs 2] [--write]
+    python benchmarks/distill_table.py [--output_dir outputs/ablation] [--seeds 0 1 2] [--jobs 2] [--with_negatives] \
+        [--write]
 
 Trains the teachers once (the `teachers` and `cache` stages of `train_mcad.py` with the demo's recipe on 10 000
 training images, the demo's 8000 plus a quarter), measures them on the test split (gates, the fusion teacher as a
@@ -13,6 +14,9 @@ demo's distill recipe); only the objective differs. Rows:
 - the controls: `clip_kd_feature` (`mcad` without the fusion teacher: the dual teacher's features alone),
   `clip_kd_sharp` (τ_T = 0.01), `clip_kd_identity` (γ = 0.5) and `negclip` (contrastive with the swap / flip
   captions the fusion teacher saw as extra negatives);
+- with `--with_negatives`, the feature objectives with those negatives too: `mcad + negatives` against `negclip`
+  asks whether the teachers add anything to the negatives, and against `fusion_only + negatives` /
+  `clip_kd_feature + negatives` whether the two teachers beat either alone there;
 - a sweep of `mcad`, seed 0: α = 1; the distribution term on (λ_dist = 1); and with it β = 0.5, k = 2 (β > 0 runs
   the fusion teacher online on each row's top-k candidates: about 3× the step time).
 
@@ -48,6 +52,7 @@ from modeling_mcad.utils import atomic_write_text  # noqa: E402
 # The benchmark: the demo's recipe (configs/demo.yaml) on a larger training split; the data seed is fixed, the
 # student seed varies. `--train_images 8000 --output_dir outputs/demo` reuses the demo's teachers and cache.
 SHAPES = {"seed": 0, "validation": 500, "test": 1000, "image_size": 64}
+NEGATIVES = ["swapped_caption", "flipped_caption"]  # NegCLIP's: the swap / flip captions the fusion teacher saw
 ROWS = [  # (row name, objective, overrides, negative captions, seeds: "all" or (0,)), in the table's order
     ("contrastive", "contrastive", {}, [], "all"),
     ("clip_kd", "clip_kd", {}, [], "all"),
@@ -57,10 +62,16 @@ ROWS = [  # (row name, objective, overrides, negative captions, seeds: "all" or 
     ("clip_kd_feature (control)", "clip_kd_feature", {}, [], "all"),
     ("clip_kd_sharp (control)", "clip_kd_sharp", {}, [], "all"),
     ("clip_kd_identity (control)", "clip_kd_identity", {}, [], "all"),
-    ("negclip (control)", "contrastive", {}, ["swapped_caption", "flipped_caption"], "all"),
+    ("negclip (control)", "contrastive", {}, NEGATIVES, "all"),
     ("mcad α=1", "mcad", {"alpha": 1.0}, [], (0,)),
     ("mcad λ_dist=1", "mcad", {"lambda_dist": 1.0}, [], (0,)),
     ("mcad λ_dist=1 β=0.5 k=2", "mcad", {"lambda_dist": 1.0, "beta": 0.5, "top_k": 2}, [], (0,)),
+]
+# `--with_negatives`: the feature objectives with NegCLIP's negatives too (9 students more, about 18 minutes).
+NEGATIVES_ROWS = [
+    ("mcad + negatives", "mcad", {}, NEGATIVES, "all"),
+    ("fusion_only + negatives", "fusion_only", {}, NEGATIVES, "all"),
+    ("clip_kd_feature + negatives", "clip_kd_feature", {}, NEGATIVES, "all"),
 ]
 COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "swap_accuracy", "flip_accuracy",
            "binding_accuracy")
@@ -229,7 +240,7 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
              f"`{config.batch_groups}` groups), lr {config.learning_rate:g}, canonical captions for the first "
              f"{config.canonical_epochs} epochs; {jobs} students at a time. Wall time of the whole run (teachers "
              f"included): {seconds / 60:.0f} min (2 CPU cores)"
-             + (f", not counting the {reused} students an earlier, interrupted invocation had finished." if reused
+             + (f", not counting the {reused} students earlier invocations had finished." if reused
                 else "."), "",
              "Gates (DESIGN §7): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"
                                                for name, ok in teachers["gates"].items()), "", header]
@@ -316,6 +327,7 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--jobs", type=int, default=2, help="students trained at once, one CPU thread each")
     parser.add_argument("--rows", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--with_negatives", action="store_true", help="add NEGATIVES_ROWS (9 students more)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's section and the plot")
     args = parser.parse_args()
     root = Path(args.output_dir)
@@ -323,7 +335,8 @@ def main() -> None:
                                   learning_rate=args.learning_rate, checkpoint_every_steps=100,
                                   shapes={**SHAPES, "train": args.train_images})
     teachers = prepare_teachers(base, root)
-    jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives, seeds in ROWS
+    table_rows = ROWS + (NEGATIVES_ROWS if args.with_negatives else [])
+    jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives, seeds in table_rows
             if not args.rows or row in args.rows for seed in (args.seeds if seeds == "all" else seeds)]
     if args.jobs > 1:
         base = dataclasses.replace(base, cpu_threads=1)
