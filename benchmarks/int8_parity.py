@@ -3,8 +3,9 @@
     python benchmarks/int8_parity.py STUDENT_DIR [STUDENT_DIR ...] [--eval_images 1000] [--threads 2]
 
 For every trained student folder: export the two ONNX graphs (`export_onnx`), quantize them with each recipe of
-`RECIPES` (onnxruntime `quantize_dynamic`), and measure the image->text and text->image Recall@1 change against fp32
-torch on a generated mcad-shapes validation split, with the lowest embedding cosines. Beside the recipes, the noise
+`RECIPES` (onnxruntime `quantize_dynamic`), and measure each against fp32 torch with the export's own
+`measure_parity` on a generated mcad-shapes validation split: the image->text and text->image Recall@1 change with
+its paired standard error, and the lowest embedding cosines. Beside the recipes, the noise
 floor: the fp32 embeddings plus isotropic Gaussian noise of two sizes (renormalised), the change a perturbation of
 int8's size makes on the same near-duplicate captions. Prints one line per student and recipe, then the mean ±
 standard deviation over the students.
@@ -12,30 +13,23 @@ standard deviation over the students.
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
-from modeling_mcad.evaluation import retrieval_ranks  # noqa: E402
-from modeling_mcad.export import (  # noqa: E402
+from modeling_mcad import MCADModel, MCADProcessor
+from modeling_mcad.export import (
     QUANTIZE_PER_CHANNEL,
     QUANTIZED_OP_TYPES,
     OnnxEncoders,
     TorchEncoders,
-    _cosine_summary,
-    encode_split,
     export_onnx,
+    measure_parity,
     prepare_eval_inputs,
-    recall_at_1_change,
 )
-from modeling_mcad.shapes import make_shapes  # noqa: E402
+from modeling_mcad.shapes import make_shapes
 
 # Recipe name -> quantize_dynamic keyword arguments (int8 weights in every recipe).
 RECIPES = {
@@ -47,21 +41,22 @@ RECIPES = {
 NOISE_SCALES = (0.02, 0.03)  # the norm of the added noise, on unit embeddings
 
 
-def row(reference: tuple, reference_ranks: tuple, embeddings: tuple, text_to_image) -> dict:
-    """One variant's Recall@1 changes (and their paired standard errors) and lowest cosines against fp32 torch."""
-    ranks = retrieval_ranks(*embeddings, text_to_image)
-    measured = {}
-    for direction, before, after in zip(("i2t", "t2i"), reference_ranks, ranks):
-        measured[direction], measured[f"{direction}_se"] = recall_at_1_change(before, after)
-    for kind, fp32, variant in zip(("image_cosine", "text_cosine"), reference, embeddings):
-        measured[kind] = _cosine_summary(fp32, variant)["min"]
-    return measured
+class NoisyEncoders:
+    """A runner: another runner's embeddings plus isotropic Gaussian noise of norm `scale`, renormalised."""
 
+    def __init__(self, runner, scale: float, seed: int = 0):
+        self.runner, self.scale, self.rng = runner, scale, np.random.default_rng(seed)
 
-def with_noise(embeddings: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
-    noisy = embeddings + scale * rng.standard_normal(embeddings.shape).astype(embeddings.dtype) / np.sqrt(
-        embeddings.shape[1])
-    return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    def _perturb(self, embeddings: np.ndarray) -> np.ndarray:
+        noise = self.rng.standard_normal(embeddings.shape).astype(embeddings.dtype) / np.sqrt(embeddings.shape[1])
+        noisy = embeddings + self.scale * noise
+        return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._perturb(self.runner.encode_texts(input_ids, attention_mask))
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._perturb(self.runner.encode_images(pixel_values))
 
 
 def main() -> None:
@@ -79,34 +74,33 @@ def main() -> None:
         model = MCADModel.from_pretrained(folder, dtype=torch.float32).eval()
         processor = MCADProcessor.from_pretrained(folder)
         inputs = prepare_eval_inputs(split, processor)
-        reference = encode_split(TorchEncoders(model), inputs)
-        reference_ranks = retrieval_ranks(*reference, inputs.text_to_image)
-        rows = {}
+        reference = TorchEncoders(model)
         with tempfile.TemporaryDirectory() as scratch:
             graphs = export_onnx(model, processor, scratch)
+            candidates = {}
             for recipe, options in RECIPES.items():
                 quantized = []
                 for name in ("text_model", "vision_model"):
-                    quantized.append(Path(scratch) / f"{name}_{len(rows)}.onnx")
+                    quantized.append(Path(scratch) / f"{name}_{len(candidates)}.onnx")
                     quantize_dynamic(graphs[name], quantized[-1], weight_type=QuantType.QInt8, **options)
-                embeddings = encode_split(OnnxEncoders(*quantized, num_threads=args.threads), inputs)
-                rows[recipe] = row(reference, reference_ranks, embeddings, inputs.text_to_image)
-        rng = np.random.default_rng(0)
-        for scale in NOISE_SCALES:
-            noisy = tuple(with_noise(embeddings, scale, rng) for embeddings in reference)
-            rows[f"fp32 + noise {scale}"] = row(reference, reference_ranks, noisy, inputs.text_to_image)
-        for recipe, measured in rows.items():
+                candidates[recipe] = OnnxEncoders(*quantized, num_threads=args.threads)
+            candidates.update({f"fp32 + noise {scale}": NoisyEncoders(reference, scale) for scale in NOISE_SCALES})
+            parity = measure_parity(reference, candidates, inputs)
+        for recipe in candidates:
+            measured = parity[recipe]
             results.setdefault(recipe, []).append(measured)
-            print(f"{folder} | {recipe} | ΔR@1 i→t {measured['i2t']:+.2f} ± {measured['i2t_se']:.2f} t→i "
-                  f"{measured['t2i']:+.2f} ± {measured['t2i_se']:.2f} | cosine min "
-                  f"{measured['image_cosine']:.5f} / {measured['text_cosine']:.5f}", flush=True)
+            change, se = measured["recall_change"], measured["r1_drop_se"]
+            print(f"{folder} | {recipe} | ΔR@1 i→t {change['i2t_r1']:+.2f} ± {se['i2t']:.2f} t→i "
+                  f"{change['t2i_r1']:+.2f} ± {se['t2i']:.2f} | cosine min {measured['image_cosine']['min']:.5f} / "
+                  f"{measured['text_cosine']['min']:.5f}", flush=True)
     print(f"\n{len(args.students)} students, {args.eval_images} validation images, {5 * args.eval_images} captions\n")
     print("| int8 recipe | ΔR@1 i→t | ΔR@1 t→i | worst ΔR@1 | cosine min (image / text) |\n|---|---|---|---|---|")
     for recipe, measured in results.items():
-        cells = [f"{statistics.mean(m[key] for m in measured):+.2f} ± "
-                 f"{statistics.pstdev(m[key] for m in measured):.2f}" for key in ("i2t", "t2i")]
-        worst = min(min(m["i2t"], m["t2i"]) for m in measured)
-        cosines = " / ".join(f"{min(m[key] for m in measured):.5f}" for key in ("image_cosine", "text_cosine"))
+        changes = {direction: [m["recall_change"][f"{direction}_r1"] for m in measured]
+                   for direction in ("i2t", "t2i")}
+        cells = [f"{statistics.mean(values):+.2f} ± {statistics.pstdev(values):.2f}" for values in changes.values()]
+        worst = min(min(values) for values in changes.values())
+        cosines = " / ".join(f"{min(m[key]['min'] for m in measured):.5f}" for key in ("image_cosine", "text_cosine"))
         print(f"| {recipe} | {cells[0]} | {cells[1]} | {worst:+.2f} | {cosines} |")
 
 

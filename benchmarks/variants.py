@@ -30,7 +30,8 @@ def markdown_table(name: str, report: dict) -> str:
         f"**{name}** — eval split: {split['images']} images, {split['texts']} captions; "
         f"{report['num_threads']} threads\n\n"
         "| Variant | Size (MB) | Text b1 (ms) | Image b1 (ms) | Text b32 (ms) | Image b32 (ms) "
-        "| Speed-up b1 text / image | Speed-up b32 text / image | Cosine min (image / text) | ΔR@1 ± SE i→t / t→i |\n"
+        "| Speed-up b1 text / image | Speed-up b32 text / image | Cosine min (image / text) "
+        "| ΔR@1 ± SE i→t / t→i |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["shapes", "mobile"], help="random-init students to export")
     parser.add_argument("--model_dir", help="a trained student folder instead of --presets")
     parser.add_argument("--eval_images", type=int, default=1000,
-                        help="size of the mcad-shapes validation split generated for parity (1000: the export's default)")
+                        help="images of the mcad-shapes validation split generated for parity (export's: 1000)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and onnxruntime")
     parser.add_argument("--executorch", action="store_true", help="also export and time the ExecuTorch programs")
     parser.add_argument("--max_r1_drop", type=float, default=1.0)

@@ -156,7 +156,8 @@ def test_a_variant_that_loses_recall_fails_the_export_and_writes_nothing(retriev
     (output / "parity.json").write_text("{}")  # an earlier export
     monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
                         one_bit_quantizer(onnxruntime.quantization.quantize_dynamic))
-    with pytest.raises(ParityError, match=r"onnx-int8 lost [\d.]+ (i2t|t2i) Recall@1 points .* max_r1_drop=5.0") as error:
+    refusal = r"onnx-int8 lost [\d.]+ (i2t|t2i) Recall@1 points .* max_r1_drop=5.0"
+    with pytest.raises(ParityError, match=refusal) as error:
         export_variants(folder, output, eval_split=split, max_r1_drop=5.0, latency_batch_sizes=())
     variants = error.value.report["variants"]
     int8 = variants["onnx-int8"]
