@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_mcad"],
+    packages=["modeling_mcad", "modeling_mcad.shapes"],
     package_data={"modeling_mcad": ["metrics/*/*.py"]},
     py_modules=["train_mcad"],
     entry_points={"console_scripts": ["mcad-search = modeling_mcad.search:main"]},

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -62,17 +61,16 @@ class TrainConfig:
     dual_teacher: str = "shapes"
     fusion_teacher: str = "shapes"
     train_teachers: bool = True  # fine-tune both teachers on the training split first (always for "shapes")
-    shapes_teachers: dict = field(default_factory=dict)  # teacher_training.shapes_teachers() sizes
+    shapes_teachers: dict = field(default_factory=dict)  # modeling_mcad.shapes.shapes_teachers() sizes
     # At lr 1e-3 a CLIP from scratch sits on a plateau (159 validation RSUM after 8000 images × 3 epochs); at 5e-4
     # the same steps reach 400 and five epochs 500, above the bag-of-words floors.
     dual_teacher_training: dict = field(default_factory=lambda: {"epochs": 5, "lr": 5e-4, "batch_size": 128})
     # Overrides of the fusion teacher's training function's defaults. The shapes fusion teacher:
-    # `teacher_training.train_fusion_stack` (600 steps: validation swap 95.0%, flip 95.3% in BENCHMARKS.md's
-    # ablation run). A published cross-encoder (BLIP, ViLT) with train_teachers: `train_fusion_teacher` (epochs, lr,
-    # batch_size, curriculum: a FusionCurriculum dict, ...).
+    # `modeling_mcad.shapes.train_fusion_stack` (steps, canonical_steps, lr, batch_size, ...). A published
+    # cross-encoder (BLIP, ViLT) with train_teachers: `teacher_training.train_fusion_teacher` (epochs, lr, ...).
     fusion_teacher_training: dict = field(default_factory=dict)
     teacher_batch_size: int = 64  # images per teacher call in the cache stage
-    adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §3)
+    adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §4)
     adapter_steps: int = 300
     adapter_lr: float = 1e-3
     # --- student ---
@@ -90,11 +88,11 @@ class TrainConfig:
     batch_groups: str | None = "family"
     # Epochs at the start that draw only canonical captions (the split's `canonical` column; mcad-shapes: the left /
     # top object named first): the fusion teacher's wording curriculum. With family batches, 2 of 6 epochs took a
-    # contrastive student from 50% to 100% on relation flips (BENCHMARKS.md, issue 8); 0, or a split without the
-    # column: off.
+    # contrastive student from 50% to 100% on relation flips (docs/experiments); 0, or a split without the column:
+    # off.
     canonical_epochs: int = 2
     # The shapes student on the ablation's teachers (validation RSUM, mcad, α = 1): 6 epochs of batch 64 at 5e-4
-    # gave 558.5, batch 128 at 1e-3 523.3, 5 epochs 546.9 (BENCHMARKS.md, issue 8).
+    # gave 558.5, batch 128 at 1e-3 523.3, 5 epochs 546.9 (docs/experiments).
     epochs: int = 6
     batch_size: int = 64  # global batch: split across processes
     gradient_accumulation_steps: int = 1
@@ -189,7 +187,6 @@ def load_splits(config: TrainConfig, accelerator) -> "datasets.DatasetDict":
     import datasets
 
     from modeling_mcad.data import load_image_text_dataset
-    from modeling_mcad.shapes import make_shapes
 
     names = (config.train_split, config.eval_split, config.test_split)
     if config.dataset != "mcad-shapes":
@@ -199,24 +196,33 @@ def load_splits(config: TrainConfig, accelerator) -> "datasets.DatasetDict":
                                           skip_bad_examples=config.skip_bad_examples)
             for name in names
         })
-    # Generated once (main process first) and kept under the output folder, keyed by the generator's settings.
-    settings = {"seed": config.seed, **config.shapes}
-    folder = Path(config.output_dir) / "data" / f"mcad-shapes-{_fingerprint(settings)}"
+    from modeling_mcad.shapes import shapes_splits
+
+    # Generated once (main process first) and kept under the output folder, keyed by the generator's settings (the
+    # run's seed unless `shapes` names its own).
     with accelerator.main_process_first():
-        if not folder.exists() and accelerator.is_main_process:
-            with atomic_directory(folder) as temporary:
-                make_shapes(**settings).save_to_disk(str(temporary))
-    return datasets.load_from_disk(str(folder))
-
-
-def _fingerprint(value) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return shapes_splits(Path(config.output_dir) / "data", **{"seed": config.seed, **config.shapes})
 
 
 def teacher_folder(config: TrainConfig) -> Path:
     return Path(config.output_dir) / "teacher"
+
+
+def load_teacher(config: TrainConfig):
+    """The saved teacher of the run (`teacher/`), frozen; the mcad-shapes fusion teacher's class registered first."""
+    import modeling_mcad.shapes  # noqa: F401  (registers model type "mcad_fusion", the shapes fusion teacher)
+    from modeling_mcad.teachers import MCADTeacher
+
+    if not teacher_folder(config).exists():
+        raise FileNotFoundError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
+    return MCADTeacher.from_pretrained(teacher_folder(config))
+
+
+def run_objective(config: TrainConfig):
+    """The run's `ObjectiveSettings`: the `objective` preset with `objective_overrides` (the one home of α, β, k, τ)."""
+    from modeling_mcad.objectives import objective_settings
+
+    return objective_settings(config.objective, **config.objective_overrides)
 
 
 def build_student(config: TrainConfig):
@@ -262,64 +268,66 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     """Runs on the main process (the teachers train in one process; the other processes wait)."""
     from torch.utils.data import DataLoader
 
-    from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, flatten_pairs
-    from modeling_mcad.fusion_teacher import MCADFusionModel
-    from modeling_mcad.teacher_training import (
-        FusionCurriculum,
-        TeacherModels,
-        TrainingPairs,
-        shapes_teachers,
-        teacher_gates,
-        train_dual_teacher,
-        train_fusion_stack,
-        train_fusion_teacher,
-    )
-    from modeling_mcad.teachers import MCADTeacher, compute_adapter_features, fit_adapter
+    from modeling_mcad.adapter import compute_adapter_features, fit_adapter
+    from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, TrainingPairs, flatten_pairs
+    from modeling_mcad.teacher_training import TeacherModels, train_dual_teacher, train_fusion_teacher
+    from modeling_mcad.teachers import MCADTeacher
 
     splits = load_splits(config, accelerator)
+    settings = run_objective(config)
     if accelerator.is_main_process:
         train = splits[config.train_split]
-        if config.dual_teacher == "shapes" or config.fusion_teacher == "shapes":
+        shapes = config.dual_teacher == "shapes" or config.fusion_teacher == "shapes"
+        if shapes:
+            from modeling_mcad import shapes as shapes_world
+
             if (config.dual_teacher, config.fusion_teacher) != ("shapes", "shapes"):
                 raise ValueError("dual_teacher and fusion_teacher are both 'shapes' or both Hub ids / folders.")
-            models = shapes_teachers(seed=config.seed, **config.shapes_teachers)
+            models = shapes_world.shapes_teachers(seed=config.seed, **config.shapes_teachers)
         else:
             published = MCADTeacher.from_teachers(config.dual_teacher, config.fusion_teacher)
             models = TeacherModels(published.dual, published.processors["dual"], published.fusion.model,
                                    published.processors["fusion"])
-        if config.train_teachers or config.dual_teacher == "shapes":
+        if config.train_teachers or shapes:
             for model in (models.dual, models.fusion):
                 model.requires_grad_(True)
             pairs = TrainingPairs.from_split(train, models.processors)  # every image and text preprocessed once
             train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed, pairs=pairs,
                                **config.dual_teacher_training)
-            fusion_training = dict(config.fusion_teacher_training)
-            if isinstance(models.fusion, MCADFusionModel):
-                train_fusion_stack(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
-                                   seed=config.seed, pairs=pairs, **fusion_training)
+            if shapes:
+                shapes_world.train_fusion_stack(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
+                                                seed=config.seed, pairs=pairs, **config.fusion_teacher_training)
             else:
-                curriculum = FusionCurriculum(**fusion_training.pop("curriculum", {}))
                 train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
-                                     dual_processor=models.dual_processor, curriculum=curriculum, seed=config.seed,
-                                     pairs=pairs, **fusion_training)
+                                     dual_processor=models.dual_processor, seed=config.seed, pairs=pairs,
+                                     **config.fusion_teacher_training)
         teacher = models.to_mcad_teacher(adapter_objective=config.adapter_objective)
 
-        # The adapter is fitted on one pass of the frozen teachers over the training pairs (one caption per image).
-        pairs = flatten_pairs(train)
-        loader = DataLoader(pairs, batch_size=config.teacher_batch_size,
-                            sampler=OneCaptionPerImageSampler(pairs, seed=config.seed),
-                            collate_fn=ImageTextCollator(teacher.processors))
-        fit = fit_adapter(teacher, compute_adapter_features(teacher, loader), steps=config.adapter_steps,
-                          lr=config.adapter_lr, seed=config.seed)
-        logger.info("adapter (%s): loss %.3f -> %.3f; in-batch R@1 dual %.1f, modified %.1f", fit.objective,
-                    fit.losses[0], fit.losses[-1], fit.dual_recall_at_1, fit.modified_recall_at_1)
+        # The adapter is fitted on one pass of the frozen teachers over the training pairs (one caption per image),
+        # with the run's objective settings: the α and τ_T the student will distil with.
+        report = {}
+        if settings.feature_alpha == 0 and config.adapter_objective != "regression":
+            logger.info("objective %s does not read the fusion adapter (alpha = 0): the adapter is not fitted",
+                        config.objective)
+        else:
+            pairs = flatten_pairs(train)
+            loader = DataLoader(pairs, batch_size=config.teacher_batch_size,
+                                sampler=OneCaptionPerImageSampler(pairs, seed=config.seed),
+                                collate_fn=ImageTextCollator(teacher.processors))
+            fit = fit_adapter(teacher, compute_adapter_features(teacher, loader), settings,
+                              steps=config.adapter_steps, lr=config.adapter_lr, seed=config.seed)
+            logger.info("adapter (%s, alpha %s): loss %.3f -> %.3f; in-batch R@1 dual %.1f, modified %.1f",
+                        fit.objective, settings.feature_alpha, fit.losses[0], fit.losses[-1], fit.dual_recall_at_1,
+                        fit.modified_recall_at_1)
+            report["adapter"] = {"objective": fit.objective, **teacher.config.adapter_fit, "first_loss": fit.losses[0],
+                                 "last_loss": fit.losses[-1], "dual_recall_at_1": fit.dual_recall_at_1,
+                                 "modified_recall_at_1": fit.modified_recall_at_1}
         teacher.save_pretrained(teacher_folder(config))
 
-        report = {"adapter": {"objective": fit.objective, "first_loss": fit.losses[0], "last_loss": fit.losses[-1],
-                              "dual_recall_at_1": fit.dual_recall_at_1,
-                              "modified_recall_at_1": fit.modified_recall_at_1}}
         evaluation = splits[config.eval_split]
-        if {"swapped_captions", "flipped_captions"} <= set(evaluation.column_names):
+        if {"swapped_captions", "flipped_captions", "scene"} <= set(evaluation.column_names):
+            from modeling_mcad.shapes import teacher_gates
+
             gates = teacher_gates(teacher, evaluation)
             report["gates"] = {config.eval_split: gates["gates"]}
             report["validation_rows"] = gates["rows"]
@@ -337,11 +345,8 @@ def teachers(config: TrainConfig, accelerator) -> Path:
 
 def cache(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_cache import build_teacher_cache
-    from modeling_mcad.teachers import MCADTeacher
 
-    if not teacher_folder(config).exists():
-        raise FileNotFoundError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
-    teacher = MCADTeacher.from_pretrained(teacher_folder(config)).to(accelerator.device)
+    teacher = load_teacher(config).to(accelerator.device)
     train = load_splits(config, accelerator)[config.train_split]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
                                batch_size=config.teacher_batch_size)
@@ -352,60 +357,99 @@ def cache(config: TrainConfig, accelerator) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def distill(config: TrainConfig, accelerator) -> Path:
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+@dataclass
+class Distillation:
+    """What the distill loop trains with, prepared by Accelerate (`prepare_distillation`)."""
 
-    from modeling_mcad.checkpointing import CheckpointManager
+    module: "torch.nn.Module"  # DistillationModule: the student and the objective's projections W
+    processor: object  # the student's processor, saved with it
+    loader: "torch.utils.data.DataLoader"
+    sampler: object  # the loader's OneCaptionPerImageSampler (its canonical epochs drive the NegCLIP curriculum)
+    step: object  # optimization.TrainingStep
+    total_steps: int
+    settings: object  # the objective's ObjectiveSettings
+    cache: object = None  # TeacherCache when the objective reads cached targets (β = 0)
+    teacher: object = None  # MCADTeacher when it runs online (β > 0)
+
+
+def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
+    """The student, its objective, the data, the optimiser and the teacher side (cache or online), prepared."""
+    from torch.utils.data import DataLoader
+
     from modeling_mcad.data import ImageTextCollator, flatten_pairs
     from modeling_mcad.distillation import DistillationModule
-    from modeling_mcad.objectives import MCADLoss, objective_settings
+    from modeling_mcad.objectives import MCADLoss
+    from modeling_mcad.optimization import TrainingStep, adamw_with_cosine
     from modeling_mcad.teacher_cache import TeacherCache
-    from modeling_mcad.teachers import MCADTeacher
 
-    set_seed(config.seed)
-    torch.set_flush_denormal(True)  # Adam states turn subnormal on plateaus: 100x slower CPU steps otherwise
-    output_dir = Path(config.output_dir)
-    settings = objective_settings(config.objective, **config.objective_overrides)
-    splits = load_splits(config, accelerator)
-    pairs = flatten_pairs(splits[config.train_split])
+    settings = run_objective(config)
+    train = load_splits(config, accelerator)[config.train_split]
+    pairs = flatten_pairs(train)
 
     # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise.
     teacher = cache = None
     teacher_dim = 1
     if settings.uses_teacher:
-        teacher = MCADTeacher.from_pretrained(teacher_folder(config))
+        teacher = load_teacher(config)
+        check_adapter_fit(teacher, settings)
         teacher_dim = teacher.config.teacher_dim
         if settings.beta == 0:
-            cache = TeacherCache.for_run(output_dir, teacher_folder(config), splits[config.train_split])
+            cache = TeacherCache.for_run(config.output_dir, teacher_folder(config), train)
             teacher = None
         else:
             teacher.to(accelerator.device)
     student, processor = build_student(config)
-    objective = MCADLoss(settings, student.config.projection_dim, teacher_dim)
-    module = DistillationModule(student, objective)
+    module = DistillationModule(student, MCADLoss(settings, student.config.projection_dim, teacher_dim))
 
     processors = {"student": processor, **(teacher.processors if teacher is not None else {})}
-    sampler = training_sampler(config, splits[config.train_split], pairs)
+    sampler = training_sampler(config, train, pairs)
     loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, sampler=sampler,
                         collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions),
                         num_workers=config.num_workers,
                         # Its own generator: starting an epoch then draws no number from the global RNG, which
                         # drives dropout and which a resumed run restores as it was at the checkpoint.
                         generator=torch.Generator().manual_seed(config.seed))
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = config.epochs * (len(loader) // config.gradient_accumulation_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    optimizer, scheduler = adamw_with_cosine(module, config.learning_rate, total_steps, config.weight_decay,
+                                             config.warmup_steps)
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    step = TrainingStep(module, optimizer, scheduler, config.max_grad_norm, accelerator)
+    return Distillation(module, processor, loader, sampler, step, total_steps, settings, cache, teacher)
 
+
+def check_adapter_fit(teacher, settings) -> None:
+    """Warn when the run distils with another α or τ_T than the teacher's adapter was fitted with."""
+    from modeling_mcad.adapter import adapter_fit_record
+
+    fitted = teacher.config.adapter_fit
+    if not settings.uses_teacher or settings.feature_alpha == 0:  # the adapter's output is not read
+        return
+    if fitted is None:
+        logger.warning("the teacher's fusion adapter was never fitted, but this objective reads it: run the teachers "
+                       "stage with this objective first")
+    elif {key: fitted.get(key) for key in adapter_fit_record(settings)} != adapter_fit_record(settings):
+        logger.warning("the teacher's fusion adapter was fitted with %s, this run distils with %s: rerun the teachers "
+                       "stage with this objective for an adapter fitted to it", fitted, adapter_fit_record(settings))
+
+
+def distill(config: TrainConfig, accelerator) -> Path:
+    """The training loop: one Accelerate loop over the prepared `Distillation`, checkpointed and resumable."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from modeling_mcad.checkpointing import CheckpointManager
+
+    set_seed(config.seed)
+    torch.set_flush_denormal(True)  # Adam states turn subnormal on plateaus: 100x slower CPU steps otherwise
+    run = prepare_distillation(config, accelerator)
+    module, loader = run.module, run.loader
+    output_dir = Path(config.output_dir)
     checkpoints = CheckpointManager(output_dir / "checkpoints", accelerator, keep=config.keep_checkpoints)
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite_skipped": 0}
     if config.resume_from_checkpoint:
         state = checkpoints.load(config.resume_from_checkpoint)
     accelerator.init_trackers("distill", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"distill ({config.objective})",
+    progress = tqdm(total=run.total_steps, initial=state["global_step"], desc=f"distill ({config.objective})",
                     disable=not accelerator.is_local_main_process)
 
     nonfinite_in_a_row = 0
@@ -419,24 +463,21 @@ def distill(config: TrainConfig, accelerator) -> Path:
         for batch in batches:
             with accelerator.accumulate(module):
                 targets = None
-                if cache is not None:
+                if run.cache is not None:
                     # The targets of the whole global batch, in the order the student's embeddings are gathered.
-                    targets = cache.targets(accelerator.gather(batch["pair_index"]), accelerator.device)
-                elif teacher is not None:
-                    targets = online_teacher_targets(teacher, batch, settings, accelerator)
+                    targets = run.cache.targets(accelerator.gather(batch["pair_index"]), accelerator.device)
+                elif run.teacher is not None:
+                    targets = online_teacher_targets(run.teacher, batch, run.settings, accelerator)
                 negatives = batch.get("negatives")
-                if epoch < sampler.canonical_epochs:
+                if epoch < run.sampler.canonical_epochs:
                     negatives = without_flips(negatives, config.negative_captions)
                 output = module(batch["student"], targets, negatives)
                 # Every process holds the same global loss, so all of them skip a non-finite step together.
                 finite = bool(torch.isfinite(output.loss))
                 if finite:
-                    accelerator.backward(output.loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad()
+                    run.step(output.loss)
+                else:
+                    run.step.skip()
             samples_seen += len(batch["pair_index"])
             state["step_in_epoch"] += 1
             nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
@@ -452,13 +493,12 @@ def distill(config: TrainConfig, accelerator) -> Path:
                     )
             if not accelerator.sync_gradients:
                 continue
-            logit_scale = accelerator.unwrap_model(module).student.logit_scale
-            logit_scale.data.clamp_(0, math.log(100))  # CLIP's cap: keeps the softmax from saturating
             state["global_step"] += 1
             progress.update(1)
             if finite and (state["global_step"] % config.log_every_steps == 0 or state["global_step"] == 1):
+                logit_scale = accelerator.unwrap_model(module).student.logit_scale
                 logs = {name: value.item() for name, value in vars(output).items() if value is not None}
-                logs.update(lr=scheduler.get_last_lr()[0], logit_scale=logit_scale.exp().item())
+                logs.update(lr=run.step.lr, logit_scale=logit_scale.exp().item())
                 accelerator.log(logs, step=state["global_step"])
                 progress.set_postfix(loss=f"{logs['loss']:.3f}")
                 if accelerator.is_main_process:
@@ -470,16 +510,22 @@ def distill(config: TrainConfig, accelerator) -> Path:
     progress.close()
 
     samples_per_process = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
+    return save_student(config, accelerator, run, {
+        "objective": config.objective, "num_processes": accelerator.num_processes,
+        "samples_per_process": samples_per_process, "global_steps": state["global_step"],
+        "nonfinite_skipped": state["nonfinite_skipped"],
+    })
+
+
+def save_student(config: TrainConfig, accelerator, run: Distillation, summary: dict) -> Path:
+    """The trained student and its processor (`student/`, atomically) and the run's summary."""
+    output_dir = Path(config.output_dir)
     student_dir = output_dir / "student"
     if accelerator.is_main_process:
         with atomic_directory(student_dir) as temporary:
-            accelerator.unwrap_model(module).student.save_pretrained(temporary)
-            processor.save_pretrained(temporary)
-        atomic_write_text(output_dir / "distill_summary.json", json.dumps({
-            "objective": config.objective, "num_processes": accelerator.num_processes,
-            "samples_per_process": samples_per_process, "global_steps": state["global_step"],
-            "nonfinite_skipped": state["nonfinite_skipped"],
-        }, indent=2))
+            accelerator.unwrap_model(run.module).student.save_pretrained(temporary)
+            run.processor.save_pretrained(temporary)
+        atomic_write_text(output_dir / "distill_summary.json", json.dumps(summary, indent=2))
         logger.info("student saved to %s", student_dir)
     accelerator.wait_for_everyone()
     return student_dir
@@ -534,14 +580,8 @@ def online_teacher_targets(teacher, batch: dict, settings, accelerator) -> dict[
         return {name: accelerator.gather(pad_across_processes(value, dim=1) if value.ndim == 2 else value)
                 for name, value in inputs.items()}
 
-    # α is applied by the loss (from the adapted features), so the teacher is asked for α = 0 here.
-    targets = teacher.targets(global_inputs(batch["dual"]), global_inputs(batch["fusion"]), alpha=0.0,
-                              beta=settings.beta, top_k=settings.top_k)
-    return {
-        "teacher_image_embeds": targets.image_embeds, "teacher_text_embeds": targets.text_embeds,
-        "adapted_image_embeds": targets.adapted_image_embeds, "adapted_text_embeds": targets.adapted_text_embeds,
-        "fusion_logits": targets.fusion_logits, "fusion_mask": targets.fusion_mask,
-    }
+    # The loss forms v̂, t̂ and Ŝ itself from these pieces (as it does from the cache).
+    return teacher.targets(global_inputs(batch["dual"]), global_inputs(batch["fusion"]), settings).loss_inputs()
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -557,41 +597,9 @@ RESULT_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", 
                   "flip_accuracy")
 
 
-def student_encoders(student, processor, device="cpu"):
-    """(encode_images, encode_texts) callables of a student, for `evaluation.evaluate_model`."""
-
-    @torch.no_grad()
-    def encode_images(images):
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        return student.get_image_features(pixel_values)
-
-    @torch.no_grad()
-    def encode_texts(texts):
-        inputs = processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(device)
-        return student.get_text_features(**inputs)
-
-    return encode_images, encode_texts
-
-
-def dual_teacher_encoders(teacher):
-    """(encode_images, encode_texts) callables of the dual teacher, for `evaluation.evaluate_model`."""
-    processor = teacher.processors["dual"]
-
-    def encode_images(images):
-        return teacher.encode_images(processor.image_processor(images, return_tensors="pt")["pixel_values"])
-
-    def encode_texts(texts):
-        inputs = processor.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
-        return teacher.encode_texts(inputs["input_ids"], inputs["attention_mask"])
-
-    return encode_images, encode_texts
-
-
 def evaluate(config: TrainConfig, accelerator) -> dict:
     from modeling_mcad import MCADModel, MCADProcessor
-    from modeling_mcad.evaluation import evaluate_model
-    from modeling_mcad.teacher_training import teacher_gates
-    from modeling_mcad.teachers import MCADTeacher
+    from modeling_mcad.evaluation import dual_teacher_encoders, evaluate_model, student_encoders
 
     splits = load_splits(config, accelerator)
     results = {}
@@ -599,8 +607,10 @@ def evaluate(config: TrainConfig, accelerator) -> dict:
         test = splits[config.test_split]
         output_dir = Path(config.output_dir)
         if teacher_folder(config).exists():
-            teacher = MCADTeacher.from_pretrained(teacher_folder(config))
-            if {"swapped_captions", "flipped_captions"} <= set(test.column_names):
+            teacher = load_teacher(config)
+            if {"swapped_captions", "flipped_captions", "scene"} <= set(test.column_names):
+                from modeling_mcad.shapes import teacher_gates
+
                 results.update(teacher_gates(teacher, test)["rows"])  # with the fusion teacher as a re-ranker
             else:
                 results["dual teacher"] = evaluate_model(*dual_teacher_encoders(teacher), test)

@@ -1,4 +1,4 @@
-"""Data and metric speed (issue 4) -> markdown tables for BENCHMARKS.md.
+"""Data and metric speed -> markdown tables for BENCHMARKS.md.
 
     python benchmarks/data_speed.py
 

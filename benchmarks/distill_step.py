@@ -1,5 +1,5 @@
 """Distillation step time: a plain contrastive step, an MCAD step reading cached targets, an MCAD step with the
-teachers online (β > 0), side by side on the same batch (issue: training loop, "fast by design").
+teachers online (β > 0), side by side on the same batch.
 
     python benchmarks/distill_step.py [--batch_size 128] [--rounds 5]
 
@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from modeling_mcad import MCADModel, MCADProcessor
 from modeling_mcad.data import ImageTextCollator, flatten_pairs
 from modeling_mcad.distillation import DistillationModule
-from modeling_mcad.objectives import MCADLoss
-from modeling_mcad.shapes import make_shapes
+from modeling_mcad.objectives import MCADLoss, objective_settings
+from modeling_mcad.optimization import TrainingStep, adamw_with_cosine
+from modeling_mcad.shapes import make_shapes, shapes_teachers
 from modeling_mcad.teacher_cache import TeacherCache, build_teacher_cache
-from modeling_mcad.teacher_training import shapes_teachers
 
 
 def main() -> None:
@@ -69,10 +69,7 @@ def main() -> None:
 
 
 def online_targets(teacher, batch) -> dict:
-    targets = teacher.targets(batch["dual"], batch["fusion"], alpha=0.0, beta=0.5, top_k=8)
-    return {"teacher_image_embeds": targets.image_embeds, "teacher_text_embeds": targets.text_embeds,
-            "adapted_image_embeds": targets.adapted_image_embeds, "adapted_text_embeds": targets.adapted_text_embeds,
-            "fusion_logits": targets.fusion_logits, "fusion_mask": targets.fusion_mask}
+    return teacher.targets(batch["dual"], batch["fusion"], objective_settings("mcad", beta=0.5, top_k=8)).loss_inputs()
 
 
 def make_step(objective: str, teacher, targets_of, **overrides):
@@ -80,13 +77,10 @@ def make_step(objective: str, teacher, targets_of, **overrides):
     student = MCADModel.from_preset("shapes")
     module = DistillationModule(student, MCADLoss.from_preset(objective, student.config.projection_dim,
                                                               teacher.config.teacher_dim, **overrides)).train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    training_step = TrainingStep(module, *adamw_with_cosine(module, lr=1e-4, total_steps=1000))
 
     def step(batch):
-        loss = module(batch["student"], targets_of()).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        training_step(module(batch["student"], targets_of()).loss)
 
     return step
 

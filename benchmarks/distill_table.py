@@ -1,4 +1,4 @@
-"""The ablation (issue 8): does MCAD beat every baseline and the sharpening and negatives controls on mcad-shapes?
+"""The ablation: does MCAD beat every baseline and the sharpening and negatives controls on mcad-shapes?
 
     python benchmarks/distill_table.py [--output_dir outputs/ablation] [--seeds 0 1 2] [--jobs 2] [--with_negatives] \
         [--write]
@@ -10,7 +10,7 @@ subprocess and evaluates it on the test split: R@1/5/10 both ways, RSUM and bind
 student sees the same batches (whole families of near-duplicates, canonical captions for the first 2 epochs: the
 demo's distill recipe); only the objective differs. Rows:
 
-- the five objectives of DESIGN §7: `contrastive`, `clip_kd`, `affinity`, `fusion_only`, `mcad`;
+- the objectives of DESIGN §3.4: `contrastive`, `clip_kd`, `affinity`, `fusion_only`, `mcad`;
 - the controls: `clip_kd_feature` (`mcad` without the fusion teacher: the dual teacher's features alone),
   `clip_kd_sharp` (τ_T = 0.01), `clip_kd_identity` (γ = 0.5) and `negclip` (contrastive with the swap / flip
   captions the fusion teacher saw as extra negatives);
@@ -30,7 +30,6 @@ its last checkpoint. `--write` replaces the ablation section of BENCHMARKS.md an
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -46,7 +45,6 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import train_mcad  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 # The benchmark: the demo's recipe (configs/demo.yaml) on a larger training split; the data seed is fixed, the
@@ -75,7 +73,7 @@ NEGATIVES_ROWS = [
 ]
 COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "swap_accuracy", "flip_accuracy",
            "binding_accuracy")
-SECTION = "## Ablation: MCAD against every baseline and control (issue 8)"
+SECTION = "## Ablation: MCAD against every baseline and control"
 
 
 def run_folder(root: Path, row: str, seed: int) -> Path:
@@ -84,21 +82,32 @@ def run_folder(root: Path, row: str, seed: int) -> Path:
     return root / "runs" / f"{slug.strip('_')}_s{seed}"
 
 
-def prepare_teachers(config, root: Path) -> dict:
+def train_mcad(stages: list[str], config: dict, config_file: Path, extra: list[str] = ()) -> None:
+    """`train_mcad.py STAGES --config CONFIG_FILE`, the script as a user runs it, in a subprocess."""
+    atomic_write_text(config_file, yaml.safe_dump(config, allow_unicode=True))
+    subprocess.run([sys.executable, str(REPO_ROOT / "train_mcad.py"), *stages, "--config", str(config_file), *extra],
+                   check=True)
+
+
+def test_split(config: dict):
+    from modeling_mcad.shapes import shapes_splits
+
+    return shapes_splits(Path(config["output_dir"]) / "data", **config["shapes"])["test"]
+
+
+def prepare_teachers(config: dict, root: Path) -> dict:
     """The teachers and their cache (once), and their test-split rows (gates, re-ranker, bag-of-words floors)."""
-    accelerator = train_mcad.make_accelerator(config)
     started = time.perf_counter()
-    if not (root / "teacher_report.json").exists():
-        train_mcad.teachers(config, accelerator)
-    train_mcad.cache(config, accelerator)  # found, if built before
+    stages = ["cache"] if (root / "teacher_report.json").exists() else ["teachers", "cache"]
+    train_mcad(stages, config, root / "config.yaml")  # the cache is found, if built before
     rows_file = root / "teacher_rows.json"
     if rows_file.exists():
         return json.loads(rows_file.read_text())
-    from modeling_mcad.teacher_training import teacher_gates
+    from modeling_mcad.shapes import teacher_gates
     from modeling_mcad.teachers import MCADTeacher
 
-    test = train_mcad.load_splits(config, accelerator)[config.test_split]
-    teacher = MCADTeacher.from_pretrained(train_mcad.teacher_folder(config))
+    test = test_split(config)
+    teacher = MCADTeacher.from_pretrained(root / "teacher")
     gates = teacher_gates(teacher, test)
     result = {"rows": gates["rows"], "gates": gates["gates"], "seconds": time.perf_counter() - started,
               "parameters": {"dual teacher": teacher.dual.num_parameters(),
@@ -118,14 +127,11 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
         link = folder / shared
         if not link.exists():
             link.symlink_to((root / shared).resolve(), target_is_directory=True)
-    config = dataclasses.replace(base, output_dir=str(folder), seed=seed, objective=objective,
-                                 objective_overrides=overrides, negative_captions=negatives)
-    config_file = folder / "config.yaml"
-    atomic_write_text(config_file, yaml.safe_dump(dataclasses.asdict(config), allow_unicode=True))
+    config = {**base, "output_dir": str(folder), "seed": seed, "objective": objective,
+              "objective_overrides": overrides, "negative_captions": negatives}
     started = time.perf_counter()
     resume = ["--resume_from_checkpoint", "latest"] if (folder / "checkpoints").exists() else []
-    subprocess.run([sys.executable, str(REPO_ROOT / "train_mcad.py"), "distill", "--config", str(config_file),
-                    *resume], check=True)
+    train_mcad(["distill"], config, folder / "config.yaml", resume)
     seconds = time.perf_counter() - started
     metrics = evaluate_student(folder / "student", config)
     result = {"row": row, "seed": seed, "objective": objective, "overrides": overrides, "negatives": negatives,
@@ -134,17 +140,13 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
     return result
 
 
-def evaluate_student(student_dir: Path, config) -> dict:
-    from datasets import load_from_disk
-
+def evaluate_student(student_dir: Path, config: dict) -> dict:
     from modeling_mcad import MCADModel, MCADProcessor
-    from modeling_mcad.evaluation import evaluate_model
+    from modeling_mcad.evaluation import evaluate_model, student_encoders
 
     student = MCADModel.from_pretrained(student_dir).eval()
     processor = MCADProcessor.from_pretrained(student_dir)
-    data = next((Path(config.output_dir) / "data").iterdir())
-    test = load_from_disk(str(data))[config.test_split]
-    return evaluate_model(*train_mcad.student_encoders(student, processor), test)
+    return evaluate_model(*student_encoders(student, processor), test_split(config))
 
 
 def median_ms(function, repeats: int = 20) -> float:
@@ -163,6 +165,7 @@ def encode_times(root: Path) -> dict:
     """Per-item encode time (ms, batch 1, median) and parameters of the `shapes` student and the teachers."""
     from PIL import Image
 
+    import modeling_mcad.shapes  # noqa: F401  (registers the shapes fusion teacher)
     from modeling_mcad import MCADModel, MCADProcessor
     from modeling_mcad.teachers import MCADTeacher
 
@@ -232,17 +235,18 @@ def mean_std(values: list[float]) -> str:
 
 
 def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, command: str, seconds: float,
-             config, jobs: int, reused: int) -> str:
+             config: dict, jobs: int, reused: int) -> str:
+    config = {**yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text()), **config}  # defaults + the run's
     header = "| model | seeds | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS)
     lines = [SECTION, "", f"```\n{command}\n```", "",
-             f"Test split of mcad-shapes (1000 images, 5000 captions); students: the `shapes` preset, {config.epochs} "
-             f"epochs on {config.shapes['train']} training images, batch {config.batch_size} (whole "
-             f"`{config.batch_groups}` groups), lr {config.learning_rate:g}, canonical captions for the first "
-             f"{config.canonical_epochs} epochs; {jobs} students at a time. Wall time of the whole run (teachers "
+             f"Test split of mcad-shapes (1000 images, 5000 captions); students: the `shapes` preset, "
+             f"{config['epochs']} epochs on {config['shapes']['train']} training images, batch {config['batch_size']} "
+             f"(whole `{config['batch_groups']}` groups), lr {config['learning_rate']:g}, canonical captions for the "
+             f"first {config['canonical_epochs']} epochs; {jobs} students at a time. Wall time of the whole run (teachers "
              f"included): {seconds / 60:.0f} min (2 CPU cores)"
              + (f", not counting the {reused} students earlier invocations had finished." if reused
                 else "."), "",
-             "Gates (DESIGN §7): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"
+             "Gates (DESIGN §6.5): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"
                                                for name, ok in teachers["gates"].items()), "", header]
     for name, row in teachers["rows"].items():
         lines.append(f"| {name} | – | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in COLUMNS) + " |")
@@ -331,15 +335,15 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's section and the plot")
     args = parser.parse_args()
     root = Path(args.output_dir)
-    base = train_mcad.TrainConfig(output_dir=str(root), epochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.learning_rate, checkpoint_every_steps=100,
-                                  shapes={**SHAPES, "train": args.train_images})
+    base = {"output_dir": str(root), "epochs": args.epochs, "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate, "checkpoint_every_steps": 100,
+            "shapes": {**SHAPES, "train": args.train_images}}
     teachers = prepare_teachers(base, root)
     table_rows = ROWS + (NEGATIVES_ROWS if args.with_negatives else [])
     jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives, seeds in table_rows
             if not args.rows or row in args.rows for seed in (args.seeds if seeds == "all" else seeds)]
     if args.jobs > 1:
-        base = dataclasses.replace(base, cpu_threads=1)
+        base = {**base, "cpu_threads": 1}
         torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
     reused = sum((run_folder(root, row, seed) / "result.json").exists() for row, *_, seed in jobs)
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""How much Recall@1 does int8 cost trained students, against the noise of the statistic itself? (issue 6)
+"""How much Recall@1 does int8 cost trained students, against the noise of the statistic itself?
 
     python benchmarks/int8_parity.py STUDENT_DIR [STUDENT_DIR ...] [--eval_images 1000] [--threads 2]
 

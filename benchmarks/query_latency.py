@@ -1,4 +1,4 @@
-"""Query latency and peak memory of the torch-free search runtime (issue 7) -> markdown for BENCHMARKS.md.
+"""Query latency and peak memory of the torch-free search runtime -> markdown for BENCHMARKS.md.
 
     python benchmarks/query_latency.py                                  # trains a quick `shapes` student first
     python benchmarks/query_latency.py --model_dir outputs/demo/student # a trained student

@@ -1,4 +1,4 @@
-"""Bag-of-words floors of the mcad-shapes test split (issue 4) -> a markdown table for BENCHMARKS.md.
+"""Bag-of-words floors of the mcad-shapes test split -> a markdown table for BENCHMARKS.md.
 
     python benchmarks/shapes_baselines.py                  # the default benchmark, seeds 0 1 2
 
@@ -6,7 +6,7 @@ Each matcher of `modeling_mcad.shapes.matcher_embeddings` sees every image's sce
 a bag of words: `word_overlap` (all words of a caption against the image's reference description),
 `colour_shape` (colour and shape words: no binding, no relation) and `colour_shape_orientation` (plus the
 relation's axis, not its direction). A model must beat these for the benchmark to credit it with binding or
-relations (DESIGN §7). Figures are the mean ± std over the test splits of `--seeds` (`make_shapes(seed=...)` with
+relations (DESIGN §6.4). Figures are the mean ± std over the test splits of `--seeds` (`make_shapes(seed=...)` with
 the default knobs unless overridden).
 """
 

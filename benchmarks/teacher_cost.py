@@ -1,4 +1,4 @@
-"""Fusion-teacher cost per batch: the β > 0 path (top-k candidates, DESIGN §3) against scoring all B² pairs.
+"""Fusion-teacher cost per batch: the β > 0 path (top-k candidates, DESIGN §3.2) against scoring all B² pairs.
 
     python benchmarks/teacher_cost.py                       # B = 32, 64, 128, k = 8, 2 threads
 

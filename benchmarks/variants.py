@@ -1,4 +1,4 @@
-"""Size, CPU latency and parity of every exported variant (issue 6) -> a markdown table for BENCHMARKS.md.
+"""Size, CPU latency and parity of every exported variant -> a markdown table for BENCHMARKS.md.
 
     python benchmarks/variants.py                                    # random-init `shapes` and `mobile` students
     python benchmarks/variants.py --model_dir outputs/demo/student   # a trained student

@@ -55,7 +55,8 @@ PRESETS = {
     # The mcad-shapes student: 32 px scenes need fine patches (4 px) more than width. The text tower is CLIP's
     # (pre-norm, causal, pooled at the end-of-text token): a BERT of the same size, trained alone to regress the dual
     # teacher's text embeddings, never bound a colour to its shape (colour-swap accuracy 49%, against 94% for this
-    # tower; BENCHMARKS.md, issue 8). [SEP] ends the preset tokenizer's captions, so it is the end-of-text token.
+    # tower; docs/experiments/2026-12-01-student-and-ablation.md). [SEP] ends the preset tokenizer's captions, so it
+    # is the end-of-text token.
     "shapes": {
         "vision_config": {
             "model_type": "vit", "image_size": 32, "patch_size": 4, "num_channels": 3, "hidden_size": 96,

@@ -248,7 +248,9 @@ def cross_encoder_class(model_type: str) -> type[CrossEncoder]:
     if model_type not in CROSS_ENCODERS:
         raise ValueError(
             f"No cross-encoder adapter for model_type {model_type!r} (known: {sorted(CROSS_ENCODERS)}). Write a "
-            "CrossEncoder subclass for it and call register_cross_encoder(model_type, YourClass)."
+            "CrossEncoder subclass for it and call register_cross_encoder(model_type, YourClass); a package that "
+            "defines one registers it when imported (the mcad-shapes fusion teacher, 'mcad_fusion': import "
+            "modeling_mcad.shapes)."
         )
     return CROSS_ENCODERS[model_type]
 

@@ -28,6 +28,7 @@ import io
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -425,17 +426,139 @@ class OneCaptionPerImageSampler(Sampler[int]):
         return len(self._starts)
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        counts = self._canonical_counts if self.epoch < self.canonical_epochs else self._counts
+        return iter(self.draw(self.epoch, canonical_only=self.epoch < self.canonical_epochs).tolist())
+
+    def draw(self, epoch: int, canonical_only: bool = False) -> np.ndarray:
+        """
+        The pair indices of `epoch`: every image once, with one of its captions (its canonical ones only, where it
+        has any, with `canonical_only`), in the epoch's order. A function of the seed, the epoch and the flag alone.
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        counts = self._canonical_counts if canonical_only else self._counts
         chosen = self._order[self._starts + (rng.random(len(self._starts)) * counts).astype(np.int64)]
         if self._groups is not None:
             # torch's generator: the teachers' recipes and gates were measured on family batches drawn with it.
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             group_rank = torch.randperm(int(self._groups.max()) + 1, generator=generator)[self._groups]
             chosen = chosen[torch.argsort(group_rank, stable=True).numpy()]
         elif self.shuffle:
             chosen = chosen[rng.permutation(len(chosen))]
-        return iter(chosen.tolist())
+        return chosen
+
+
+# --- training splits as tensors: every image and text preprocessed once -----------------------------------------------
+
+
+@dataclass
+class TextTable:
+    """Texts tokenized once by one processor, padded to a common length; `rows(index)` gives a batch."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The texts at `index`, cut to the longest of them."""
+        mask = self.attention_mask[index]
+        length = max(int(mask.sum(dim=1).max()), 1)
+        return self.input_ids[index, :length], mask[:, :length]
+
+
+def encode_images(images: Sequence, processor, batch_size: int = 256) -> torch.Tensor:
+    """`pixel_values` of every image (PIL images or `datasets.Image` values), made by `processor`."""
+    chunks = [processor(images=[to_rgb(image) for image in images[start : start + batch_size]],
+                        return_tensors="pt")["pixel_values"]
+              for start in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
+
+
+def encode_texts(texts: Sequence[str], processor) -> TextTable:
+    """Every text tokenized by `processor` (cut to the tokenizer's limit)."""
+    encoding = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+    return TextTable(encoding["input_ids"], encoding["attention_mask"])
+
+
+@dataclass
+class TrainingPairs:
+    """
+    A training split as tensors: per pair its image, its caption's text row and its distractors' rows (-1: none);
+    every image and text encoded once per processor.
+
+    Args:
+        image_index (`torch.LongTensor` of shape `(pairs,)`): each pair's image.
+        canonical (`torch.BoolTensor` of shape `(pairs,)`): whether the caption names the left/top object first.
+        caption_row, swapped_row, flipped_row (`torch.LongTensor` of shape `(pairs,)`): rows of `texts`.
+        texts (`list[str]`): every distinct caption and distractor.
+        family (`torch.LongTensor` of shape `(images,)`, *optional*): each image's family of near-duplicates.
+        pixel_values (`dict[str, torch.Tensor]`): per processor name, `(images, channels, height, width)`.
+        tables (`dict[str, TextTable]`): per processor name, the tokenized `texts`.
+    """
+
+    image_index: torch.Tensor
+    canonical: torch.Tensor
+    caption_row: torch.Tensor
+    swapped_row: torch.Tensor
+    flipped_row: torch.Tensor
+    texts: list[str]
+    family: torch.Tensor | None = None
+    pixel_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    tables: dict[str, TextTable] = field(default_factory=dict)
+
+    @classmethod
+    def from_split(cls, split: datasets.Dataset, processors: Mapping[str, object]) -> "TrainingPairs":
+        """
+        Args:
+            split (`datasets.Dataset`): one row per image: `image`, `captions` and, for distractors and the wording
+                curriculum, the mcad-shapes columns `canonical`, `swapped_captions`, `flipped_captions`.
+            processors (`Mapping[str, processor]`): name -> processor; each encodes every image and text once.
+        """
+        # Whole columns, read without the per-row transform that attaches images (1.5 s a column for 15k pairs).
+        columns = flatten_pairs(split).with_format(None)[:]
+        captions = columns["caption"]
+        swapped = columns.get("swapped_caption", [None] * len(captions))
+        flipped = columns.get("flipped_caption", [None] * len(captions))
+        canonical = columns.get("canonical", [True] * len(captions))
+        row = {text: index for index, text in enumerate(dict.fromkeys(
+            text for text in (*captions, *swapped, *flipped) if text is not None))}
+
+        def rows(texts) -> torch.Tensor:
+            return torch.tensor([-1 if text is None else row[text] for text in texts], dtype=torch.long)
+
+        images = split.cast_column("image", datasets.Image(decode=False))[:]["image"]
+        # Teachers that share one processor (the shapes teachers) share its encodings: each is made once.
+        encoded = {}
+        for processor in processors.values():
+            if id(processor) not in encoded:
+                encoded[id(processor)] = encode_images(images, processor), encode_texts(list(row), processor)
+        return cls(
+            image_index=torch.tensor(columns["image_index"], dtype=torch.long),
+            canonical=torch.tensor(canonical, dtype=torch.bool),
+            caption_row=rows(captions), swapped_row=rows(swapped), flipped_row=rows(flipped),
+            texts=list(row),
+            family=torch.tensor(split["family"], dtype=torch.long) if "family" in split.column_names else None,
+            pixel_values={name: encoded[id(processor)][0] for name, processor in processors.items()},
+            tables={name: encoded[id(processor)][1] for name, processor in processors.items()},
+        )
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int, canonical_only: bool = False,
+                      group_families: bool = False) -> list[torch.Tensor]:
+        """
+        The pair indices of one epoch in batches of `batch_size` (the last, smaller one dropped): every image once
+        with one of its captions drawn afresh (`OneCaptionPerImageSampler.draw`), from its canonical captions only
+        with `canonical_only`.
+
+        With `group_families` (and a `family` per image), the images of a family of near-duplicates come one after
+        the other, families in a random order: a batch then holds each image's colour-swapped, place-swapped and
+        re-coloured siblings, the hard negatives a random batch of a large split almost never holds.
+        """
+        if group_families and self.family is None:
+            raise ValueError("group_families needs a `family` column in the split (mcad-shapes has one).")
+        sampler = OneCaptionPerImageSampler(self.image_index.tolist(), seed=seed, canonical=self.canonical.tolist(),
+                                            image_groups=self.family if group_families else None)
+        order = torch.from_numpy(sampler.draw(epoch, canonical_only))
+        return list(order[: len(order) // batch_size * batch_size].split(batch_size))
 
 
 # --- collation ---------------------------------------------------------------------------------------------------
@@ -520,5 +643,6 @@ class ImageTextCollator:
         return batch
 
 
-__all__ = ["ImageTextCollator", "ImageTooLargeError", "OneCaptionPerImageSampler", "check_image", "flatten_pairs",
-           "load_image_text_dataset", "open_image", "to_rgb"]
+__all__ = ["ImageTextCollator", "ImageTooLargeError", "OneCaptionPerImageSampler", "TextTable", "TrainingPairs",
+           "check_image", "encode_images", "encode_texts", "flatten_pairs", "load_image_text_dataset", "open_image",
+           "to_rgb"]

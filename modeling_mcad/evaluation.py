@@ -1,11 +1,12 @@
-"""Retrieval metrics (the Flickr30K / COCO protocol), the binding probe (DESIGN §7) and a model-agnostic evaluation.
+"""Retrieval metrics (the Flickr30K / COCO protocol), the binding probe (DESIGN §9) and a model-agnostic evaluation.
 
 - `retrieval_metrics(image_embeds, text_embeds, text_to_image)`: Recall@1/5/10 both ways, RSUM, median ranks.
   Also an `evaluate` metric module: `evaluate.load(RETRIEVAL_METRIC_PATH)` (offline), which calls this function.
 - `binding_probe(split)` / `binding_accuracy(...)`: does a model prefer an image's true caption to the same caption
   with the colours swapped or the relation flipped? Chance is 50%.
 - `evaluate_model(encode_images, encode_texts, split)`: both, for any pair of encoding callables (student, teacher,
-  exported runtime...).
+  exported runtime...); `student_encoders` / `dual_teacher_encoders` make them.
+- `rerank(...)`: ranks after a second model (the fusion teacher) re-orders each query's top k.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -257,6 +258,60 @@ def evaluate_model(
     return metrics
 
 
+def rerank(ranks: np.ndarray, candidates: torch.Tensor, scores: torch.Tensor, is_right: torch.Tensor) -> np.ndarray:
+    """
+    Ranks after re-ranking each query's top-k candidates by a second score: within the top k, the first right
+    answer's rank is its place in the re-ranked list; a query with no right answer in its top k keeps its rank.
+
+    Args:
+        ranks (`np.ndarray` of shape `(queries,)`): 1-based ranks of the first right answer before re-ranking.
+        candidates (`torch.LongTensor` of shape `(queries, k)`): each query's top k, best first (only their count is
+            read here; `is_right` and `scores` follow their order).
+        scores (`torch.Tensor` of shape `(queries, k)`): the re-ranker's score of each candidate (higher is better).
+        is_right (`torch.BoolTensor` of shape `(queries, k)`): whether each candidate is a right answer.
+    """
+    if not (candidates.shape == scores.shape == is_right.shape):
+        raise ValueError(f"candidates {tuple(candidates.shape)}, scores {tuple(scores.shape)} and is_right "
+                         f"{tuple(is_right.shape)} must have one shape, (queries, k).")
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    right_in_order = torch.gather(is_right, 1, order)
+    has_right = right_in_order.any(dim=1)
+    first_right = right_in_order.float().argmax(dim=1) + 1
+    reranked = np.array(ranks, copy=True)
+    reranked[has_right.numpy()] = first_right[has_right].numpy()
+    return reranked
+
+
+def student_encoders(student, processor, device="cpu") -> tuple[Callable, Callable]:
+    """(encode_images, encode_texts) callables of a student and its processor, for `evaluate_model`."""
+
+    @torch.no_grad()
+    def encode_images(images):
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        return student.get_image_features(pixel_values)
+
+    @torch.no_grad()
+    def encode_texts(texts):
+        inputs = processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(device)
+        return student.get_text_features(**inputs)
+
+    return encode_images, encode_texts
+
+
+def dual_teacher_encoders(teacher) -> tuple[Callable, Callable]:
+    """(encode_images, encode_texts) callables of a teacher's dual teacher (an `MCADTeacher` or `TeacherModels`)."""
+    processor = teacher.processors["dual"]
+
+    def encode_images(images):
+        return teacher.encode_images(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+
+    def encode_texts(texts):
+        inputs = processor.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+        return teacher.encode_texts(inputs["input_ids"], inputs["attention_mask"])
+
+    return encode_images, encode_texts
+
+
 def load_retrieval_metric(**kwargs):
     """`evaluate.load` of the retrieval metric module (offline, from this package)."""
     import evaluate
@@ -265,6 +320,5 @@ def load_retrieval_metric(**kwargs):
 
 
 __all__ = ["BINDING_KEYS", "RETRIEVAL_KEYS", "RETRIEVAL_METRIC_PATH", "BindingProbe", "binding_accuracy",
-           "binding_probe", "evaluate_model", "flatten_captions", "load_retrieval_metric", "metrics_from_ranks",
-           "retrieval_metrics",
-           "retrieval_ranks"]
+           "binding_probe", "dual_teacher_encoders", "evaluate_model", "flatten_captions", "load_retrieval_metric",
+           "metrics_from_ranks", "rerank", "retrieval_metrics", "retrieval_ranks", "student_encoders"]

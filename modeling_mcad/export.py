@@ -14,8 +14,8 @@
 Every graph outputs the *L2-normalised* projected embedding, so a torch-free query runtime only needs a dot
 product. Batch and sequence axes are dynamic (ExecuTorch programs: batch at most `EXECUTORCH_MAX_BATCH`).
 
-Why not torch's own int8 (`torch.ao` dynamic quantization, torchao) or optimum: see shared STACK_NOTES — barely
-faster here, not serialisable with save_pretrained, or downgrading transformers.
+Why not torch's own int8 (`torch.ao` dynamic quantization, torchao) or optimum (DESIGN §8.2): barely faster here,
+not serialisable with save_pretrained, or downgrading transformers.
 """
 
 import copy
@@ -62,10 +62,11 @@ CARD_FILES = ("README.md", "recall.png", "examples")
 # would describe the old ones.
 _EXPORT_OUTPUTS = (ONNX_DIR, EXECUTORCH_DIR, PARITY_FILE, f"model.{FP16_VARIANT}.safetensors", *CARD_FILES)
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-# How `quantize_dynamic` makes the int8 graphs (BENCHMARKS.md, issue 6). MatMul only: onnxruntime's CPU ConvInteger
-# runs the patch convolution slower than fp32 Conv (the `mobile` image encoder: 5.7 against 3.1 ms at batch 1), and
-# an int8 Gather (the embedding tables) saves bytes but no time. Per-channel weight scales: on nine trained `shapes`
-# students (4000 validation images) they halved the mean image->text R@1 loss (0.14 against 0.30) at the same speed.
+# How `quantize_dynamic` makes the int8 graphs (docs/experiments/2026-12-01-int8-recipe.md). MatMul only:
+# onnxruntime's CPU ConvInteger runs the patch convolution slower than fp32 Conv (the `mobile` image encoder: 5.7
+# against 3.1 ms at batch 1), and an int8 Gather (the embedding tables) saves bytes but no time. Per-channel weight
+# scales: on nine trained `shapes` students (4000 validation images) they halved the mean image->text R@1 loss (0.14
+# against 0.30) at the same speed.
 QUANTIZED_OP_TYPES = ["MatMul"]
 QUANTIZE_PER_CHANNEL = True
 # The parity gate allows for the evaluation split's own noise: a variant fails only when its Recall@1 drop exceeds
@@ -478,14 +479,6 @@ def measure_latency(
     return latency
 
 
-def default_eval_split():
-    """The mcad-shapes validation split (default knobs, 1000 images) that `export_variants` checks parity on when
-    given none."""
-    from .shapes import make_shapes
-
-    return make_shapes(train=0, test=0)["validation"]
-
-
 def _check_output_dir(model_dir: Path, output_dir: Path) -> None:
     """The export replaces `output_dir` as a whole: refuse a folder whose loss would hurt."""
     source, target = model_dir.resolve(), output_dir.resolve()
@@ -507,7 +500,7 @@ def export_variants(
     model_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
     *,
-    eval_split=None,
+    eval_split,
     max_r1_drop: float = 1.0,
     executorch: bool = False,
     batch_size: int = 64,
@@ -532,8 +525,8 @@ def export_variants(
         model_dir (`str` or `os.PathLike`): a folder written by `MCADModel.save_pretrained` and
             `MCADProcessor.save_pretrained`.
         output_dir (`str` or `os.PathLike`, *optional*): where the export goes; defaults to `model_dir` itself.
-        eval_split (`datasets.Dataset`, *optional*): images and captions to measure parity on; defaults to the
-            mcad-shapes validation split.
+        eval_split (`datasets.Dataset`): images and captions to measure parity on (one row per image, an image
+            column and a list-of-captions column), e.g. the run's validation split.
         max_r1_drop (`float`, defaults to 1.0): the most Recall@1 (percentage points, image->text or
             text->image) a variant may lose against fp32 torch beyond `PARITY_NOISE_SIGMAS` paired standard errors
             of the change; more raises [`ParityError`].
@@ -568,7 +561,7 @@ def export_variants(
     model = MCADModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = MCADProcessor.from_pretrained(model_dir)
     inputs = prepare_eval_inputs(
-        eval_split if eval_split is not None else default_eval_split(), processor, batch_size,
+        eval_split, processor, batch_size,
         image_column=image_column, caption_column=caption_column,
     )
     num_threads = num_threads or torch.get_num_threads()

@@ -1,25 +1,149 @@
-"""The MCAD objective (DESIGN §3): contrastive, distribution-distillation and feature-distillation terms.
+"""Every loss of the package, and the modified teacher (DESIGN §3).
 
-Every baseline of the ablation is a named preset of the same `MCADLoss`, so every comparison runs one code path:
+The distillation objective, one `nn.Module` per term:
 
     L = L_con + λ_dist · L_dist + λ_feat · L_feat
 
-with the student's logits S_ij = exp(logit_scale) · <s^v_i, s^t_j> and the modified teacher of `teachers.py`:
-v̂, t̂ = modified_features(v, t, P_v f, P_t f, α) and Ŝ = modified_similarity(v̂, t̂, τ_T, m, mask, β, τ_F).
+with the student's logits S_ij = exp(logit_scale) · <s^v_i, s^t_j> and the modified teacher
+
+    v̂_i = normalize(v_i + α · normalize(P_v f_i))        t̂_i = normalize(t_i + α · normalize(P_t f_i))
+    Ŝ_ij = <v̂_i, t̂_j> / τ_T,  and for the top-k candidates:  Ŝ_ij ← (1 − β) Ŝ_ij + β · m_ij / τ_F
+
+Every baseline of the ablation is a named preset of the same `MCADLoss` (`OBJECTIVE_PRESETS`), so every comparison
+runs one code path, and `ObjectiveSettings` is the one home of the knobs: the adapter fit, the teacher cache and the
+loss read the same α and τ_T. The teachers are trained with the same InfoNCE (`ContrastiveLoss`) and, for a
+cross-encoder, the balanced image-text matching loss (`MatchingLoss`).
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .teachers import modified_features, modified_similarity
+# --- The modified teacher: pure functions ----------------------------------------------------------------------------
+
+
+def modified_features(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    adapted_image: torch.Tensor,
+    adapted_text: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The modified teacher features v̂ = normalize(v + α·normalize(P_v f)), t̂ = normalize(t + α·normalize(P_t f)).
+
+    Args:
+        image_embeds, text_embeds (`torch.Tensor` of shape `(B, d_T)`): v, t, the dual teacher's L2-normalised
+            embeddings.
+        adapted_image, adapted_text (`torch.Tensor` of shape `(B, d_T)`): P_v f, P_t f, the adapter's outputs for
+            each positive pair (any norm: only their direction counts).
+        alpha (`float`): α ≥ 0. `0` returns v, t themselves (the dual teacher, exactly). `float("inf")` is the
+            `fusion_only` baseline: the limit of the formula, v̂ = normalize(P_v f), t̂ = normalize(P_t f).
+    """
+    if alpha == 0:
+        return image_embeds, text_embeds
+    if math.isinf(alpha):
+        return F.normalize(adapted_image, dim=-1), F.normalize(adapted_text, dim=-1)
+    image = F.normalize(image_embeds + alpha * F.normalize(adapted_image, dim=-1), dim=-1)
+    text = F.normalize(text_embeds + alpha * F.normalize(adapted_text, dim=-1), dim=-1)
+    return image, text
+
+
+def modified_similarity(
+    mod_image: torch.Tensor,
+    mod_text: torch.Tensor,
+    teacher_temperature: float,
+    fusion_logits: torch.Tensor | None = None,
+    fusion_mask: torch.Tensor | None = None,
+    beta: float = 0.0,
+    fusion_temperature: float = 1.0,
+) -> torch.Tensor:
+    """
+    The modified teacher similarity Ŝ (images × texts): Ŝ_ij = <v̂_i, t̂_j> / τ_T, and where `fusion_mask` is set,
+    Ŝ_ij ← (1 − β)·Ŝ_ij + β·m_ij / τ_F.
+
+    Args:
+        mod_image, mod_text (`torch.Tensor` of shape `(B, d_T)`): v̂, t̂.
+        teacher_temperature (`float`): τ_T.
+        fusion_logits (`torch.Tensor` of shape `(B, B)`, *optional*): m_ij, the fusion teacher's match logits
+            (read only where `fusion_mask` is set). Required when β > 0.
+        fusion_mask (`torch.BoolTensor` of shape `(B, B)`, *optional*): the pairs the fusion teacher scored
+            (`top_k_candidates`). `None`: every entry of `fusion_logits` is a score.
+        beta (`float`): β ∈ [0, 1]; 0 ignores the fusion logits.
+        fusion_temperature (`float`): τ_F.
+    """
+    similarity = mod_image @ mod_text.t() / teacher_temperature
+    if beta == 0:
+        return similarity
+    if fusion_logits is None:
+        raise ValueError("beta > 0 blends the fusion teacher's match logits into the similarity: pass fusion_logits "
+                         "(and fusion_mask), e.g. from MCADTeacher.targets(...) with beta > 0, or set beta=0.")
+    if fusion_logits.shape != similarity.shape:
+        raise ValueError(f"fusion_logits has shape {tuple(fusion_logits.shape)}, the similarity "
+                         f"{tuple(similarity.shape)}: they must cover the same images × texts.")
+    blended = (1 - beta) * similarity + beta * fusion_logits.to(similarity.dtype) / fusion_temperature
+    return blended if fusion_mask is None else torch.where(fusion_mask.bool(), blended, similarity)
+
+
+def top_k_candidates(image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    The pairs the fusion teacher scores when β > 0: each image's k most similar texts and each text's k most similar
+    images under the dual teacher, plus the diagonal (the positive pairs). The positives are always included: the
+    fusion teacher runs on them anyway for their fused feature f_i, so they cost nothing extra, and a row's positive
+    then sits on the same (fusion-blended) scale as the hard negatives it is ranked against.
+
+    At most B·(2k + 1) pairs, usually about 2·B·k (the positive is normally among the top k), never B² for k ≪ B.
+
+    Args:
+        image_embeds, text_embeds (`torch.Tensor` of shape `(B, d_T)`): the dual teacher's v, t.
+        k (`int`): candidates per image and per text (capped at B).
+
+    Returns:
+        `torch.BoolTensor` of shape `(B, B)`, images × texts.
+    """
+    similarity = image_embeds @ text_embeds.t()
+    batch = similarity.shape[0]
+    mask = torch.eye(batch, dtype=torch.bool, device=similarity.device)
+    k = min(k, batch)
+    if k > 0:
+        mask.scatter_(1, similarity.topk(k, dim=1).indices, True)
+        mask.scatter_(0, similarity.topk(k, dim=0).indices, True)
+    return mask
+
+
+# --- Losses ----------------------------------------------------------------------------------------------------------
+
+
+def info_nce(
+    logits: torch.Tensor,
+    negative_logits: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    CLIP's symmetric InfoNCE on B positive pairs: ½ [CE(S, diag) + CE(Sᵀ, diag)].
+
+    Args:
+        logits (`torch.Tensor` of shape `(B, B)`): S, images × texts, pair i on the diagonal.
+        negative_logits (`torch.Tensor` of shape `(B, N)`, *optional*): each image's scores against N extra negative
+            texts (NegCLIP): extra columns of the image→text rows only.
+        image_ids (`torch.LongTensor` of shape `(B,)`, *optional*): pairs sharing an image id are not each other's
+            negatives (several captions of one image in a batch).
+    """
+    if image_ids is not None:
+        same_image = image_ids[:, None] == image_ids[None, :]
+        same_image.fill_diagonal_(False)
+        logits = logits.masked_fill(same_image, float("-inf"))
+    targets = torch.arange(len(logits), device=logits.device)
+    image_to_text = logits if negative_logits is None else torch.cat([logits, negative_logits], dim=1)
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
 class ContrastiveLoss(nn.Module):
     """
-    L_con = ½ [CE(S, diag) + CE(Sᵀ, diag)], CLIP's InfoNCE over a batch of matching pairs.
+    L_con = `info_nce`(S) with S_ij = exp(logit_scale) · <s^v_i, s^t_j>: CLIP's loss on a batch of matching pairs.
 
     With `negative_text_embeds` (NegCLIP): each image's row of S gets extra columns, its scores against the hard
     negative captions (e.g. colour-swapped or relation-flipped captions); the text→image direction is unchanged.
@@ -34,24 +158,37 @@ class ContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            image_embeds (`torch.Tensor` of shape `(B, d_S)`): L2-normalised student image embeddings.
-            text_embeds (`torch.Tensor` of shape `(B, d_S)`): L2-normalised student text embeddings; row i
-                describes image i.
-            logit_scale (`torch.Tensor`): the student's log logit scale.
-            negative_text_embeds (`torch.Tensor` of shape `(N, d_S)`, *optional*): hard negative captions.
+            image_embeds (`torch.Tensor` of shape `(B, d)`): L2-normalised image embeddings.
+            text_embeds (`torch.Tensor` of shape `(B, d)`): L2-normalised text embeddings; row i describes image i.
+            logit_scale (`torch.Tensor`): the log logit scale.
+            negative_text_embeds (`torch.Tensor` of shape `(N, d)`, *optional*): hard negative captions.
         """
-        logits = logit_scale.exp() * image_embeds @ text_embeds.t()
-        negative_logits = None
-        if negative_text_embeds is not None:
-            negative_logits = logit_scale.exp() * image_embeds @ negative_text_embeds.t()
-        return self.from_logits(logits, negative_logits)
+        return info_nce(*self.logits(image_embeds, text_embeds, logit_scale, negative_text_embeds))
 
     @staticmethod
-    def from_logits(logits: torch.Tensor, negative_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """L_con from S (images × texts) and, for NegCLIP, each image's scores against the negatives."""
-        targets = torch.arange(logits.shape[0], device=logits.device)
-        image_to_text = logits if negative_logits is None else torch.cat([logits, negative_logits], dim=1)
-        return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    def logits(image_embeds, text_embeds, logit_scale, negative_text_embeds=None):
+        """(S, the images' scores against the negatives or None)."""
+        scale = logit_scale.exp()
+        negative_logits = None if negative_text_embeds is None else scale * image_embeds @ negative_text_embeds.t()
+        return scale * image_embeds @ text_embeds.t(), negative_logits
+
+
+class MatchingLoss(nn.Module):
+    """
+    Image-text matching (a cross-encoder's ITM loss), balanced: ½ [mean over positives of softplus(−m) + mean over
+    negatives of softplus(m)], with m the match logit (for a 2-way ITM head, logit(match) − logit(no match), so each
+    term is that head's cross-entropy). However many negatives a positive gets, both classes weigh the same.
+    """
+
+    def forward(self, match_logits: torch.Tensor, is_positive: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            match_logits (`torch.Tensor` of shape `(pairs,)`): m for every scored pair.
+            is_positive (`torch.BoolTensor` of shape `(pairs,)`): which pairs match.
+        """
+        positive = F.softplus(-match_logits[is_positive]).mean()
+        negative = F.softplus(match_logits[~is_positive]).mean()
+        return (positive + negative) / 2
 
 
 class DistributionDistillationLoss(nn.Module):
@@ -61,7 +198,7 @@ class DistributionDistillationLoss(nn.Module):
 
     Args:
         identity_mix (`float`, defaults to 0): γ; the teacher's distributions become (1 − γ)·softmax(Ŝ) + γ·I.
-            A control (DESIGN §7): it sharpens the target without any teacher knowledge.
+            A control (DESIGN §9): it sharpens the target without any teacher knowledge.
     """
 
     def __init__(self, identity_mix: float = 0.0):
@@ -145,6 +282,31 @@ class ObjectiveSettings:
     lambda_feat: float = 1.0
     identity_mix: float = 0.0
 
+    def __post_init__(self):
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0 (0: the dual teacher only), got {self.alpha!r}.")
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta!r}.")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
+        for name in ("teacher_temperature", "fusion_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+
+    @property
+    def feature_alpha(self) -> float:
+        """The α that `modified_features` applies: `inf` for `fusion_only` (the adapted fused features alone)."""
+        return float("inf") if self.fusion_only else self.alpha
+
+    def modified_features(self, image_embeds, text_embeds, adapted_image, adapted_text):
+        """v̂, t̂ with these settings' α (see `modified_features`)."""
+        return modified_features(image_embeds, text_embeds, adapted_image, adapted_text, self.feature_alpha)
+
+    def modified_similarity(self, mod_image, mod_text, fusion_logits=None, fusion_mask=None):
+        """Ŝ with these settings' τ_T, β, τ_F (see `modified_similarity`)."""
+        return modified_similarity(mod_image, mod_text, self.teacher_temperature, fusion_logits, fusion_mask,
+                                   self.beta, self.fusion_temperature)
+
     @property
     def uses_teacher(self) -> bool:
         return bool(self.lambda_dist or self.lambda_feat)
@@ -154,10 +316,10 @@ class ObjectiveSettings:
         return self.uses_teacher and (self.fusion_only or self.alpha != 0 or self.beta > 0)
 
 
-# The ablation's settings (DESIGN §3, §7). Each is ObjectiveSettings with these fields changed.
+# The ablation's settings (DESIGN §3, §9). Each is ObjectiveSettings with these fields changed.
 #
 # `mcad` distils the modified teacher *features* (α = 2, λ_dist = 0), chosen on mcad-shapes' validation split
-# (BENCHMARKS.md, issue 8): a dual teacher is blind to relation flips, and the in-batch distributions of a batch of
+# (docs/experiments): a dual teacher is blind to relation flips, and the in-batch distributions of a batch of
 # near-duplicates then tell the student that a caption and its place-swapped sibling's caption fit an image equally
 # well. The distribution term (λ_dist = 1, also with β > 0: the fusion teacher ranks place swaps right 62-77% of
 # the time) held the student at 52-55% on flips where the labels alone teach 99%; even λ_dist = 0.1 cost 16 points.
@@ -180,7 +342,8 @@ def objective_settings(name: str, **overrides) -> ObjectiveSettings:
         raise ValueError(f"Unknown objective {name!r}; choose one of {sorted(OBJECTIVE_PRESETS)}.")
     unknown = set(overrides) - set(asdict(ObjectiveSettings()))
     if unknown:
-        raise ValueError(f"Unknown objective knob(s) {sorted(unknown)}; the knobs are {sorted(asdict(ObjectiveSettings()))}.")
+        raise ValueError(f"Unknown objective knob(s) {sorted(unknown)}; the knobs are "
+                         f"{sorted(asdict(ObjectiveSettings()))}.")
     return ObjectiveSettings(**{**OBJECTIVE_PRESETS[name], **overrides})
 
 
@@ -228,14 +391,9 @@ class MCADLoss(ContrastiveLoss):
         if adapted_image_embeds is None:
             image, text = teacher_image_embeds, teacher_text_embeds
         else:
-            alpha = float("inf") if s.fusion_only else s.alpha
-            image, text = modified_features(
-                teacher_image_embeds, teacher_text_embeds, adapted_image_embeds, adapted_text_embeds, alpha
-            )
-        similarity = modified_similarity(
-            image, text, s.teacher_temperature, fusion_logits, fusion_mask, s.beta, s.fusion_temperature
-        )
-        return image, text, similarity
+            image, text = s.modified_features(teacher_image_embeds, teacher_text_embeds, adapted_image_embeds,
+                                              adapted_text_embeds)
+        return image, text, s.modified_similarity(image, text, fusion_logits, fusion_mask)
 
     def forward(
         self,
@@ -263,10 +421,8 @@ class MCADLoss(ContrastiveLoss):
             negative_text_embeds (`torch.Tensor` of shape `(N, d_S)`, *optional*): hard negatives for L_con.
         """
         s = self.settings
-        scale = logit_scale.exp()
-        student_logits = scale * image_embeds @ text_embeds.t()
-        negative_logits = None if negative_text_embeds is None else scale * image_embeds @ negative_text_embeds.t()
-        contrastive = self.from_logits(student_logits, negative_logits)
+        student_logits, negative_logits = self.logits(image_embeds, text_embeds, logit_scale, negative_text_embeds)
+        contrastive = info_nce(student_logits, negative_logits)
         if not s.uses_teacher:
             return MCADLossOutput(loss=contrastive, contrastive=contrastive)
         if teacher_image_embeds is None or teacher_text_embeds is None:
@@ -290,3 +446,20 @@ class MCADLoss(ContrastiveLoss):
             feature = self.feature_loss(image_embeds, text_embeds, target_image, target_text)
             loss = loss + s.lambda_feat * feature
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature)
+
+
+__all__ = [
+    "OBJECTIVE_PRESETS",
+    "ContrastiveLoss",
+    "DistributionDistillationLoss",
+    "FeatureDistillationLoss",
+    "MCADLoss",
+    "MCADLossOutput",
+    "MatchingLoss",
+    "ObjectiveSettings",
+    "info_nce",
+    "modified_features",
+    "modified_similarity",
+    "objective_settings",
+    "top_k_candidates",
+]

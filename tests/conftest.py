@@ -38,6 +38,33 @@ def saved_tiny_student(tiny_student, tmp_path_factory):
     return folder
 
 
+# --- Small mcad-shapes data and teachers (fresh for each test module: tests train them in place). -------------------
+
+SMALL_TEACHERS = {"dual_width": 64, "dual_layers": 1, "dual_projection_dim": 32, "fusion_width": 64, "fusion_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from modeling_mcad.shapes import make_shapes
+
+    return make_shapes(seed=3, train=64, validation=24, test=8, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def small_teachers():
+    from modeling_mcad.shapes import shapes_teachers
+
+    return shapes_teachers(**SMALL_TEACHERS, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pairs(shapes, small_teachers):
+    """The training split with every image and caption preprocessed once by the teachers' processors."""
+    from modeling_mcad.data import TrainingPairs
+
+    return TrainingPairs.from_split(shapes["train"], small_teachers.processors)
+
+
 def run_isolated(code: str, tmp_path: Path) -> dict:
     """
     Run `code` in a fresh Python process where the `modeling_mcad` package cannot be imported (as on a machine
@@ -58,7 +85,7 @@ def run_isolated(code: str, tmp_path: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# --- Export and Hub push (issue 6): one trained tiny student, exported once per session. ---------------------------
+# --- Export and Hub push: one trained tiny student, exported once per session. ---------------------------
 
 
 def caption_split(count: int = 40, seed: int = 0):

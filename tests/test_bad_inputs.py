@@ -1,4 +1,4 @@
-"""The bad-input corpus (issue 9): the bad files, captions and options a user can hand the public entry points —
+"""The bad-input corpus: the bad files, captions and options a user can hand the public entry points —
 `load_image_text_dataset`, `ImageTextCollator`, `MCADProcessor`, `train_mcad.py` and `mcad-search index` — written
 here by the tests (no binary fixture). Each ends in a clear error naming the input and the fix, in a counted skip where
 the user opted in, or in a correct conversion: never a traceback from deep inside, and no file of an earlier run

@@ -8,6 +8,7 @@ from modeling_mcad.evaluation import (
     binding_accuracy,
     binding_probe,
     evaluate_model,
+    rerank,
     retrieval_metrics,
     retrieval_ranks,
 )
@@ -164,3 +165,14 @@ def test_evaluate_model_scores_an_oracle_perfectly_and_a_constant_model_at_chanc
                               gallery, batch_size=16)
     assert constant["rsum"] == 0.0
     assert constant["swap_accuracy"] == constant["flip_accuracy"] == 50.0
+
+
+def test_rerank_moves_the_first_right_answer_within_the_top_k_only():
+    ranks = np.array([2, 7, 1])
+    candidates = torch.tensor([[4, 5, 6], [1, 2, 3], [7, 8, 9]])
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])
+    is_right = torch.tensor([[False, True, False], [False, False, False], [True, False, False]])
+    # Query 0: its right answer (2nd) scores best -> 1; query 1: none in its top k -> unchanged; query 2: -> 3rd.
+    assert rerank(ranks, candidates, scores, is_right).tolist() == [1, 7, 3]
+    with pytest.raises(ValueError, match="one shape"):
+        rerank(ranks, candidates, scores[:, :2], is_right)

@@ -1,4 +1,4 @@
-"""Export (issue 6): every variant is written, measured against fp32 torch, and refused when it loses recall."""
+"""Export: every variant is written, measured against fp32 torch, and refused when it loses recall."""
 
 import json
 

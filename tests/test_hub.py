@@ -1,4 +1,4 @@
-"""Saved students load and run where only the saved folder exists (issue: foundation, Hub-ready code)."""
+"""Saved students load and run where only the saved folder exists (Hub-ready code)."""
 
 import ast
 import json

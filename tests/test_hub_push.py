@@ -1,4 +1,4 @@
-"""Model card and Hub push (issue 6): the dry-run folder is what a newcomer would upload, and it works as is."""
+"""Model card and Hub push: the dry-run folder is what a newcomer would upload, and it works as is."""
 
 import logging
 import shutil

@@ -1,4 +1,4 @@
-"""MCADLoss, term by term, against values computed by hand on a 3×3 example (issue: objective)."""
+"""MCADLoss, term by term, against values computed by hand on a 3×3 example."""
 
 import math
 

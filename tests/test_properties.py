@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of the retrieval metrics and the processor (issue: reliability)."""
+"""Property tests (hypothesis) of the retrieval metrics and the processor."""
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Safe loading: safetensors weights, no pickle, side-effect-free Hub-bound code (issue: reliability)."""
+"""Safe loading: safetensors weights, no pickle, side-effect-free Hub-bound code."""
 
 import ast
 import json

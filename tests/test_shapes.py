@@ -237,7 +237,7 @@ def test_bag_of_words_matchers_fail_on_the_benchmark_but_not_on_distinct_bags(be
 
 
 def test_module_docstring_documents_every_column():
-    import modeling_mcad.shapes as shapes
+    import modeling_mcad.shapes.generator as shapes
 
     for column in make_shapes(train=0, validation=0, test=1)["test"].column_names:
         assert f"`{column}`" in shapes.__doc__

@@ -1,4 +1,4 @@
-"""The student model, its config, presets and processor (issue: foundation)."""
+"""The student model, its config, presets and processor."""
 
 import itertools
 

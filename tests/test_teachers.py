@@ -1,10 +1,11 @@
-"""The teachers (issue 3): dual and fusion wrappers, the modified teacher, the adapter fit, save/load, freezing.
+"""The teachers: dual and fusion wrappers, the modified teacher, the adapter fit, save/load, freezing.
 
 Every teacher is a tiny random config of the real transformers class (CLIPModel, SiglipModel,
 BlipForImageTextRetrieval, ViltForImageAndTextRetrieval, MCADFusionModel) with a processor built offline, saved to a
 local folder where a path is needed.
 """
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
 from modeling_mcad import MCADModel, MCADProcessor
+from modeling_mcad.adapter import AdapterFeatures, adapter_contrastive_logits, compute_adapter_features, fit_adapter
 from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
 from modeling_mcad.cross_encoders import (
     CROSS_ENCODERS,
@@ -44,17 +46,9 @@ from modeling_mcad.cross_encoders import (
     ViltCrossEncoder,
     cross_encoder_class,
 )
-from modeling_mcad.fusion_teacher import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel
-from modeling_mcad.teachers import (
-    AdapterFeatures,
-    MCADTeacher,
-    adapter_contrastive_logits,
-    compute_adapter_features,
-    fit_adapter,
-    modified_features,
-    modified_similarity,
-    top_k_candidates,
-)
+from modeling_mcad.objectives import ObjectiveSettings, modified_features, modified_similarity, top_k_candidates
+from modeling_mcad.shapes import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel
+from modeling_mcad.teachers import MCADTeacher
 
 from .conftest import REPO_ROOT, random_images
 
@@ -62,6 +56,8 @@ COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "star", "triangle"]
 CAPTIONS = [f"a {c} {s} left of a {d} {t}" for c, s, d, t in itertools.product(COLOURS, SHAPES, COLOURS[::-1], SHAPES)]
 TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+# The knobs of the modified teacher (the objective's, passed to the teacher's forward).
+SETTINGS = ObjectiveSettings(alpha=0.5, beta=0.3, top_k=2, teacher_temperature=0.1, fusion_temperature=2.0)
 
 
 # --- Tiny teachers with offline processors ---------------------------------------------------------------------------
@@ -144,8 +140,7 @@ def teacher_folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(teacher_folders):
     torch.manual_seed(0)
-    return MCADTeacher.from_teachers(teacher_folders["clip"], teacher_folders["blip"], alpha=0.5, beta=0.3, top_k=2,
-                                     teacher_temperature=0.1, fusion_temperature=2.0)
+    return MCADTeacher.from_teachers(teacher_folders["clip"], teacher_folders["blip"], adapter_objective="regression")
 
 
 def collate(teacher, images, captions) -> dict:
@@ -176,7 +171,7 @@ def test_from_local_paths_loads_each_teacher_with_its_own_processor(teacher, tea
     assert all(torch.equal(saved[key], value) for key, value in teacher.dual.state_dict().items())
     config = teacher.config
     assert (config.teacher_dim, config.fusion_image_dim, config.fusion_text_dim) == (24, 40, 40)
-    assert (config.alpha, config.beta, config.top_k) == (0.5, 0.3, 2)
+    assert config.adapter_objective == "regression" and config.adapter_fit is None
 
 
 def test_from_instances_keeps_their_weights_and_finds_processors_by_name_or_path(teacher_folders):
@@ -194,12 +189,14 @@ def test_from_instances_keeps_their_weights_and_finds_processors_by_name_or_path
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="alpah"):
-        MCADTeacher.from_teachers("unused", "unused", alpah=1.0)
+    with pytest.raises(ValueError, match="alpha.*the objective's"):  # the knobs have one home: the objective
+        MCADTeacher.from_teachers("unused", "unused", alpha=1.0)
     with pytest.raises(ValueError, match="adapter_objective"):
         MCADTeacher.config_class(adapter_objective="contrastive")
     with pytest.raises(ValueError, match="beta"):
-        MCADTeacher.config_class(beta=1.5)
+        ObjectiveSettings(beta=1.5)
+    with pytest.raises(ValueError, match="register_cross_encoder.*modeling_mcad.shapes"):
+        cross_encoder_class("mcad_fusion_unknown")
     with pytest.raises(ValueError, match="register_cross_encoder"):
         cross_encoder_class("clip")
     model, _ = tiny_clip()
@@ -215,13 +212,13 @@ def test_save_and_load_round_trip_the_whole_teacher(teacher, batch, tmp_path):
     assert (folder / "model.safetensors").is_file()
     teacher.save_pretrained(folder)  # an earlier teacher save may be replaced
     loaded = MCADTeacher.from_pretrained(folder)
-    assert (loaded.config.alpha, loaded.config.beta, loaded.config.top_k, loaded.config.fusion_temperature) == (
-        0.5, 0.3, 2, 2.0)
+    assert loaded.config.adapter_objective == "regression"
     assert isinstance(loaded.processors["dual"], CLIPProcessor)
     assert loaded.processors["fusion"].image_processor.size.height == 48
     for key, value in teacher.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    expected, got = teacher.targets(batch["dual"], batch["fusion"]), loaded.targets(batch["dual"], batch["fusion"])
+    expected = teacher.targets(batch["dual"], batch["fusion"], SETTINGS)
+    got = loaded.targets(batch["dual"], batch["fusion"], SETTINGS)
     for key in ("modified_image_embeds", "modified_text_embeds", "similarity", "fusion_logits"):
         torch.testing.assert_close(got[key], expected[key])
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -317,15 +314,15 @@ def test_vilt_adapter_reproduces_its_ranking_score_for_any_pairs(teacher_folders
             torch.testing.assert_close(scored.match_logits[row], vilt.rank_output(single.pooler_output)[0, 0],
                                        atol=1e-5, rtol=1e-4)
     # As MCAD's fusion teacher: the adapter reads d_F = ViLT's width, and the whole teacher round-trips.
-    wrapped = MCADTeacher.from_teachers(teacher_folders["clip"], vilt, fusion_processor=processor, alpha=0.5)
+    wrapped = MCADTeacher.from_teachers(teacher_folders["clip"], vilt, fusion_processor=processor)
     assert wrapped.adapter.image_projection.in_features == vilt.config.hidden_size
     batch = collate(wrapped, random_images(3, seed=6), CAPTIONS[:3])
-    expected = wrapped.targets(batch["dual"], batch["fusion"])
+    expected = wrapped.targets(batch["dual"], batch["fusion"], SETTINGS)
     folder = Path(teacher_folders["clip"]).parent / "vilt_teacher"
     wrapped.save_pretrained(folder)
     loaded = MCADTeacher.from_pretrained(folder)
     assert isinstance(loaded.fusion, ViltCrossEncoder)
-    torch.testing.assert_close(loaded.targets(batch["dual"], batch["fusion"]).modified_image_embeds,
+    torch.testing.assert_close(loaded.targets(batch["dual"], batch["fusion"], SETTINGS).modified_image_embeds,
                                expected.modified_image_embeds)
 
 
@@ -377,11 +374,15 @@ def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(tmp_
     teacher.save_pretrained(tmp_path / "fusion_teacher")
     loaded = MCADTeacher.from_pretrained(tmp_path / "fusion_teacher")
     assert isinstance(loaded.fusion, MCADFusionCrossEncoder)
-    # A fresh process that imports only the teachers module (as the distill stage does) knows the model type too.
-    script = (f"from modeling_mcad.teachers import MCADTeacher; "
-              f"print(type(MCADTeacher.from_pretrained({str(tmp_path / 'fusion_teacher')!r}).fusion).__name__)")
+    # A fresh process knows the model type once it imports the benchmark world (as the script's stages do) ...
+    load = f"print(type(MCADTeacher.from_pretrained({str(tmp_path / 'fusion_teacher')!r}).fusion).__name__)"
+    script = f"import modeling_mcad.shapes; from modeling_mcad.teachers import MCADTeacher; {load}"
     fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
     assert fresh.stdout.strip().endswith("MCADFusionCrossEncoder"), fresh.stderr[-2000:]
+    # ... and without it, the library says which import registers it.
+    fresh = subprocess.run([sys.executable, "-c", f"from modeling_mcad.teachers import MCADTeacher; {load}"],
+                           capture_output=True, text=True, cwd=REPO_ROOT)
+    assert fresh.returncode != 0 and "import modeling_mcad.shapes" in fresh.stderr
     again = loaded.fuse(batch["fusion"]["pixel_values"], batch["fusion"]["input_ids"],
                         batch["fusion"]["attention_mask"])
     torch.testing.assert_close(again.match_logits, expected.match_logits)
@@ -412,10 +413,10 @@ def test_a_cross_encoder_with_separate_image_and_text_parts_plugs_in(teacher_fol
 
     monkeypatch.setitem(CROSS_ENCODERS, "blip", SplitBlipCrossEncoder)
     fusion, fusion_processor = tiny_blip(vision_width=16)
-    wrapped = MCADTeacher.from_teachers(teacher_folders["clip"], fusion, fusion_processor=fusion_processor, alpha=1.0)
+    wrapped = MCADTeacher.from_teachers(teacher_folders["clip"], fusion, fusion_processor=fusion_processor)
     assert wrapped.adapter.image_projection.in_features == 16 and wrapped.adapter.text_projection.in_features == 40
     inputs = collate(wrapped, random_images(4, seed=3), CAPTIONS[:4])
-    targets = wrapped.targets(inputs["dual"], inputs["fusion"])
+    targets = wrapped.targets(inputs["dual"], inputs["fusion"], ObjectiveSettings(alpha=1.0))
     parts = wrapped.fuse(**{key: inputs["fusion"][key] for key in ("pixel_values", "input_ids", "attention_mask")})
     with torch.no_grad():
         torch.testing.assert_close(targets.adapted_image_embeds, wrapped.adapter.image_projection(parts.fused_image))
@@ -426,19 +427,20 @@ def test_a_cross_encoder_with_separate_image_and_text_parts_plugs_in(teacher_fol
 
 
 def test_alpha_zero_and_beta_zero_give_the_dual_teacher_exactly(teacher, batch):
-    targets = teacher.targets(batch["dual"], batch["fusion"], alpha=0.0, beta=0.0)
+    dual_settings = ObjectiveSettings(alpha=0.0, beta=0.0, teacher_temperature=0.1)
+    targets = teacher.targets(batch["dual"], batch["fusion"], dual_settings)
     v = teacher.encode_images(batch["dual"]["pixel_values"])
     t = teacher.encode_texts(batch["dual"]["input_ids"], batch["dual"]["attention_mask"])
     assert torch.equal(targets.modified_image_embeds, v) and torch.equal(targets.modified_text_embeds, t)
-    assert torch.equal(targets.similarity, v @ t.t() / teacher.config.teacher_temperature)
+    assert torch.equal(targets.similarity, v @ t.t() / 0.1)
     assert targets.fusion_logits is None and targets.fusion_mask is None
-    dual_only = teacher.targets(batch["dual"], alpha=0.0, beta=0.0)  # no fusion inputs needed then
+    dual_only = teacher.targets(batch["dual"], settings=dual_settings)  # no fusion inputs needed then
     assert torch.equal(dual_only.similarity, targets.similarity)
 
 
 def test_modified_features_follow_the_formula(teacher, batch):
     alpha = 0.7
-    targets = teacher.targets(batch["dual"], batch["fusion"], alpha=alpha, beta=0.0)
+    targets = teacher.targets(batch["dual"], batch["fusion"], ObjectiveSettings(alpha=alpha, teacher_temperature=0.1))
     fused = teacher.fuse(**{key: batch["fusion"][key] for key in ("pixel_values", "input_ids", "attention_mask")})
     with torch.no_grad():
         p_v = teacher.adapter.image_projection(fused.fused)
@@ -449,7 +451,7 @@ def test_modified_features_follow_the_formula(teacher, batch):
     torch.testing.assert_close(targets.adapted_image_embeds, p_v)
     torch.testing.assert_close(targets.modified_image_embeds, v_hat)
     torch.testing.assert_close(targets.modified_text_embeds, t_hat)
-    torch.testing.assert_close(targets.similarity, v_hat @ t_hat.t() / teacher.config.teacher_temperature)
+    torch.testing.assert_close(targets.similarity, v_hat @ t_hat.t() / 0.1)
     # fusion_only: α = ∞ keeps the adapted fused features alone.
     image, text = modified_features(v, t, p_v, p_t, float("inf"))
     torch.testing.assert_close(image, F.normalize(p_v, dim=-1))
@@ -482,8 +484,8 @@ def test_beta_scores_top_k_pairs_only_and_blends_their_logits(teacher, batch):
         states, ids, mask)
     teacher.fusion.encode_images = lambda pixels: encoded_images.append(len(pixels)) or encode_images(pixels)
     try:
-        beta, k, batch_size = 0.3, 2, 16
-        targets = teacher.targets(inputs["dual"], inputs["fusion"], beta=beta, top_k=k)
+        beta, k, batch_size = SETTINGS.beta, SETTINGS.top_k, 16
+        targets = teacher.targets(inputs["dual"], inputs["fusion"], SETTINGS)
     finally:
         del teacher.fusion.score_pairs, teacher.fusion.encode_images
     mask = targets.fusion_mask
@@ -495,18 +497,18 @@ def test_beta_scores_top_k_pairs_only_and_blends_their_logits(teacher, batch):
     fused = teacher.fuse(inputs["fusion"]["pixel_values"], inputs["fusion"]["input_ids"],
                          inputs["fusion"]["attention_mask"], pairs=pairs)
     torch.testing.assert_close(targets.fusion_logits[mask], fused.match_logits)
-    plain = targets.modified_image_embeds @ targets.modified_text_embeds.t() / teacher.config.teacher_temperature
-    expected = torch.where(mask, (1 - beta) * plain + beta * targets.fusion_logits / teacher.config.fusion_temperature,
+    plain = targets.modified_image_embeds @ targets.modified_text_embeds.t() / SETTINGS.teacher_temperature
+    expected = torch.where(mask, (1 - beta) * plain + beta * targets.fusion_logits / SETTINGS.fusion_temperature,
                            plain)
     torch.testing.assert_close(targets.similarity, expected)
     # β changes only Ŝ: the features are those of the β = 0 teacher.
-    without_fusion_logits = teacher.targets(inputs["dual"], inputs["fusion"], beta=0.0)
+    without_fusion_logits = teacher.targets(inputs["dual"], inputs["fusion"], dataclasses.replace(SETTINGS, beta=0.0))
     torch.testing.assert_close(targets.modified_image_embeds, without_fusion_logits.modified_image_embeds)
 
 
 def test_targets_refuse_what_they_cannot_compute(teacher, batch):
     with pytest.raises(ValueError, match="fusion_inputs"):
-        teacher.targets(batch["dual"])  # α = 0.5 needs the fusion teacher
+        teacher.targets(batch["dual"], settings=SETTINGS)  # α = 0.5 needs the fusion teacher
     with pytest.raises(ValueError, match="same batch"):
         teacher.targets(batch["dual"], {key: value[:5] for key, value in batch["fusion"].items()})
     with pytest.raises(ValueError, match="pixel_values"):
@@ -524,7 +526,7 @@ def test_teachers_are_frozen_and_stay_in_eval_mode_under_a_training_parent(teach
     assert parent["student"].training
     assert not any(module.training for module in teacher.modules())
     assert not any(parameter.requires_grad for parameter in teacher.parameters())
-    targets = teacher.targets(batch["dual"], batch["fusion"])
+    targets = teacher.targets(batch["dual"], batch["fusion"], SETTINGS)
     assert not any(value.requires_grad for value in targets.values())
     # With dropout switched on, training mode would make two calls differ; in eval mode they agree.
     dropouts = [module for module in teacher.modules() if isinstance(module, torch.nn.Dropout)]
@@ -532,7 +534,8 @@ def test_teachers_are_frozen_and_stay_in_eval_mode_under_a_training_parent(teach
     for module in dropouts:
         module.p = 0.5
     try:
-        torch.testing.assert_close(teacher.targets(batch["dual"], batch["fusion"]).similarity, targets.similarity)
+        torch.testing.assert_close(teacher.targets(batch["dual"], batch["fusion"], SETTINGS).similarity,
+                                   targets.similarity)
     finally:
         for module in dropouts:
             module.p = 0.0
@@ -572,18 +575,22 @@ def informative_features(teacher):
     v = F.normalize(torch.randn(256, d_t, generator=generator), dim=-1)
     t = F.normalize(torch.randn(256, d_t, generator=generator), dim=-1)
     fused = torch.cat([v, t], dim=1) @ torch.randn(2 * d_t, d_f, generator=generator)
-    return AdapterFeatures(image_embeds=v, text_embeds=t, fused=fused + 0.1 * torch.randn(256, d_f, generator=generator))
+    noise = 0.1 * torch.randn(256, d_f, generator=generator)
+    return AdapterFeatures(image_embeds=v, text_embeds=t, fused=fused + noise)
 
 
 @pytest.mark.parametrize("objective", ["regression", "one_sided", "two_sided"])
 def test_each_adapter_objective_lowers_its_loss_and_leaves_the_teacher_frozen(teacher, informative_features, objective):
     adapter_before = {key: value.clone() for key, value in teacher.adapter.state_dict().items()}
     dual_before = teacher.dual.text_projection.weight.clone()
-    fit = fit_adapter(teacher, informative_features, objective=objective, steps=60, lr=1e-2, batch_size=32, alpha=1.0)
+    fit = fit_adapter(teacher, informative_features, ObjectiveSettings(alpha=1.0), objective=objective, steps=120,
+                      lr=2e-2, batch_size=32)
     try:
         first, last = sum(fit.losses[:5]) / 5, sum(fit.losses[-5:]) / 5
         assert last < 0.5 * first, (first, last)
-        assert fit.objective == objective and len(fit.losses) == 60
+        assert fit.objective == objective and len(fit.losses) == 120
+        assert teacher.config.adapter_fit == {"objective": objective, "alpha": 1.0, "fusion_only": False,
+                                              "teacher_temperature": 0.05}
         if objective != "regression":  # the contrastive fits make the modified teacher retrieve its fitted pairs
             assert fit.modified_recall_at_1 > fit.dual_recall_at_1 + 0.3
         assert not torch.equal(teacher.adapter.image_projection.weight, adapter_before["image_projection.weight"])
@@ -601,7 +608,8 @@ def _fused_sides_of_each_score(objective: str, batch: int = 4) -> list[tuple[boo
     fused_image, fused_text = torch.randn(batch, 5, requires_grad=True), torch.randn(batch, 5, requires_grad=True)
     p_v, p_t = torch.nn.Linear(5, 6, bias=False), torch.nn.Linear(5, 6, bias=False)
     sides = []
-    for scores in adapter_contrastive_logits(objective, v, t, p_v(fused_image), p_t(fused_text), 1.0, 0.1):
+    settings = ObjectiveSettings(alpha=1.0, teacher_temperature=0.1)
+    for scores in adapter_contrastive_logits(objective, v, t, p_v(fused_image), p_t(fused_text), settings):
         for i, j in itertools.product(range(batch), repeat=2):
             grad_image, grad_text = torch.autograd.grad(scores[i, j], (fused_image, fused_text), retain_graph=True,
                                                         allow_unused=True)
@@ -622,15 +630,7 @@ def test_one_sided_never_puts_the_fused_feature_on_both_sides_of_a_score():
 
 def test_contrastive_fit_needs_alpha(teacher, features):
     with pytest.raises(ValueError, match="alpha"):
-        fit_adapter(teacher, features, objective="one_sided", alpha=0.0, steps=1)
-
-
-def test_modified_similarity_is_shared_with_the_objective():
-    """MCADLoss builds its targets with these very functions (one code path)."""
-    from modeling_mcad import objectives
-
-    assert objectives.modified_features is modified_features
-    assert objectives.modified_similarity is modified_similarity
+        fit_adapter(teacher, features, ObjectiveSettings(alpha=0.0), objective="one_sided", steps=1)
 
 
 def test_adapter_features_select_keeps_optional_fields():

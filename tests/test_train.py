@@ -1,4 +1,4 @@
-"""train_mcad.py: configuration, the distillation loop under Accelerate, checkpoints (issue: training loop)."""
+"""train_mcad.py: configuration, the distillation loop under Accelerate, checkpoints."""
 
 import json
 import os

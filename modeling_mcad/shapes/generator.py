@@ -31,6 +31,7 @@ Columns of every split of `make_shapes`:
 `to_imagefolder` writes a split dictionary as a Hugging Face `imagefolder` (`<split>/metadata.jsonl` + PNG files).
 """
 
+import hashlib
 import io
 import itertools
 import json
@@ -46,8 +47,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .evaluation import flatten_captions
-from .utils import atomic_directory
+from ..evaluation import flatten_captions
+from ..utils import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +279,20 @@ def make_shapes(
         name: _make_split(np.random.default_rng([seed, number]), counts[name], knobs)
         for number, name in enumerate(SPLITS)
     })
+
+
+def shapes_splits(data_dir: str | os.PathLike, seed: int = 0, **settings) -> datasets.DatasetDict:
+    """
+    `make_shapes(seed, **settings)`, kept on disk: generated into `data_dir/mcad-shapes-<fingerprint of the
+    settings>` on first use (atomically), read from there afterwards. With several processes, let the main process
+    call it first (e.g. inside `accelerator.main_process_first()`).
+    """
+    key = json.dumps({"seed": seed, **settings}, sort_keys=True, default=str)
+    folder = Path(data_dir) / f"mcad-shapes-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not folder.exists():
+        with atomic_directory(folder) as temporary:
+            make_shapes(seed=seed, **settings).save_to_disk(str(temporary))
+    return datasets.load_from_disk(str(folder))
 
 
 def _make_split(rng: np.random.Generator, count: int, knobs: _Knobs) -> datasets.Dataset:
@@ -531,7 +546,7 @@ def matcher_embeddings(split: datasets.Dataset, matcher: str = "colour_shape",
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """
     Embeddings of a matcher that sees each image's scene perfectly but reads text as a bag of words: the floor a
-    model must beat for the benchmark to say anything (DESIGN §7). Feed them to `retrieval_metrics`.
+    model must beat for the benchmark to say anything (DESIGN §6). Feed them to `retrieval_metrics`.
 
     - `word_overlap`: the words of a caption against the words of the image's reference description (every
       object, the relation in its canonical wording).
@@ -654,5 +669,5 @@ def _text_words(caption: str, matcher: str) -> list[str]:
     return kept
 
 
-__all__ = ["COLOURS", "MATCHERS", "SHAPES", "caption_grounding", "caption_is_true", "make_shapes", "matcher_embeddings",
-           "reference_caption", "to_imagefolder"]
+__all__ = ["COLOURS", "MATCHERS", "ORIENTATION_WORDS", "SHAPES", "caption_grounding", "caption_is_true", "make_shapes",
+           "matcher_embeddings", "reference_caption", "shapes_splits", "to_imagefolder"]

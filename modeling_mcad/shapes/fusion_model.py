@@ -1,8 +1,9 @@
 """The mcad-shapes fusion teacher: a single-stream stack over a dual teacher's token states (ALBEF / BLIP's shape).
 
-ViLT and BLIP trained from scratch on mcad-shapes never passed the fusion gate (BENCHMARKS.md, issue 8): whether
-"A ⟨relation⟩ B" is true is the XOR of the relation word and the order of the objects in the image, and an additive
-head gets no first-order gradient for an XOR. [`MCADFusionModel`] is the structure that passes:
+ViLT and BLIP trained from scratch on mcad-shapes never passed the fusion gate
+(docs/experiments/2026-11-29-fusion-teacher.md): whether "A ⟨relation⟩ B" is true is the XOR of the relation word and
+the order of the objects in the image, and an additive head gets no first-order gradient for an XOR.
+[`MCADFusionModel`] is the structure that passes:
 
 - its unimodal encoders are a trained CLIP dual teacher (`unimodal`, frozen while the stack trains), as ALBEF / BLIP
   fuse aligned unimodal states;
@@ -27,7 +28,7 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
-from .cross_encoders import CrossEncoder, FusionOutput, register_cross_encoder
+from ..cross_encoders import CrossEncoder, FusionOutput, register_cross_encoder
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:

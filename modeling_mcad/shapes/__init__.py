@@ -1,0 +1,68 @@
+"""mcad-shapes, the package's built-in benchmark world (DESIGN §6): the generator, its teachers and their gates.
+
+The library (`modeling_mcad.*` outside this subpackage) never imports it. Importing it registers the shapes fusion
+teacher (`MCADFusionModel`, model type `mcad_fusion`) with the auto classes and as a cross-encoder, so a saved
+shapes teacher loads with `MCADTeacher.from_pretrained` once this package is imported.
+
+- `generator`: `make_shapes` (the splits), `to_imagefolder`, the bag-of-words matchers, `caption_is_true`.
+- `fusion_model`: `MCADFusionModel`, a single-stream stack over the dual teacher's token states.
+- `teachers`: `shapes_teachers`, `train_fusion_stack` (the fusion teacher's recipe).
+- `gates`: `teacher_gates`.
+"""
+
+from .fusion_model import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel, MCADFusionOutput, sincos_positions
+from .gates import GATE_MATCHERS, teacher_gates
+from .generator import (
+    COLOURS,
+    MATCHERS,
+    ORIENTATION_WORDS,
+    SHAPES,
+    caption_grounding,
+    caption_is_true,
+    make_shapes,
+    matcher_embeddings,
+    reference_caption,
+    shapes_splits,
+    to_imagefolder,
+)
+from .teachers import (
+    MAX_CAPTION_TOKENS,
+    FusionStackTargets,
+    false_siblings,
+    first_relation_token,
+    fuse_cached,
+    fusion_stack_states,
+    shapes_teachers,
+    shapes_tokenizer,
+    train_fusion_stack,
+)
+
+__all__ = [
+    "COLOURS",
+    "GATE_MATCHERS",
+    "MATCHERS",
+    "MAX_CAPTION_TOKENS",
+    "ORIENTATION_WORDS",
+    "SHAPES",
+    "FusionStackTargets",
+    "MCADFusionConfig",
+    "MCADFusionCrossEncoder",
+    "MCADFusionModel",
+    "MCADFusionOutput",
+    "caption_grounding",
+    "caption_is_true",
+    "false_siblings",
+    "first_relation_token",
+    "fuse_cached",
+    "fusion_stack_states",
+    "make_shapes",
+    "matcher_embeddings",
+    "reference_caption",
+    "shapes_splits",
+    "shapes_teachers",
+    "shapes_tokenizer",
+    "sincos_positions",
+    "teacher_gates",
+    "to_imagefolder",
+    "train_fusion_stack",
+]
