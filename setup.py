@@ -2,8 +2,6 @@ from pathlib import Path
 
 from setuptools import setup
 
-ONNX = ["onnx>=1.17", "onnxscript>=0.5"]
-
 setup(
     name="mcad",
     version="0.1.0",
@@ -30,7 +28,9 @@ setup(
         "evaluate>=0.4.6",
         "pillow>=10.0",
         "tokenizers>=0.21",
-        "onnxruntime>=1.20",  # the torch-free query runtime (mcad-search)
+        "onnxruntime>=1.20",  # the torch-free query runtime (mcad-search) and the int8 export
+        "onnx>=1.17",  # the export stage's graphs (torch.onnx.export with dynamo)
+        "onnxscript>=0.5",
         "numpy>=1.26",
         "pyyaml>=6.0",
         "sentencepiece>=0.2",  # SigLIP / T5-style teacher tokenizers
@@ -39,9 +39,8 @@ setup(
         "matplotlib>=3.8",  # the model card's recall plot
     ],
     extras_require={
-        "onnx": ONNX,
         # Phone programs; pinned to the release that installs beside torch 2.13 without replacing it.
         "executorch": ["executorch==1.5.1"],
-        "dev": ONNX + ["pytest>=8.0", "hypothesis>=6.100"],
+        "dev": ["pytest>=8.0", "hypothesis>=6.100"],
     },
 )

@@ -43,7 +43,11 @@ class TrainConfig:
     # --- run ---
     output_dir: str = "outputs/demo"
     seed: int = 0
-    mixed_precision: str = "no"  # "no", "bf16" (works on CPU) or "fp16" (GPU)
+    mixed_precision: str = "no"  # the student's distillation: "no", "bf16" (works on CPU) or "fp16" (GPU)
+    # The teachers' arithmetic, wherever they run (training, adapter fit, cache, gates, evaluation): "auto" (bf16
+    # where the device computes it natively: twice float32's speed on a CPU with AVX-512 BF16 or AMX, and on recent
+    # GPUs; float32 elsewhere), "bf16" or "no".
+    teacher_mixed_precision: str = "auto"
     # Torch threads per process on CPU; default: the machine's cores shared among this machine's processes.
     # (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which would leave all but one core idle.)
     cpu_threads: int | None = None
@@ -104,7 +108,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
     max_nonfinite_steps: int = 5
-    num_workers: int = 0
+    num_workers: int = 1  # DataLoader workers: one decodes and preprocesses the next batches while a step trains
     # --- export / push ---
     repo_id: str | None = None
     private: bool = False
@@ -174,6 +178,12 @@ def make_accelerator(config: TrainConfig):
     logging.basicConfig(format=f"%(asctime)s [rank {accelerator.process_index}] %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+    if not accelerator.is_local_main_process:  # one set of progress bars per machine
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     if accelerator.device.type == "cpu":
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
@@ -208,14 +218,20 @@ def teacher_folder(config: TrainConfig) -> Path:
     return Path(config.output_dir) / "teacher"
 
 
-def load_teacher(config: TrainConfig):
-    """The saved teacher of the run (`teacher/`), frozen; the mcad-shapes fusion teacher's class registered first."""
+def load_teacher(config: TrainConfig, device="cpu"):
+    """
+    The saved teacher of the run (`teacher/`), frozen, on `device`, running in `teacher_mixed_precision`; the
+    mcad-shapes fusion teacher's class registered first.
+    """
     import modeling_mcad.shapes  # noqa: F401  (registers model type "mcad_fusion", the shapes fusion teacher)
+    from modeling_mcad.optimization import mixed_precision_dtype
     from modeling_mcad.teachers import MCADTeacher
 
     if not teacher_folder(config).exists():
         raise FileNotFoundError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
-    return MCADTeacher.from_pretrained(teacher_folder(config))
+    teacher = MCADTeacher.from_pretrained(teacher_folder(config)).to(device)
+    teacher.autocast_dtype = mixed_precision_dtype(config.teacher_mixed_precision, device)
+    return teacher
 
 
 def run_objective(config: TrainConfig):
@@ -270,6 +286,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
 
     from modeling_mcad.adapter import compute_adapter_features, fit_adapter
     from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, TrainingPairs, flatten_pairs
+    from modeling_mcad.optimization import mixed_precision_dtype
     from modeling_mcad.teacher_training import TeacherModels, train_dual_teacher, train_fusion_teacher
     from modeling_mcad.teachers import MCADTeacher
 
@@ -288,20 +305,24 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             published = MCADTeacher.from_teachers(config.dual_teacher, config.fusion_teacher)
             models = TeacherModels(published.dual, published.processors["dual"], published.fusion.model,
                                    published.processors["fusion"])
+        precision = mixed_precision_dtype(config.teacher_mixed_precision, models.dual.device)
+        logger.info("the teachers train and run in %s", precision or torch.float32)
         if config.train_teachers or shapes:
             for model in (models.dual, models.fusion):
                 model.requires_grad_(True)
             pairs = TrainingPairs.from_split(train, models.processors)  # every image and text preprocessed once
             train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed, pairs=pairs,
-                               **config.dual_teacher_training)
+                               autocast_dtype=precision, **config.dual_teacher_training)
             if shapes:
                 shapes_world.train_fusion_stack(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
-                                                seed=config.seed, pairs=pairs, **config.fusion_teacher_training)
+                                                seed=config.seed, pairs=pairs, autocast_dtype=precision,
+                                                **config.fusion_teacher_training)
             else:
                 train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
                                      dual_processor=models.dual_processor, seed=config.seed, pairs=pairs,
-                                     **config.fusion_teacher_training)
+                                     autocast_dtype=precision, **config.fusion_teacher_training)
         teacher = models.to_mcad_teacher(adapter_objective=config.adapter_objective)
+        teacher.autocast_dtype = precision  # its passes below (adapter features, gates) as in training
 
         # The adapter is fitted on one pass of the frozen teachers over the training pairs (one caption per image),
         # with the run's objective settings: the α and τ_T the student will distil with.
@@ -346,7 +367,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
 def cache(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_cache import build_teacher_cache
 
-    teacher = load_teacher(config).to(accelerator.device)
+    teacher = load_teacher(config, accelerator.device)
     train = load_splits(config, accelerator)[config.train_split]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
                                batch_size=config.teacher_batch_size)
@@ -390,14 +411,12 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     teacher = cache = None
     teacher_dim = 1
     if settings.uses_teacher:
-        teacher = load_teacher(config)
+        teacher = load_teacher(config, accelerator.device)
         check_adapter_fit(teacher, settings)
         teacher_dim = teacher.config.teacher_dim
         if settings.beta == 0:
             cache = TeacherCache.for_run(config.output_dir, teacher_folder(config), train)
             teacher = None
-        else:
-            teacher.to(accelerator.device)
     student, processor = build_student(config)
     module = DistillationModule(student, MCADLoss(settings, student.config.projection_dim, teacher_dim))
 
@@ -405,7 +424,7 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     sampler = training_sampler(config, train, pairs)
     loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, sampler=sampler,
                         collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions),
-                        num_workers=config.num_workers,
+                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
                         # Its own generator: starting an epoch then draws no number from the global RNG, which
                         # drives dropout and which a resumed run restores as it was at the checkpoint.
                         generator=torch.Generator().manual_seed(config.seed))
@@ -597,7 +616,7 @@ RESULT_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", 
                   "flip_accuracy")
 
 
-def evaluate(config: TrainConfig, accelerator) -> dict:
+def evaluate(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad import MCADModel, MCADProcessor
     from modeling_mcad.evaluation import dual_teacher_encoders, evaluate_model, student_encoders
 
@@ -607,7 +626,7 @@ def evaluate(config: TrainConfig, accelerator) -> dict:
         test = splits[config.test_split]
         output_dir = Path(config.output_dir)
         if teacher_folder(config).exists():
-            teacher = load_teacher(config)
+            teacher = load_teacher(config)  # in its own precision, as the cache ran it; the student in float32
             if {"swapped_captions", "flipped_captions", "scene"} <= set(test.column_names):
                 from modeling_mcad.shapes import teacher_gates
 
@@ -625,7 +644,7 @@ def evaluate(config: TrainConfig, accelerator) -> dict:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
         atomic_write_text(output_dir / "results.md", table + "\n")
     accelerator.wait_for_everyone()
-    return results
+    return Path(config.output_dir) / "results.md"
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -642,7 +661,7 @@ def results_table(results: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export(config: TrainConfig, accelerator) -> None:
+def export(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.export import export_variants
 
     splits = load_splits(config, accelerator)
@@ -654,9 +673,10 @@ def export(config: TrainConfig, accelerator) -> None:
         print(json.dumps({name: {key: variant[key] for key in summary}
                           for name, variant in report.get("variants", {}).items()}, indent=2))
     accelerator.wait_for_everyone()
+    return Path(config.output_dir) / "export"
 
 
-def push(config: TrainConfig, accelerator) -> None:
+def push(config: TrainConfig, accelerator) -> str | None:
     from modeling_mcad.hub import push_to_hub, render_model_card, widget_examples_from_split
 
     if config.repo_id is None:
@@ -683,8 +703,9 @@ def push(config: TrainConfig, accelerator) -> None:
             eval_split_name=config.test_split,
             widget_examples=widget_examples_from_split(splits[config.test_split]),
         )
-        push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
+        pushed = push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
     accelerator.wait_for_everyone()
+    return pushed.get("dry_run", pushed.get("url")) if accelerator.is_main_process else None
 
 
 STAGE_FUNCTIONS = {"teachers": teachers, "cache": cache, "distill": distill, "evaluate": evaluate, "export": export,
@@ -692,12 +713,41 @@ STAGE_FUNCTIONS = {"teachers": teachers, "cache": cache, "distill": distill, "ev
 
 
 def main(argv: list[str] | None = None) -> None:
+    import time
+
     stages, config = parse_args(argv)
     accelerator = make_accelerator(config)
+    summary = []
     for stage in stages:
         logger.info("stage %s", stage)
-        STAGE_FUNCTIONS[stage](config, accelerator)
+        started = time.perf_counter()
+        output = STAGE_FUNCTIONS[stage](config, accelerator)
+        summary.append((stage, time.perf_counter() - started, peak_memory_mib(), output))
     accelerator.end_training()  # closes the trackers and the process group
+    if accelerator.is_main_process:
+        print(run_summary(summary))
+
+
+def peak_memory_mib() -> float | None:
+    """The process's peak resident memory so far, in MiB (None where the OS does not say: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_summary(stages: list[tuple[str, float, float, object]]) -> str:
+    """The end of a run: each stage's wall time, the process's peak memory by its end and where its output is."""
+
+    def minutes(seconds: float) -> str:
+        return f"{int(seconds // 60)} min {seconds % 60:04.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+    lines = ["", "| stage | wall time | peak RSS so far | output |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {stage} | {minutes(seconds)} | {'' if peak is None else f'{peak:.0f} MiB'} | {output or ''} |"
+              for stage, seconds, peak, output in stages]
+    lines.append(f"| all | {minutes(sum(seconds for _, seconds, _, _ in stages))} | | |")
+    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from .cross_encoders import FusedParts
 from .objectives import ObjectiveSettings, info_nce
 from .optimization import TrainingStep, adamw_with_cosine
 from .teachers import PROCESSOR_NAMES, FusionAdapter, MCADTeacher, check_adapter_objective
+from .utils import progress
 
 
 @dataclass
@@ -66,7 +67,8 @@ def compute_adapter_features(teacher: MCADTeacher, batches: Iterable[Mapping]) -
             the collator), and optionally `"image_index"` (pairs of one image are not each other's negatives).
     """
     collected: dict[str, list[torch.Tensor]] = {}
-    for batch in batches:
+    for batch in progress(batches, total=len(batches) if hasattr(batches, "__len__") else None,
+                          desc="adapter features"):
         for name in PROCESSOR_NAMES:
             if name not in batch:
                 raise ValueError(f"Each batch needs a {name!r} entry: the inputs made with "
@@ -193,7 +195,7 @@ def fit_adapter(
     adapter.requires_grad_(True)
     try:
         step = TrainingStep(adapter, *adamw_with_cosine(adapter, lr, steps), max_grad_norm=None)
-        for _ in range(steps):
+        for _ in progress(range(steps), desc="adapter fit"):
             batch = features.select(torch.randperm(len(features), generator=generator)[:batch_size]).to(teacher.device)
             loss = adapter_loss(adapter, batch, objective, settings)
             step(loss)

@@ -2,14 +2,17 @@
 
 MCAD's second teacher is a cross-encoder: it reads an image and a caption together and gives, for each pair, a fused
 feature f (its ITM hidden state) and a match logit m. Models differ in where those live, so each family gets one
-adapter class, a [`CrossEncoder`] subclass that implements three members:
+adapter class, a [`CrossEncoder`] subclass that implements three members (and may override a fourth):
 
 - `fused_dims` — (d_F of the image part, d_F of the text part); equal when the model has one fused vector.
 - `encode_images(pixel_values)` — the per-image state the pair scorer attends to, one row per image.
-- `score_pairs(image_states, input_ids, attention_mask)` — a [`FusionOutput`] for pairs (image_states[p], text p).
+- `score_pairs(image_states, *text_rows)` — a [`FusionOutput`] for pairs (image_states[p], text p).
+- `encode_texts(input_ids, attention_mask)` — what `score_pairs` reads of each text, as a tuple of tensors with
+  one row per text: by default the tokens themselves; a model whose text stream does not see the image (an
+  ALBEF-style unimodal text encoder before the fusion layers) encodes each text once here.
 
-The base class does the rest: it encodes every image once and scores any list of (image, text) pairs in chunks,
-so an image paired with k captions costs one image-encoder pass, not k. Register the class for its `model_type`
+The base class does the rest: it encodes every image (and text) once and scores any list of (image, text) pairs in
+chunks, so an image paired with k captions costs one image-encoder pass, not k. Register the class for its `model_type`
 with [`register_cross_encoder`] and `MCADTeacher.from_teachers` accepts that model as the fusion teacher.
 """
 
@@ -20,6 +23,8 @@ import torch
 from torch import nn
 from transformers import BlipForImageTextRetrieval, PreTrainedModel, ViltForImageAndTextRetrieval
 from transformers.utils import ModelOutput
+
+from .utils import progress
 
 
 class FusedParts:
@@ -88,11 +93,16 @@ class CrossEncoder(nn.Module, ABC):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The state `score_pairs` needs from each image, one row per image (e.g. the vision encoder's tokens)."""
 
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What `score_pairs` reads of each text, one row per text: by default `(input_ids, attention_mask)`."""
+        return input_ids, attention_mask
+
     @abstractmethod
-    def score_pairs(
-        self, image_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> FusionOutput:
-        """Fused features and match logits of the pairs (image_states[p], input_ids[p]), one cross-encoder pass each."""
+    def score_pairs(self, image_states: torch.Tensor, *text_rows: torch.Tensor) -> FusionOutput:
+        """
+        Fused features and match logits of the pairs (image_states[p], text p), one cross-encoder pass each; the
+        text rows are `encode_texts`'s tensors at the pairs' texts (by default `input_ids`, `attention_mask`).
+        """
 
     def forward(
         self,
@@ -101,34 +111,47 @@ class CrossEncoder(nn.Module, ABC):
         attention_mask: torch.Tensor | None = None,
         pairs: torch.Tensor | None = None,
         batch_size: int = 256,
+        images_per_call: int = 64,
     ) -> FusionOutput:
         """
-        Score (image, text) pairs, encoding each image once.
+        Score (image, text) pairs, encoding each image (and, with `encode_texts`, each text) once.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`): from the fusion
-                teacher's processor.
-            input_ids (`torch.LongTensor` of shape `(num_texts, length)`): from the fusion teacher's processor.
+                teacher's processor; may stay on the CPU (each chunk of images moves to `input_ids`' device).
+            input_ids (`torch.LongTensor` of shape `(num_texts, length)`): from the fusion teacher's processor, on
+                the model's device.
             attention_mask (`torch.Tensor` of shape `(num_texts, length)`, *optional*).
             pairs (`torch.LongTensor` of shape `(num_pairs, 2)`, *optional*): rows of (image index, text index).
                 Default: image i with text i (then `num_images` must equal `num_texts`).
             batch_size (`int`): pairs per `score_pairs` call; bounds memory, does not change the result.
+            images_per_call (`int`): images encoded at a time (their states are held while their pairs are scored);
+                bounds memory, does not change the result.
         """
         _check_inputs(pixel_values, input_ids, attention_mask, pairs)
         if pairs is None:
             rows = torch.arange(len(input_ids), device=input_ids.device)
             pairs = torch.stack([rows, rows], dim=1)
         pairs = pairs.to(input_ids.device)
-        image_states = self.encode_images(pixel_values)
-        chunks = []
-        for chunk in pairs.split(batch_size):
-            mask = None if attention_mask is None else attention_mask[chunk[:, 1]]
-            chunks.append(self.score_pairs(image_states[chunk[:, 0]], input_ids[chunk[:, 1]], mask))
-        return FusionOutput(**{
-            key: torch.cat([getattr(chunk, key) for chunk in chunks])
-            for key in ("match_logits", "fused", "fused_image", "fused_text")
-            if getattr(chunks[0], key) is not None
-        })
+        texts = self.encode_texts(input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+        scored = {}  # field -> tensor of every pair's values, filled chunk by chunk
+        image_chunks = range(0, len(pixel_values), images_per_call)
+        for first in progress(image_chunks, desc="fusion teacher: scoring pairs", disable=len(image_chunks) < 4):
+            selected = torch.nonzero((pairs[:, 0] >= first) & (pairs[:, 0] < first + images_per_call)).flatten()
+            if len(selected) == 0:
+                continue
+            pixels = pixel_values[first : first + images_per_call].to(input_ids.device, self.model.dtype)
+            image_states = self.encode_images(pixels)
+            for chunk in selected.split(batch_size):
+                output = self.score_pairs(image_states[pairs[chunk, 0] - first],
+                                          *(rows[pairs[chunk, 1]] for rows in texts))
+                for key in ("match_logits", "fused", "fused_image", "fused_text"):
+                    value = getattr(output, key)
+                    if value is not None:
+                        if key not in scored:
+                            scored[key] = value.new_empty((len(pairs), *value.shape[1:]))
+                        scored[key][chunk] = value
+        return FusionOutput(**scored)
 
 
 def _check_inputs(pixel_values, input_ids, attention_mask, pairs) -> None:

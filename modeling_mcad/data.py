@@ -39,6 +39,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Sampler
 
+from .utils import progress
+
 logger = logging.getLogger(__name__)
 
 # Columns of the per-caption lists of mcad-shapes that `flatten_pairs` carries over, singular per pair.
@@ -467,7 +469,7 @@ def encode_images(images: Sequence, processor, batch_size: int = 256) -> torch.T
     """`pixel_values` of every image (PIL images or `datasets.Image` values), made by `processor`."""
     chunks = [processor(images=[to_rgb(image) for image in images[start : start + batch_size]],
                         return_tensors="pt")["pixel_values"]
-              for start in range(0, len(images), batch_size)]
+              for start in progress(range(0, len(images), batch_size), desc="preprocessing images")]
     return torch.cat(chunks)
 
 

@@ -9,12 +9,14 @@
 - `rerank(...)`: ranks after a second model (the fusion teacher) re-orders each query's top k.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .utils import progress
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_median_rank",
                   "t2i_median_rank")
@@ -198,13 +200,11 @@ def flatten_captions(split, caption_column: str = "captions") -> tuple[list[str]
     return captions, text_to_image
 
 
-def _encode(encode: Callable, batches: Iterable[list]) -> torch.Tensor:
-    embeds = [torch.as_tensor(encode(batch)).detach().float().cpu() for batch in batches]
+def _encode(encode: Callable, items: Sequence, batch_size: int, desc: str, prepare=list) -> torch.Tensor:
+    """`encode` over `items` in batches (each batch passed through `prepare` first), L2-normalised, with a bar."""
+    embeds = [torch.as_tensor(encode(prepare(items[start : start + batch_size]))).detach().float().cpu()
+              for start in progress(range(0, len(items), batch_size), desc=desc)]
     return torch.nn.functional.normalize(torch.cat(embeds), dim=-1)
-
-
-def _batches(items: Sequence, batch_size: int) -> Iterator[list]:
-    return (list(items[start : start + batch_size]) for start in range(0, len(items), batch_size))
 
 
 @torch.no_grad()
@@ -238,11 +238,11 @@ def evaluate_model(
     has_probe = {"swapped_captions", "flipped_captions"} <= set(split.column_names)
     probe = binding_probe(split, caption_column) if has_probe else BindingProbe()
     # Images are decoded batch by batch: a real gallery does not fit in memory decoded.
-    image_embeds = _encode(encode_images, ([to_rgb(image) for image in split[start : start + batch_size][image_column]]
-                                           for start in range(0, len(split), batch_size)))
+    image_embeds = _encode(encode_images, split, batch_size, "evaluating: images",
+                           prepare=lambda rows: [to_rgb(image) for image in rows[image_column]])
     # Each distinct text is encoded once: the probe's true captions are the gallery's captions.
     rows = {text: row for row, text in enumerate(dict.fromkeys([*captions, *probe.distractors]))}
-    text_embeds = _encode(encode_texts, _batches(list(rows), batch_size))
+    text_embeds = _encode(encode_texts, list(rows), batch_size, "evaluating: texts")
 
     def embeds_of(texts: Sequence[str]) -> torch.Tensor:
         return text_embeds[torch.tensor([rows[text] for text in texts], dtype=torch.long)]

@@ -37,7 +37,7 @@ from torch import nn
 # Through the package, which registers the auto classes (save_pretrained then writes the remote code).
 from . import MCADModel, MCADProcessor
 from .evaluation import flatten_captions, metrics_from_ranks, retrieval_ranks
-from .utils import atomic_directory, atomic_write_text
+from .utils import atomic_directory, atomic_write_text, progress
 
 logger = logging.getLogger(__name__)
 
@@ -565,6 +565,7 @@ def export_variants(
         image_column=image_column, caption_column=caption_column,
     )
     num_threads = num_threads or torch.get_num_threads()
+    phases = progress(total=4 + executorch, desc="export")
 
     with atomic_directory(output_dir) as staging:
         shutil.copytree(model_dir, staging, dirs_exist_ok=True)
@@ -580,11 +581,14 @@ def export_variants(
         config_text = (staging / "config.json").read_text()
         copy.deepcopy(model).half().save_pretrained(staging, variant=FP16_VARIANT)
         atomic_write_text(staging / "config.json", config_text)
+        phases.update()
         logger.info("Exporting ONNX graphs to %s", staging / ONNX_DIR)
         export_onnx(model, processor, staging / ONNX_DIR)
+        phases.update()
         if executorch:
             logger.info("Lowering to ExecuTorch (XNNPACK) in %s", staging / EXECUTORCH_DIR)
             export_executorch(model, processor, staging / EXECUTORCH_DIR)
+            phases.update()
 
         reference = TorchEncoders(model)
         fp16_model = MCADModel.from_pretrained(staging, variant=FP16_VARIANT, dtype=torch.float16).eval()
@@ -598,12 +602,15 @@ def export_variants(
         logger.info("Measuring parity of %s on %d images / %d captions", ", ".join(candidates), inputs.num_images,
                     inputs.num_texts)
         variants = measure_parity(reference, candidates, inputs, max_r1_drop)
+        phases.update()
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(num_threads)
         try:
             latency = measure_latency({REFERENCE_VARIANT: reference, **candidates}, inputs, latency_batch_sizes)
         finally:
             torch.set_num_threads(previous_threads)
+        phases.update()
+        phases.close()
         for name in variants:
             files = list(VARIANT_FILES[name])
             variants[name] = {

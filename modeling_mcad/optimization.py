@@ -3,6 +3,9 @@
 - `adamw_with_cosine(module, ...)`: AdamW over two parameter groups — weight decay on matrices, none on
   one-dimensional tensors (biases, norms, position vectors) and on CLIP's `logit_scale` (nanoGPT's and open_clip's
   rule) — and a cosine schedule with linear warm-up.
+- `autocast(device, dtype)`: mixed precision for a forward pass; `mixed_precision_dtype("auto" | "bf16" | "no")`
+  resolves a run's setting, "auto" taking bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU
+  with AVX-512 BF16 or AMX) — twice the speed of float32 for the teachers' training on such a CPU.
 - `TrainingStep`: one optimiser step from a loss — backward, gradient clipping, step, schedule, zeroed gradients,
   and every trained `logit_scale` clamped to CLIP's [0, ln 100] (a larger scale saturates the softmax). It runs the same
   with or without Accelerate (with an `Accelerator`, backward and clipping go through it and a step only happens
@@ -14,6 +17,7 @@
         step(loss_of(batch))
 """
 
+import contextlib
 import math
 
 import torch
@@ -56,6 +60,38 @@ def adamw_with_cosine(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}: the data gives no full batch.")
     optimizer = torch.optim.AdamW(parameter_groups(module, weight_decay), lr=lr)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
+
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (else autocast to bf16 emulates them, slowly)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def mixed_precision_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype | None:
+    """
+    The autocast dtype of a mixed-precision setting: `"no"` → None (float32), `"bf16"`, `"fp16"`, and `"auto"` →
+    bf16 where `device` computes it natively (`native_bf16`), else None.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed precision {mixed_precision!r} is not one of {MIXED_PRECISION}.")
+    if mixed_precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """`torch.autocast` on `device` with `dtype` for a forward pass (weights and optimiser stay float32); a no-op
+    context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class TrainingStep:
@@ -104,4 +140,5 @@ class TrainingStep:
         return self.scheduler.get_last_lr()[0]
 
 
-__all__ = ["LOGIT_SCALE_RANGE", "TrainingStep", "adamw_with_cosine", "parameter_groups"]
+__all__ = ["LOGIT_SCALE_RANGE", "MIXED_PRECISION", "TrainingStep", "adamw_with_cosine", "autocast",
+           "mixed_precision_dtype", "native_bf16", "parameter_groups"]

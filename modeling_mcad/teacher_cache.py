@@ -28,7 +28,7 @@ import torch
 
 from .data import to_rgb
 from .teachers import MCADTeacher
-from .utils import atomic_directory
+from .utils import atomic_directory, progress
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices:
     """The cache rows of the pairs of these images, in pair order."""
     dual, fusion = teacher.processors["dual"], teacher.processors["fusion"]
     columns = {name: [] for name in CACHE_COLUMNS}
-    for start in range(image_indices.start, image_indices.stop, batch_size):
+    for start in progress(range(image_indices.start, image_indices.stop, batch_size), desc="teacher cache"):
         rows = split[start:min(start + batch_size, image_indices.stop)]
         images = [to_rgb(image) for image in rows["image"]]
         captions = [caption for image_captions in rows["captions"] for caption in image_captions]

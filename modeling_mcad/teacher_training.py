@@ -32,8 +32,9 @@ from transformers import PreTrainedModel
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .data import TextTable, TrainingPairs
 from .objectives import ContrastiveLoss, MatchingLoss
-from .optimization import TrainingStep, adamw_with_cosine
+from .optimization import TrainingStep, adamw_with_cosine, autocast
 from .teachers import MCADTeacher, dual_image_embeds, dual_text_embeds
+from .utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class TeacherModels:
         """The fusion teacher on (image, text) pairs, each image encoded once (see `CrossEncoder.forward`)."""
         device = self.fusion.device
         mask = None if attention_mask is None else attention_mask.to(device)
-        return cross_encoder(self.fusion)(pixel_values.to(device), input_ids.to(device), mask,
+        return cross_encoder(self.fusion)(pixel_values, input_ids.to(device), mask,
                                           pairs=None if pairs is None else pairs.to(device))
 
     def to_mcad_teacher(self, **options) -> MCADTeacher:
@@ -148,6 +149,7 @@ def train_dual_teacher(
     group_families: bool = True,
     seed: int = 0,
     pairs: TrainingPairs | None = None,
+    autocast_dtype: torch.dtype | None = None,
     on_epoch_end: Callable[[int, TrainingHistory], None] | None = None,
 ) -> TrainingHistory:
     """
@@ -167,6 +169,8 @@ def train_dual_teacher(
             the split has them: in-batch negatives that differ in binding, relation or one attribute.
         seed (`int`): caption draws and batch order.
         pairs ([`TrainingPairs`], *optional*): the split already encoded with `{"dual": processor}`.
+        autocast_dtype (`torch.dtype`, *optional*): mixed precision for the forward passes (e.g. `torch.bfloat16`;
+            see `optimization.mixed_precision_dtype`); None: float32.
         on_epoch_end (`Callable[[int, TrainingHistory], None]`, *optional*): called after each epoch (its number,
             from 1) with the history so far, the model in eval mode.
     """
@@ -182,21 +186,26 @@ def train_dual_teacher(
     optimizer, scheduler = adamw_with_cosine(model, lr, total_steps, weight_decay, int(warmup_fraction * total_steps))
     step = TrainingStep(model, optimizer, scheduler, max_grad_norm)
     loss_fn, history = ContrastiveLoss(), TrainingHistory()
+    bar = progress(total=total_steps, desc="dual teacher")
     model.train()
     for epoch in range(epochs):
         epoch_losses = []
         for index in pairs.epoch_batches(epoch, batch_size, seed, group_families=grouped):
-            images = dual_image_embeds(model, pixels[pairs.image_index[index]])
             negative_rows = _distractor_rows(pairs, index, negatives)
-            texts = dual_text_embeds(model, *table.rows(torch.cat([pairs.caption_row[index], negative_rows])))
+            with autocast(model.device, autocast_dtype):
+                images = dual_image_embeds(model, pixels[pairs.image_index[index]])
+                texts = dual_text_embeds(model, *table.rows(torch.cat([pairs.caption_row[index], negative_rows])))
             loss = loss_fn(images, texts[: len(index)], model.logit_scale,
                            texts[len(index):] if len(negative_rows) else None)
             step(loss)
             history.losses.append(loss.item())
             epoch_losses.append(loss.item())
+            bar.update(1)
         history.epoch_losses.append(float(np.mean(epoch_losses)))
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history.epoch_losses[-1]:.3f}")
         logger.info("dual teacher: epoch %d/%d, loss %.4f", epoch + 1, epochs, history.epoch_losses[-1])
         _end_epoch(model, epoch, history, on_epoch_end)
+    bar.close()
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
@@ -257,6 +266,7 @@ def train_fusion_teacher(
     max_grad_norm: float = 1.0,
     seed: int = 0,
     pairs: TrainingPairs | None = None,
+    autocast_dtype: torch.dtype | None = None,
     on_epoch_end: Callable[[int, TrainingHistory], None] | None = None,
 ) -> TrainingHistory:
     """
@@ -277,6 +287,7 @@ def train_fusion_teacher(
         seed (`int`): caption draws and batch order.
         pairs ([`TrainingPairs`], *optional*): the split already encoded with `{"fusion": processor, "dual":
             dual_processor}`.
+        autocast_dtype (`torch.dtype`, *optional*): mixed precision for the forward passes; None: float32.
         on_epoch_end (`Callable[[int, TrainingHistory], None]`, *optional*): called after each epoch (its number,
             from 1) with the history so far, the model in eval mode.
     """
@@ -296,6 +307,7 @@ def train_fusion_teacher(
     optimizer, scheduler = adamw_with_cosine(model, lr, total_steps, weight_decay, int(warmup_fraction * total_steps))
     step = TrainingStep(model, optimizer, scheduler, max_grad_norm)
     encoder, loss_fn, history = cross_encoder(model), MatchingLoss(), TrainingHistory()
+    bar = progress(total=total_steps, desc="fusion teacher")
     device = model.device
     model.train()
     for epoch in range(epochs):
@@ -306,16 +318,20 @@ def train_fusion_teacher(
                                                           pairs.caption_row[index])
             texts, text_position = torch.unique(step_pairs[:, 1], return_inverse=True)
             input_ids, attention_mask = table.rows(texts)
-            output = encoder(pixels[images].to(device), input_ids.to(device), attention_mask.to(device),
-                             pairs=torch.stack([step_pairs[:, 0], text_position], dim=1).to(device),
-                             batch_size=len(step_pairs))
-            loss = loss_fn(output.match_logits, is_positive.to(device))
+            with autocast(device, autocast_dtype):
+                output = encoder(pixels[images].to(device), input_ids.to(device), attention_mask.to(device),
+                                 pairs=torch.stack([step_pairs[:, 0], text_position], dim=1).to(device),
+                                 batch_size=len(step_pairs))
+            loss = loss_fn(output.match_logits.float(), is_positive.to(device))
             step(loss)
             history.losses.append(loss.item())
             epoch_losses.append(loss.item())
+            bar.update(1)
         history.epoch_losses.append(float(np.mean(epoch_losses)))
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history.epoch_losses[-1]:.3f}")
         logger.info("fusion teacher: epoch %d/%d, loss %.4f", epoch + 1, epochs, history.epoch_losses[-1])
         _end_epoch(model, epoch, history, on_epoch_end)
+    bar.close()
     model.eval()
     history.seconds = time.perf_counter() - start
     return history

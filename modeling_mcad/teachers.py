@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .objectives import ObjectiveSettings, objective_settings, top_k_candidates
+from .optimization import autocast
 from .utils import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ class MCADTeacher(PreTrainedModel):
     (`processors`), so a collator builds each one's inputs from the same raw image and caption.
 
     Build it with [`MCADTeacher.from_teachers`]; `save_pretrained` / `from_pretrained` round-trip the teachers, the
-    adapter and the processors.
+    adapter and the processors. `autocast_dtype` (not saved; None: float32) runs both teachers' forward passes in
+    mixed precision, e.g. `torch.bfloat16` where the device computes it natively; their outputs stay float32.
 
     Args:
         config ([`MCADTeacherConfig`]): the teachers' configs and the adapter's shape.
@@ -194,6 +196,7 @@ class MCADTeacher(PreTrainedModel):
             config.fusion_image_dim, config.fusion_text_dim = self.fusion.fused_dims
         self.adapter = FusionAdapter(config.fusion_image_dim, config.fusion_text_dim, config.teacher_dim)
         self._processors = dict.fromkeys(PROCESSOR_NAMES)
+        self.autocast_dtype: torch.dtype | None = None
         self.post_init()
         self._freeze()
 
@@ -327,7 +330,8 @@ class MCADTeacher(PreTrainedModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, channels, height, width)`): from `processors["dual"]`.
         """
-        return dual_image_embeds(self.dual, pixel_values)
+        with autocast(self.device, self.autocast_dtype):
+            return dual_image_embeds(self.dual, pixel_values)
 
     @torch.no_grad()
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -338,7 +342,8 @@ class MCADTeacher(PreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(B, length)`): from `processors["dual"]`.
             attention_mask (`torch.Tensor` of shape `(B, length)`, *optional*).
         """
-        return dual_text_embeds(self.dual, input_ids, attention_mask)
+        with autocast(self.device, self.autocast_dtype):
+            return dual_text_embeds(self.dual, input_ids, attention_mask)
 
     @torch.no_grad()
     def fuse(
@@ -360,11 +365,12 @@ class MCADTeacher(PreTrainedModel):
             pairs (`torch.LongTensor` of shape `(num_pairs, 2)`, *optional*): (image index, text index) rows; default
                 image i with text i.
         """
-        model = self.fusion.model
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        return self.fusion(pixel_values.to(self.device, model.dtype), input_ids.to(self.device), attention_mask,
-                           pairs=pairs, batch_size=self.config.fusion_batch_size)
+        with autocast(self.device, self.autocast_dtype):
+            fused = self.fusion(pixel_values, input_ids.to(self.device), attention_mask, pairs=pairs,
+                                batch_size=self.config.fusion_batch_size)
+        return FusionOutput(**{key: value.float() for key, value in fused.items()})
 
     @torch.no_grad()
     def forward(

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes of files and folders."""
+"""Small shared helpers: atomic writes of files and folders, progress bars."""
 
 import contextlib
 import os
@@ -63,3 +63,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(handle.name, path)
+
+
+def progress(iterable=None, total: int | None = None, desc: str | None = None, **kwargs):
+    """
+    A progress bar with an ETA over `iterable` (or updated by hand up to `total`): transformers' tqdm, so that
+    `transformers.utils.logging.disable_progress_bar()` silences every bar of the package (the training script does
+    so on all but the main process).
+    """
+    from transformers.utils import logging
+
+    return logging.tqdm(iterable, total=total, desc=desc, **kwargs)

@@ -223,6 +223,17 @@ def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
     output = tmp_path / "smoke"
     result = run_script("--config", REPO_ROOT / "configs" / "smoke.yaml", "--output_dir", output)
     assert "num_processes=1" in result.stderr
+    # Every stage shows its progress, and the run ends with each stage's time and output.
+    for bar in ("dual teacher:", "fusion teacher:", "adapter fit:", "teacher cache:", "distill (mcad):",
+                "evaluating: images:"):
+        assert bar in result.stderr, bar
+    for stage, written in (("teachers", output / "teacher"), ("cache", output / "cache"),
+                           ("distill", output / "student"), ("evaluate", output / "results.md")):
+        assert f"| {stage} | " in result.stdout and str(written) in result.stdout
+    # The same command again, in another folder, gives the same results to the last digit.
+    again = tmp_path / "again"
+    run_script("--config", REPO_ROOT / "configs" / "smoke.yaml", "--output_dir", again)
+    assert (again / "results.json").read_text() == (output / "results.json").read_text()
     results = json.loads((output / "results.json").read_text())
     assert {"dual teacher", "fusion teacher (re-ranks dual top-10)", "student (mcad)"} <= set(results)
     assert all(0 <= results["student (mcad)"][key] <= 100 for key in ("i2t_r1", "t2i_r10", "swap_accuracy"))

@@ -245,9 +245,9 @@ class MCADFusionModel(PreTrainedModel):
 
 class MCADFusionCrossEncoder(CrossEncoder):
     """
-    [`MCADFusionModel`] as a cross-encoder. Image state: the unimodal vision encoder's tokens. Pair pass: the text
-    encoder and the fusion stack. f = the fusion token's final state (one vector for P_v and P_t); m = the model's
-    match logit.
+    [`MCADFusionModel`] as a cross-encoder. Image state: the unimodal vision encoder's tokens. Text state: the
+    unimodal text encoder's tokens and t, once per text (they do not depend on the image). Pair pass: the fusion
+    stack. f = the fusion token's final state (one vector for P_v and P_t); m = the model's match logit.
     """
 
     model_class = MCADFusionModel
@@ -259,9 +259,18 @@ class MCADFusionCrossEncoder(CrossEncoder):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.image_states(pixel_values)
 
-    def score_pairs(self, image_states: torch.Tensor, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> FusionOutput:
-        output = self.model(image_states=image_states, input_ids=input_ids, attention_mask=attention_mask)
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     texts_per_call: int = 512) -> tuple[torch.Tensor, ...]:
+        encoded = [self.model.text_states(input_ids[start : start + texts_per_call],
+                                          attention_mask[start : start + texts_per_call])
+                   for start in range(0, len(input_ids), texts_per_call)]
+        states, embeds = (torch.cat(parts) for parts in zip(*encoded))
+        return states, attention_mask, embeds
+
+    def score_pairs(self, image_states: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor,
+                    text_embeds: torch.Tensor) -> FusionOutput:
+        output = self.model.fuse(image_states, text_states, attention_mask, self.model.image_embeds(image_states),
+                                 text_embeds)
         return FusionOutput(match_logits=output.match_logits, fused=output.fused)
 
 

@@ -19,20 +19,12 @@ from .generator import matcher_embeddings
 GATE_MATCHERS = ("colour_shape", "colour_shape_orientation")
 
 
-def _match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor,
-                  images_per_call: int = 64) -> torch.Tensor:
-    """The fusion teacher's match logit of every (image, text row) pair, images encoded `images_per_call` at a time."""
-    logits = torch.empty(len(pairs))
-    for first in range(0, len(pixel_values), images_per_call):
-        selected = torch.nonzero((pairs[:, 0] >= first) & (pairs[:, 0] < first + images_per_call)).flatten()
-        if len(selected) == 0:
-            continue
-        texts, text_position = torch.unique(pairs[selected, 1], return_inverse=True)
-        input_ids, attention_mask = table.rows(texts)
-        output = teachers.fuse(pixel_values[first : first + images_per_call], input_ids, attention_mask,
-                               pairs=torch.stack([pairs[selected, 0] - first, text_position], dim=1))
-        logits[selected] = output.match_logits.float().cpu()
-    return logits
+def _match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor) -> torch.Tensor:
+    """The fusion teacher's match logit of every (image, text row) pair, each image and each text encoded once."""
+    texts, text_position = torch.unique(pairs[:, 1], return_inverse=True)
+    input_ids, attention_mask = table.rows(texts)
+    output = teachers.fuse(pixel_values, input_ids, attention_mask, pairs=torch.stack([pairs[:, 0], text_position], 1))
+    return output.match_logits.float().cpu()
 
 
 @torch.no_grad()

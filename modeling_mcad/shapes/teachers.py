@@ -16,7 +16,7 @@ The dual teacher trains with the library's generic `teacher_training.train_dual_
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import datasets
@@ -28,14 +28,17 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from ..configuration_mcad import PRESET_SPECIAL_TOKEN_IDS, PRESET_VOCABULARY
 from ..data import TextTable, TrainingPairs
-from ..optimization import TrainingStep, adamw_with_cosine
+from ..optimization import TrainingStep, adamw_with_cosine, autocast
 from ..teacher_training import TeacherModels, TrainingHistory, mine_hard_negatives, prepare_cpu
+from ..utils import progress
 from .fusion_model import MCADFusionModel, MCADFusionOutput, sincos_positions
 from .generator import ORIENTATION_WORDS, SHAPES, caption_grounding, caption_is_true
 
 logger = logging.getLogger(__name__)
 
 MAX_CAPTION_TOKENS = 32
+# Family siblings a caption is false of, ranked below its own image in each fusion step (the rest are left out).
+SIBLINGS_PER_CAPTION = 2
 
 
 def shapes_tokenizer(max_length: int = MAX_CAPTION_TOKENS) -> BertTokenizer:
@@ -128,8 +131,8 @@ def first_relation_token(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 class FusionStackTargets:
     """
     What `train_fusion_stack` supervises besides the match. Per training pair: the family siblings its caption is
-    false of (up to three, -1: none), each named object's shape-word position and centre (x, y). Per text row of
-    `pairs.texts` (captions and distractors): the position of its relation word.
+    false of (up to `SIBLINGS_PER_CAPTION`, -1: none), each named object's shape-word position and centre (x, y).
+    Per text row of `pairs.texts` (captions and distractors): the position of its relation word.
     """
 
     siblings: torch.Tensor
@@ -143,10 +146,11 @@ class FusionStackTargets:
                    processor_name: str = "fusion") -> "FusionStackTargets":
         scenes, table = split["scene"], pairs.tables[processor_name]
         captions = [pairs.texts[row] for row in pairs.caption_row.tolist()]
-        siblings = torch.full((len(pairs), 3), -1, dtype=torch.long)
+        siblings = torch.full((len(pairs), SIBLINGS_PER_CAPTION), -1, dtype=torch.long)
         for pair, false_of in enumerate(false_siblings(captions, pairs.image_index.tolist(), pairs.family.tolist(),
                                                        scenes)):
-            siblings[pair, : len(false_of[:3])] = torch.tensor(false_of[:3], dtype=torch.long)
+            kept = false_of[:SIBLINGS_PER_CAPTION]
+            siblings[pair, : len(kept)] = torch.tensor(kept, dtype=torch.long)
         shape_ids = set(tokenizer.convert_tokens_to_ids(list(SHAPES)))
         shape_token, centre = torch.zeros(len(pairs), 3, dtype=torch.long), torch.zeros(len(pairs), 3, 2)
         grounded = torch.zeros(len(pairs), 3, dtype=torch.bool)
@@ -159,35 +163,52 @@ class FusionStackTargets:
 
 
 @torch.no_grad()
-def fusion_stack_states(model: MCADFusionModel, pixel_values: torch.Tensor, table: TextTable,
+def fusion_image_states(model: MCADFusionModel, pixel_values: torch.Tensor,
                         batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """The frozen unimodal encoders' states of every image and text (float16, on the CPU: the whole split is
-    held) and their embeddings v, t; the encoders run on the model's device, in eval mode."""
+    """
+    The frozen unimodal vision encoder's token states of every image (`"images"`, float16, on the CPU: the whole
+    split is held, a few bytes per pixel) and v (`"image_embeds"`); the encoder runs on the model's device.
+    """
     model.unimodal.eval()
-    device = model.device
-    image_states, image_embeds = [], []
-    for chunk in pixel_values.split(batch_size):
-        states = model.image_states(chunk.to(device))
-        image_states.append(states.half().cpu())
-        image_embeds.append(model.image_embeds(states).float().cpu())
-    text_states, text_embeds = [], []
-    for start in range(0, len(table.input_ids), 4 * batch_size):
-        rows = slice(start, start + 4 * batch_size)
-        states, embeds = model.text_states(table.input_ids[rows].to(device), table.attention_mask[rows].to(device))
-        text_states.append(states.half().cpu())
-        text_embeds.append(embeds.float().cpu())
-    return {"images": torch.cat(image_states), "image_embeds": torch.cat(image_embeds), "texts": torch.cat(text_states),
-            "masks": table.attention_mask.bool(), "text_embeds": torch.cat(text_embeds)}
+    vision = model.config.unimodal_config
+    states = torch.empty(len(pixel_values), len(model.patch_positions), vision.vision_config.hidden_size,
+                         dtype=torch.float16)
+    embeds = torch.empty(len(pixel_values), vision.projection_dim)
+    for start in range(0, len(pixel_values), batch_size):
+        chunk = model.image_states(pixel_values[start : start + batch_size].to(model.device))
+        states[start : start + len(chunk)] = chunk.half().cpu()
+        embeds[start : start + len(chunk)] = model.image_embeds(chunk).float().cpu()
+    return {"images": states, "image_embeds": embeds}
 
 
-def fuse_cached(model: MCADFusionModel, states: Mapping[str, torch.Tensor], image_rows: torch.Tensor,
+@dataclass
+class EncodedTexts:
+    """Distinct text rows of a `TextTable` through the frozen unimodal text encoder: states, mask and t."""
+
+    rows: torch.Tensor
+    states: torch.Tensor
+    mask: torch.Tensor
+    embeds: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: MCADFusionModel, table: TextTable, rows: torch.Tensor) -> "EncodedTexts":
+        rows = torch.unique(rows)
+        input_ids, mask = table.rows(rows)
+        states, embeds = model.text_states(input_ids.to(model.device), mask.to(model.device))
+        return cls(rows, states, mask.to(model.device), embeds)
+
+    def index(self, text_rows: torch.Tensor) -> torch.Tensor:
+        """Positions of these text rows (all of them encoded here) in `states`."""
+        return torch.searchsorted(self.rows, text_rows)
+
+
+def fuse_cached(model: MCADFusionModel, images: dict[str, torch.Tensor], texts: EncodedTexts, image_rows: torch.Tensor,
                 text_rows: torch.Tensor) -> MCADFusionOutput:
-    """The fusion stack on pairs (image_rows[p], text_rows[p]) of cached `fusion_stack_states`."""
-    length = int(states["masks"][text_rows].sum(1).max())
-    device = model.device
-    return model.fuse(states["images"][image_rows].to(device), states["texts"][text_rows, :length].to(device),
-                      states["masks"][text_rows, :length].to(device), states["image_embeds"][image_rows].to(device),
-                      states["text_embeds"][text_rows].to(device))
+    """The fusion stack on pairs (image_rows[p], text_rows[p]): images from `fusion_image_states`, texts encoded."""
+    device, position = model.device, texts.index(text_rows)
+    return model.fuse(images["images"][image_rows].to(device), texts.states[position], texts.mask[position],
+                      images["image_embeds"][image_rows].to(device), texts.embeds[position])
 
 
 def train_fusion_stack(
@@ -195,28 +216,29 @@ def train_fusion_stack(
     processor,
     train_split: datasets.Dataset,
     dual_teacher: CLIPModel | None = None,
-    steps: int = 600,
-    canonical_steps: int = 200,
+    steps: int = 350,
+    canonical_steps: int = 150,
     lr: float = 5e-4,
     batch_size: int = 64,
     grounding: float = 1.0,
     relation: float = 1.0,
-    siblings: bool = True,
     weight_decay: float = 0.05,
     warmup_steps: int = 50,
     max_grad_norm: float = 1.0,
     seed: int = 0,
     pairs: TrainingPairs | None = None,
+    autocast_dtype: torch.dtype | None = None,
     on_step: Callable[[int, MCADFusionModel], None] | None = None,
 ) -> TrainingHistory:
     """
     Train the fusion stack of an [`MCADFusionModel`] on mcad-shapes. Its unimodal encoders (the trained dual teacher,
-    copied in from `dual_teacher` when given) stay frozen: their states of every image and text are computed once.
+    copied in from `dual_teacher` when given) stay frozen: their states of every image are computed once, of each
+    step's texts in the step.
 
     Each step takes `batch_size` pairs in batches of whole families (`TrainingPairs.epoch_batches`) and a listwise
     loss: per image, cross-entropy over {its caption, the caption's colour swap, its relation flip, the dual
-    teacher's hardest in-batch caption, a random caption}; per caption, over {its image, up to three family
-    siblings it is false of (`siblings`), the hardest in-batch image}. For the first `canonical_steps` captions are
+    teacher's hardest in-batch caption}; per caption, over {its image, up to `SIBLINGS_PER_CAPTION` family siblings
+    it is false of, the hardest in-batch image}. For the first `canonical_steps` captions are
     canonical only (left / top object named first) and flips are left out (the word alone would tell them): the
     stack learns which named object is left / above; then every wording. Auxiliary losses on the caption tokens'
     states after `config.relation_layer`: `grounding` · the squared error of each named object's centre regressed from
@@ -230,9 +252,10 @@ def train_fusion_stack(
         dual_teacher ([`CLIPModel`], *optional*): the trained dual teacher, copied into `model.unimodal` first.
         steps, canonical_steps, lr, batch_size, weight_decay, warmup_steps, max_grad_norm: the schedule.
         grounding, relation (`float`): the auxiliary losses' weights (0: off).
-        siblings (`bool`): rank each caption's image above the family siblings it is false of.
-        seed (`int`): caption draws, batch order, random captions.
+        seed (`int`): caption draws and batch order.
         pairs ([`TrainingPairs`], *optional*): the split already encoded with `{"fusion": processor}`.
+        autocast_dtype (`torch.dtype`, *optional*): mixed precision for the forward passes (e.g. `torch.bfloat16`);
+            None: float32.
         on_step (`Callable[[int, MCADFusionModel], None]`, *optional*): called after every step with the step number
             (from 1) and the model (in train mode; switch it to eval to score).
     """
@@ -245,15 +268,13 @@ def train_fusion_stack(
     if dual_teacher is not None:
         model.unimodal.load_state_dict(dual_teacher.state_dict())
     model.unimodal.requires_grad_(False).eval()
-    states = fusion_stack_states(model, pairs.pixel_values["fusion"], pairs.tables["fusion"])
+    images = fusion_image_states(model, pairs.pixel_values["fusion"])
     targets = FusionStackTargets.from_pairs(pairs, train_split, processor.tokenizer)
-    if not siblings:
-        targets.siblings.fill_(-1)
     # Only the stack trains: the frozen encoders are left out of the optimiser and have no gradients.
     training_step = TrainingStep(model, *adamw_with_cosine(model, lr, steps, weight_decay, warmup_steps),
                                  max_grad_norm)
-    generator = torch.Generator().manual_seed(seed)
     history, step, epoch = TrainingHistory(), 0, 0
+    bar = progress(total=steps, desc="fusion teacher")
     model.train()
     model.unimodal.eval()
     while step < steps:
@@ -262,18 +283,21 @@ def train_fusion_stack(
         if not batches:
             raise ValueError(f"batch_size={batch_size} is larger than the images drawn per epoch; lower it.")
         for index in batches:
-            loss = _fusion_stack_loss(model, states, pairs, targets, index, canonical_phase, grounding, relation,
-                                      generator)
+            with autocast(model.device, autocast_dtype):
+                loss = _fusion_stack_loss(model, images, pairs, targets, index, canonical_phase, grounding, relation)
             training_step(loss)
             history.losses.append(loss.item())
             step += 1
+            bar.update(1)
             if step % 100 == 0:
+                bar.set_postfix(loss=f"{np.mean(history.losses[-100:]):.3f}")
                 logger.info("fusion teacher: step %d/%d, loss %.4f", step, steps, np.mean(history.losses[-100:]))
             if on_step is not None:
                 on_step(step, model)
             if step >= steps or canonical_phase != (step < canonical_steps):
                 break
         epoch += 1
+    bar.close()
     model.eval()
     history.seconds = time.perf_counter() - start
     logger.info("fusion teacher: %d steps, loss %.4f -> %.4f, %.0f s", steps, np.mean(history.losses[:50]),
@@ -281,32 +305,39 @@ def train_fusion_stack(
     return history
 
 
-def _fusion_stack_loss(model, states, pairs: TrainingPairs, targets: FusionStackTargets, index: torch.Tensor,
-                       canonical_phase: bool, grounding: float, relation: float, generator) -> torch.Tensor:
+def _fusion_stack_loss(model, images, pairs: TrainingPairs, targets: FusionStackTargets, index: torch.Tensor,
+                       canonical_phase: bool, grounding: float, relation: float) -> torch.Tensor:
     image, caption = pairs.image_index[index], pairs.caption_row[index]
     swapped, flipped = pairs.swapped_row[index], pairs.flipped_row[index]
-    similarity = states["image_embeds"][image] @ states["text_embeds"][caption].t()
+    # Every text this step reads, each through the frozen text encoder once: captions and their distractors.
+    texts = EncodedTexts.of(model, pairs.tables["fusion"], torch.cat([caption, swapped[swapped >= 0],
+                                                                      flipped[flipped >= 0]]))
+    similarity = images["image_embeds"][image] @ texts.embeds[texts.index(caption)].cpu().t()
     text_of_image, image_of_text = mine_hard_negatives(similarity, caption[:, None] == caption[None, :])
     mined_text, mined_image = caption[text_of_image], image[image_of_text]
-    random_text = caption[torch.randint(len(caption), (len(caption),), generator=generator)]
-    texts = torch.stack([caption, torch.where(swapped >= 0, swapped, random_text),
-                         torch.where(flipped >= 0, flipped, mined_text), mined_text, random_text], 1)
-    text_valid = torch.ones_like(texts, dtype=torch.bool)
+    # Per image: its caption, the swap, the flip, the mined caption (a missing distractor: the mined one, masked).
+    candidates = torch.stack([caption, torch.where(swapped >= 0, swapped, mined_text),
+                              torch.where(flipped >= 0, flipped, mined_text), mined_text], 1)
+    text_valid = torch.ones_like(candidates, dtype=torch.bool)
     text_valid[:, 1], text_valid[:, 2] = swapped >= 0, (flipped >= 0) & (not canonical_phase)
+    # Per caption: its image (scored above), the false siblings (a missing one: its own image, masked), the mined image.
     sibling = targets.siblings[index]
-    images = torch.cat([torch.where(sibling >= 0, sibling, image[:, None]), mined_image[:, None]], 1)
-    image_valid = torch.cat([sibling >= 0, torch.ones(len(index), 1, dtype=torch.bool)], 1)
-    output = fuse_cached(model, states, torch.cat([image.repeat_interleave(5), images.flatten()]),
-                         torch.cat([texts.flatten(), caption.repeat_interleave(4)]))
-    per_image = output.match_logits[: 5 * len(index)].view(-1, 5)
-    per_caption = torch.cat([per_image[:, :1], output.match_logits[5 * len(index) :].view(-1, 4)], 1)
+    other_images = torch.cat([torch.where(sibling >= 0, sibling, image[:, None]), mined_image[:, None]], 1)
+    per_text, per_image_count = candidates.shape[1], other_images.shape[1]
+    output = fuse_cached(model, images, texts,
+                         torch.cat([image.repeat_interleave(per_text), other_images.flatten()]),
+                         torch.cat([candidates.flatten(), caption.repeat_interleave(per_image_count)]))
+    split = per_text * len(index)
+    per_image = output.match_logits[:split].view(-1, per_text)
+    per_caption = torch.cat([per_image[:, :1], output.match_logits[split:].view(-1, per_image_count)], 1)
     device = per_image.device
-    text_valid, image_valid = text_valid.to(device), torch.cat([text_valid[:, :1], image_valid], 1).to(device)
+    image_valid = torch.cat([torch.ones(len(index), 1, dtype=torch.bool), sibling >= 0,
+                             torch.ones(len(index), 1, dtype=torch.bool)], 1).to(device)
     target = torch.zeros(len(index), dtype=torch.long, device=device)
-    loss = (F.cross_entropy(per_image.masked_fill(~text_valid, -1e4), target)
+    loss = (F.cross_entropy(per_image.masked_fill(~text_valid.to(device), -1e4), target)
             + F.cross_entropy(per_caption.masked_fill(~image_valid, -1e4), target))
     rows = torch.arange(len(index))
-    relation_states = output.relation_states[: 5 * len(index)].view(len(index), 5, *output.relation_states.shape[1:])
+    relation_states = output.relation_states[:split].view(len(index), per_text, *output.relation_states.shape[1:])
     if grounding and targets.grounded[index].any():
         predicted = model.grounding_head(relation_states[:, 0][rows[:, None], targets.shape_token[index]])
         error = ((predicted - targets.centre[index].to(device)) ** 2).sum(-1)
@@ -320,14 +351,14 @@ def _fusion_stack_loss(model, states, pairs: TrainingPairs, targets: FusionStack
     return loss
 
 
-
 __all__ = [
     "MAX_CAPTION_TOKENS",
     "FusionStackTargets",
     "false_siblings",
     "first_relation_token",
+    "EncodedTexts",
     "fuse_cached",
-    "fusion_stack_states",
+    "fusion_image_states",
     "shapes_teachers",
     "shapes_tokenizer",
     "train_fusion_stack",
