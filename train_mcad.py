@@ -24,13 +24,16 @@ import json
 import logging
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from modeling_mcad.utils import atomic_directory, atomic_write_text
+from modeling_mcad.errors import UserError
+from modeling_mcad.utils import atomic_directory, atomic_write_text, remove_directory
 
 logger = logging.getLogger("train_mcad")
 
@@ -42,11 +45,15 @@ DEFAULT_STAGES = ("teachers", "cache", "distill", "evaluate")
 class TrainConfig:
     # --- run ---
     output_dir: str = "outputs/demo"
+    # Let the teachers, cache and distill stages replace what an earlier run left in output_dir (teacher/, the cache,
+    # student/ and checkpoints/); without it teachers and distill refuse (distill continues a run with
+    # resume_from_checkpoint), and cache reuses only a cache of the same teacher, data and precision.
+    overwrite_output_dir: bool = False
     seed: int = 0
     mixed_precision: str = "no"  # the student's distillation: "no", "bf16" (works on CPU) or "fp16" (GPU)
     # The teachers' arithmetic, wherever they run (training, adapter fit, cache, gates, evaluation): "auto" (bf16
-    # where the device computes it natively: twice float32's speed on a CPU with AVX-512 BF16 or AMX, and on recent
-    # GPUs; float32 elsewhere), "bf16" or "no".
+    # where the device computes it natively: about twice float32's speed on a CPU with AMX and on recent GPUs; float32
+    # elsewhere, where bf16 is slower), "bf16" or "no".
     teacher_mixed_precision: str = "auto"
     # Torch threads per process on CPU; default: the machine's cores shared among this machine's processes.
     # (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which would leave all but one core idle.)
@@ -61,6 +68,9 @@ class TrainConfig:
     image_column: str = "image"
     caption_column: str = "captions"
     skip_bad_examples: bool = False
+    # The largest image accepted, in pixels (null: PIL's decompression-bomb limit, about 89M). A batch decodes all its
+    # images at once: 64 photos of 80 megapixels are 15 GB of pixels, so lower it for datasets of very large photos.
+    max_image_pixels: int | None = None
     # --- teachers: "shapes" (built here from transformers configs and trained) or Hub ids / local folders ---
     dual_teacher: str = "shapes"
     fusion_teacher: str = "shapes"
@@ -118,20 +128,62 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "TrainConfig":
+        """The defaults, overridden by the YAML file `config_file` and then by `overrides` (the command line's)."""
         values = {}
         if config_file is not None:
-            values = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{config_file} must hold a mapping of TrainConfig fields, not {type(values).__name__}.")
-        values.update(overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} in {config_file or 'the command line'}; the options are the fields of "
-                f"TrainConfig in train_mcad.py: {sorted(known)}."
-            )
-        return cls(**values)
+            values = read_config_file(config_file)
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for source, options in ((config_file, values), ("the command line", overrides)):
+            unknown = sorted(set(options) - set(known))
+            if unknown:
+                raise UserError(
+                    f"Unknown option(s) {unknown} in {source}; the options are the fields of TrainConfig in "
+                    f"train_mcad.py: {sorted(known)}."
+                )
+            for name, value in options.items():
+                options[name] = checked_option(name, value, known[name], source)
+        return cls(**{**values, **overrides})
+
+
+def read_config_file(config_file: str) -> dict:
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"--config {config_file}: no such file; pass a YAML file of TrainConfig fields (e.g. "
+                        "configs/demo.yaml).")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_file} is not a readable YAML file ({error}); fix it where the message says.") \
+            from None
+    if not isinstance(values, dict):
+        raise UserError(f"{config_file} must hold a mapping of TrainConfig fields, not {type(values).__name__}.")
+    return values
+
+
+def checked_option(name: str, value, annotation, source: str):
+    """
+    `value` as the option `name` of type `annotation` takes it (an integer, or a number YAML left a string such as
+    `5e-4`, becomes a float where a float is wanted), or a UserError naming the option, its source and the type
+    wanted. YAML reads `20240101` as a number and `no` as false: a string option given one of those in a file is
+    refused with the advice to quote it, not silently converted.
+    """
+    wanted = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in wanted:
+        return None
+    if isinstance(value, bool):
+        if bool in wanted:
+            return value
+    elif float in wanted and isinstance(value, (int, str)):
+        try:  # YAML reads 5e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    elif any(isinstance(value, kind) for kind in wanted if kind is not type(None)):
+        return value
+    names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in wanted)
+    advice = (" (YAML reads an unquoted number, yes / no or on / off as a number or a boolean: quote the value)"
+              if str in wanted and isinstance(value, (bool, int, float)) else "")
+    raise UserError(f"Option {name} in {source} must be {names}, got {value!r} ({type(value).__name__}){advice}.")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[list[str], TrainConfig]:
@@ -142,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], TrainConfig]:
         is_flag = config_field.type is bool
         parser.add_argument(
             f"--{config_field.name}",
-            type=yaml.safe_load,  # numbers, booleans, lists and {json: objects} as well as strings
+            type=command_line_value(config_field.type),
             nargs="?" if is_flag else None,
             const=True if is_flag else None,
             default=argparse.SUPPRESS,
@@ -153,6 +205,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], TrainConfig]:
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     return stages, TrainConfig.from_sources(args.pop("config"), args)
+
+
+def command_line_value(annotation):
+    """
+    How a flag's text becomes a value: YAML (numbers, booleans, lists and {json: objects}), except for a string
+    option, whose text is taken as it is (`--output_dir 20240101` is a folder, `--mixed_precision no` the string)
+    and "null" is None where the option may be.
+    """
+    wanted = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if str not in wanted:
+        return yaml.safe_load
+    optional = type(None) in wanted
+    return lambda text: None if optional and text in ("null", "~") else text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,15 +268,17 @@ def load_splits(config: TrainConfig, accelerator) -> "datasets.DatasetDict":
         return datasets.DatasetDict({
             name: load_image_text_dataset(config.dataset, split=name, image_column=config.image_column,
                                           caption_column=config.caption_column,
-                                          skip_bad_examples=config.skip_bad_examples)
+                                          skip_bad_examples=config.skip_bad_examples,
+                                          max_image_pixels=config.max_image_pixels)
             for name in names
         })
-    from modeling_mcad.shapes import shapes_splits
+    from modeling_mcad.shapes import make_shapes, shapes_splits
 
     # Generated once (main process first) and kept under the output folder, keyed by the generator's settings (the
     # run's seed unless `shapes` names its own).
     with accelerator.main_process_first():
-        return shapes_splits(Path(config.output_dir) / "data", **{"seed": config.seed, **config.shapes})
+        settings = known_keys(make_shapes, "shapes", config.shapes)
+        return shapes_splits(Path(config.output_dir) / "data", **{"seed": config.seed, **settings})
 
 
 def teacher_folder(config: TrainConfig) -> Path:
@@ -228,7 +295,7 @@ def load_teacher(config: TrainConfig, device="cpu"):
     from modeling_mcad.teachers import MCADTeacher
 
     if not teacher_folder(config).exists():
-        raise FileNotFoundError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
+        raise UserError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
     teacher = MCADTeacher.from_pretrained(teacher_folder(config)).to(device)
     teacher.autocast_dtype = mixed_precision_dtype(config.teacher_mixed_precision, device)
     return teacher
@@ -241,6 +308,19 @@ def run_objective(config: TrainConfig):
     return objective_settings(config.objective, **config.objective_overrides)
 
 
+def known_keys(function, option: str, values: dict) -> dict:
+    """A copy of the dict option `option`, refused with a UserError when it names a keyword `function` lacks."""
+    import inspect
+
+    accepted = [name for name, parameter in inspect.signature(function).parameters.items()
+                if parameter.default is not inspect.Parameter.empty]
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise UserError(f"Option {option} has unknown key(s) {unknown}; "
+                        f"{function.__module__}.{function.__name__} takes {accepted}.")
+    return dict(values)
+
+
 def build_student(config: TrainConfig):
     """
     The student and its processor: a preset, or `student_config`. With `student_tokenizer` ("dual_teacher" or a
@@ -250,10 +330,14 @@ def build_student(config: TrainConfig):
 
     from modeling_mcad import MCADConfig, MCADModel, MCADProcessor
 
-    if config.student_config is None:
-        student_config = MCADConfig.from_preset(config.student_preset)
-    else:
-        student_config = MCADConfig(**config.student_config)
+    try:  # the Hub-bound configuration raises plain ValueErrors
+        if config.student_config is None:
+            student_config = MCADConfig.from_preset(config.student_preset)
+        else:
+            student_config = MCADConfig(**config.student_config)
+    except (ValueError, TypeError) as error:
+        option = "student_preset" if config.student_config is None else "student_config"
+        raise UserError(f"Option {option}: {error}") from error
     tokenizer = None
     if config.student_tokenizer == "dual_teacher":
         from transformers import AutoProcessor
@@ -268,8 +352,8 @@ def build_student(config: TrainConfig):
             # CLIP's text tower pools at its eos token, which must be the token that ends this tokenizer's texts.
             end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
             if end is None:
-                raise ValueError(f"student_tokenizer {config.student_tokenizer!r} has no eos or sep token for the "
-                                 "CLIP text tower to pool at; use a tokenizer that ends texts with one.")
+                raise UserError(f"student_tokenizer {config.student_tokenizer!r} has no eos or sep token for the "
+                                "CLIP text tower to pool at; use a tokenizer that ends texts with one.")
             text_config.eos_token_id = end
     torch.manual_seed(config.seed)
     return MCADModel(student_config), MCADProcessor.from_config(student_config, tokenizer)
@@ -290,17 +374,31 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_training import TeacherModels, train_dual_teacher, train_fusion_teacher
     from modeling_mcad.teachers import MCADTeacher
 
-    splits = load_splits(config, accelerator)
+    shapes = config.dual_teacher == "shapes" or config.fusion_teacher == "shapes"
+    if shapes:
+        from modeling_mcad import shapes as shapes_world
+
+        if (config.dual_teacher, config.fusion_teacher) != ("shapes", "shapes"):
+            raise UserError("dual_teacher and fusion_teacher are both 'shapes' or both Hub ids / folders.")
+        sizes = known_keys(shapes_world.shapes_teachers, "shapes_teachers", config.shapes_teachers)
+    # The options are checked before anything is loaded or trained.
+    train_fusion = shapes_world.train_fusion_stack if shapes else train_fusion_teacher
+    dual_options = known_keys(train_dual_teacher, "dual_teacher_training", config.dual_teacher_training)
+    fusion_options = known_keys(train_fusion, "fusion_teacher_training", config.fusion_teacher_training)
+    if teacher_folder(config).exists():
+        if not config.overwrite_output_dir:
+            raise UserError(
+                f"{teacher_folder(config)} holds the teachers of an earlier run, which the teachers stage would "
+                "replace. Leave the teachers stage out to use them (e.g. `train_mcad.py cache distill evaluate`), "
+                "pass --overwrite_output_dir to train them again, or pass a new --output_dir to keep them."
+            )
+        logger.warning("--overwrite_output_dir: the teachers in %s will be replaced", teacher_folder(config))
     settings = run_objective(config)
+    splits = load_splits(config, accelerator)
     if accelerator.is_main_process:
         train = splits[config.train_split]
-        shapes = config.dual_teacher == "shapes" or config.fusion_teacher == "shapes"
         if shapes:
-            from modeling_mcad import shapes as shapes_world
-
-            if (config.dual_teacher, config.fusion_teacher) != ("shapes", "shapes"):
-                raise ValueError("dual_teacher and fusion_teacher are both 'shapes' or both Hub ids / folders.")
-            models = shapes_world.shapes_teachers(seed=config.seed, **config.shapes_teachers)
+            models = shapes_world.shapes_teachers(seed=config.seed, **sizes)
         else:
             published = MCADTeacher.from_teachers(config.dual_teacher, config.fusion_teacher)
             models = TeacherModels(published.dual, published.processors["dual"], published.fusion.model,
@@ -311,16 +409,12 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             for model in (models.dual, models.fusion):
                 model.requires_grad_(True)
             pairs = TrainingPairs.from_split(train, models.processors)  # every image and text preprocessed once
+            if not shapes:  # the generic recipe mines its negatives with the dual teacher, through its processor
+                fusion_options["dual_processor"] = models.dual_processor
             train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed, pairs=pairs,
-                               autocast_dtype=precision, **config.dual_teacher_training)
-            if shapes:
-                shapes_world.train_fusion_stack(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
-                                                seed=config.seed, pairs=pairs, autocast_dtype=precision,
-                                                **config.fusion_teacher_training)
-            else:
-                train_fusion_teacher(models.fusion, models.fusion_processor, train, dual_teacher=models.dual,
-                                     dual_processor=models.dual_processor, seed=config.seed, pairs=pairs,
-                                     autocast_dtype=precision, **config.fusion_teacher_training)
+                               autocast_dtype=precision, **dual_options)
+            train_fusion(models.fusion, models.fusion_processor, train, dual_teacher=models.dual, seed=config.seed,
+                         pairs=pairs, autocast_dtype=precision, **fusion_options)
         teacher = models.to_mcad_teacher(adapter_objective=config.adapter_objective)
         teacher.autocast_dtype = precision  # its passes below (adapter features, gates) as in training
 
@@ -334,7 +428,8 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             pairs = flatten_pairs(train)
             loader = DataLoader(pairs, batch_size=config.teacher_batch_size,
                                 sampler=OneCaptionPerImageSampler(pairs, seed=config.seed),
-                                collate_fn=ImageTextCollator(teacher.processors))
+                                collate_fn=ImageTextCollator(teacher.processors,
+                                                             max_image_pixels=config.max_image_pixels))
             fit = fit_adapter(teacher, compute_adapter_features(teacher, loader), settings,
                               steps=config.adapter_steps, lr=config.adapter_lr, seed=config.seed)
             logger.info("adapter (%s, alpha %s): loss %.3f -> %.3f; in-batch R@1 dual %.1f, modified %.1f",
@@ -343,7 +438,8 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             report["adapter"] = {"objective": fit.objective, **teacher.config.adapter_fit, "first_loss": fit.losses[0],
                                  "last_loss": fit.losses[-1], "dual_recall_at_1": fit.dual_recall_at_1,
                                  "modified_recall_at_1": fit.modified_recall_at_1}
-        teacher.save_pretrained(teacher_folder(config))
+        with atomic_directory(teacher_folder(config)) as temporary:
+            teacher.save_pretrained(temporary)
 
         evaluation = splits[config.eval_split]
         if {"swapped_captions", "flipped_captions", "scene"} <= set(evaluation.column_names):
@@ -370,7 +466,7 @@ def cache(config: TrainConfig, accelerator) -> Path:
     teacher = load_teacher(config, accelerator.device)
     train = load_splits(config, accelerator)[config.train_split]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
-                               batch_size=config.teacher_batch_size)
+                               batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,7 +519,8 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     processors = {"student": processor, **(teacher.processors if teacher is not None else {})}
     sampler = training_sampler(config, train, pairs)
     loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, sampler=sampler,
-                        collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions),
+                        collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions,
+                                                     max_image_pixels=config.max_image_pixels),
                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
                         # Its own generator: starting an epoch then draws no number from the global RNG, which
                         # drives dropout and which a resumed run restores as it was at the checkpoint.
@@ -467,6 +564,21 @@ def distill(config: TrainConfig, accelerator) -> Path:
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite_skipped": 0}
     if config.resume_from_checkpoint:
         state = checkpoints.load(config.resume_from_checkpoint)
+    else:
+        # Checked once the inputs are (a mistake there is named first), before anything is written.
+        earlier = [path for path in (output_dir / "student", checkpoints.folder) if path.exists()]
+        if earlier and not config.overwrite_output_dir:
+            raise UserError(
+                f"{' and '.join(map(str, earlier))} {'hold' if len(earlier) > 1 else 'holds'} an earlier distill "
+                "run, which this one would replace and mix with. Pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to start over, or a new --output_dir to keep it."
+            )
+        if earlier:
+            logger.warning("--overwrite_output_dir: the distill run in %s is replaced", output_dir)
+        if accelerator.is_main_process and checkpoints.folder.exists():
+            remove_directory(checkpoints.folder)  # "latest" and the pruning must see this run's checkpoints alone
+    if accelerator.is_main_process:  # rows of the steps after the checkpoint would appear twice
+        truncate_jsonl(output_dir / "distill_log.jsonl", state["global_step"])
     accelerator.init_trackers("distill", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     progress = tqdm(total=run.total_steps, initial=state["global_step"], desc=f"distill ({config.objective})",
                     disable=not accelerator.is_local_main_process)
@@ -505,7 +617,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
                 logger.warning("non-finite loss at step %d: skipped (%d in a row, %d in all)",
                                state["global_step"], nonfinite_in_a_row, state["nonfinite_skipped"])
                 if nonfinite_in_a_row >= config.max_nonfinite_steps:
-                    raise RuntimeError(
+                    raise UserError(
                         f"{nonfinite_in_a_row} non-finite losses in a row at step {state['global_step']}: training "
                         "diverged. Lower --learning_rate, use --mixed_precision no, or check the data and the "
                         f"teacher targets; the last good checkpoint is in {checkpoints.folder}."
@@ -608,6 +720,24 @@ def append_jsonl(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """
+    Keep the rows of the log `path` up to step `last_step`, atomically: a run resumed from a checkpoint logs the
+    steps after it again. A partial last row (a run killed while writing it) goes too.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= last_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluate: retrieval and binding on the test split, for the teachers and the student
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,7 +765,7 @@ def evaluate(config: TrainConfig, accelerator) -> Path:
                 results["dual teacher"] = evaluate_model(*dual_teacher_encoders(teacher), test)
         student_dir = output_dir / "student"
         if not student_dir.exists():
-            raise FileNotFoundError(f"No student in {student_dir}: run the distill stage first.")
+            raise UserError(f"No student in {student_dir}: run the distill stage first.")
         student = MCADModel.from_pretrained(student_dir).eval()
         processor = MCADProcessor.from_pretrained(student_dir)
         results[f"student ({config.objective})"] = evaluate_model(*student_encoders(student, processor), test)
@@ -680,13 +810,13 @@ def push(config: TrainConfig, accelerator) -> str | None:
     from modeling_mcad.hub import push_to_hub, render_model_card, widget_examples_from_split
 
     if config.repo_id is None:
-        raise ValueError("push needs --repo_id (e.g. --repo_id you/mcad-shapes-student).")
+        raise UserError("push needs --repo_id (e.g. --repo_id you/mcad-shapes-student).")
     splits = load_splits(config, accelerator)
     if accelerator.is_main_process:
         output_dir = Path(config.output_dir)
         folder = output_dir / "export"
         if not (folder / "parity.json").exists():
-            raise FileNotFoundError(f"No export in {folder}: run the export stage first.")
+            raise UserError(f"No export in {folder}: run the export stage first.")
         results = json.loads((output_dir / "results.json").read_text()) if (output_dir / "results.json").exists() else {}
         student_row = next((row for name, row in results.items() if name.startswith("student")), None)
         render_model_card(
@@ -694,7 +824,9 @@ def push(config: TrainConfig, accelerator) -> str | None:
             repo_id=config.repo_id,
             metrics=student_row,
             comparison=results,
-            training_config=dataclasses.asdict(config),
+            # Where this run wrote its files says nothing about the model; other local paths show as <local: NAME>.
+            training_config={key: value for key, value in dataclasses.asdict(config).items()
+                             if key not in ("output_dir", "dry_run", "resume_from_checkpoint")},
             base_models=[name for name in (config.dual_teacher, config.fusion_teacher)
                          if isinstance(name, str) and "/" in name and not Path(name).exists()],
             datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists() else [],
@@ -752,13 +884,13 @@ def run_summary(stages: list[tuple[str, float, float, object]]) -> str:
 
 def cli(argv: list[str] | None = None) -> int:
     """
-    `main` from a shell: bad input (a ValueError or a missing file, whose messages name the input and the fix) ends
-    the run with `train_mcad.py: error: <message>` on stderr and status 2, as argparse's own errors do, not with a
-    traceback.
+    `main` from a shell: a user's mistake (a `UserError`, whose message names the input and the fix) ends the run
+    with `train_mcad.py: error: <message>` on stderr and status 2, as argparse's own errors do; any other exception
+    is a bug and keeps its traceback.
     """
     try:
         main(argv)
-    except (ValueError, FileNotFoundError) as error:
+    except UserError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2
     return 0

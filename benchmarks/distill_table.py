@@ -98,7 +98,7 @@ def test_split(config: dict):
 def prepare_teachers(config: dict, root: Path) -> dict:
     """The teachers and their cache (once), and their test-split rows (gates, re-ranker, bag-of-words floors)."""
     started = time.perf_counter()
-    stages = ["cache"] if (root / "teacher_report.json").exists() else ["teachers", "cache"]
+    stages = ["cache"] if (root / "teacher").exists() else ["teachers", "cache"]
     train_mcad(stages, config, root / "config.yaml")  # the cache is found, if built before
     rows_file = root / "teacher_rows.json"
     if rows_file.exists():

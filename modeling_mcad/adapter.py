@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .cross_encoders import FusedParts
+from .errors import UserError
 from .objectives import ObjectiveSettings, info_nce
 from .optimization import TrainingStep, adamw_with_cosine
 from .teachers import PROCESSOR_NAMES, FusionAdapter, MCADTeacher, check_adapter_objective
@@ -112,7 +113,7 @@ def adapter_contrastive_logits(
         return [modified_image @ text_embeds.t() / temperature, image_embeds @ modified_text.t() / temperature]
     if objective == "two_sided":
         return [modified_image @ modified_text.t() / temperature]
-    raise ValueError(f"{objective!r} is not a contrastive adapter objective; use 'one_sided' or 'two_sided'.")
+    raise UserError(f"{objective!r} is not a contrastive adapter objective; use 'one_sided' or 'two_sided'.")
 
 
 def adapter_loss(adapter: FusionAdapter, features: AdapterFeatures, objective: str,
@@ -132,9 +133,9 @@ def adapter_loss(adapter: FusionAdapter, features: AdapterFeatures, objective: s
         text_error = 1 - F.cosine_similarity(adapted_text, features.text_embeds, dim=-1).mean()
         return (image_error + text_error) / 2
     if settings.feature_alpha == 0:
-        raise ValueError(f"The {objective} adapter objective trains the adapter through v̂, t̂, which ignore it at "
-                         "alpha=0; fit with the settings of an objective that reads the fusion teacher (alpha > 0 or "
-                         "fusion_only) or use adapter_objective='regression'.")
+        raise UserError(f"The {objective} adapter objective trains the adapter through v̂, t̂, which ignore it at "
+                        "alpha=0; fit with the settings of an objective that reads the fusion teacher (alpha > 0 or "
+                        "fusion_only) or use adapter_objective='regression'.")
     logits = adapter_contrastive_logits(objective, features.image_embeds, features.text_embeds, adapted_image,
                                         adapted_text, settings)
     return torch.stack([info_nce(scores, image_ids=features.image_ids) for scores in logits]).mean()

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import BlipForImageTextRetrieval, PreTrainedModel, ViltForImageAndTextRetrieval
 from transformers.utils import ModelOutput
 
+from .errors import UserError
 from .utils import progress
 
 
@@ -269,7 +270,7 @@ def register_cross_encoder(model_type: str, adapter_class: type[CrossEncoder]) -
 def cross_encoder_class(model_type: str) -> type[CrossEncoder]:
     """The adapter class registered for a fusion teacher's `model_type`."""
     if model_type not in CROSS_ENCODERS:
-        raise ValueError(
+        raise UserError(
             f"No cross-encoder adapter for model_type {model_type!r} (known: {sorted(CROSS_ENCODERS)}). Write a "
             "CrossEncoder subclass for it and call register_cross_encoder(model_type, YourClass); a package that "
             "defines one registers it when imported (the mcad-shapes fusion teacher, 'mcad_fusion': import "

@@ -39,6 +39,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Sampler
 
+from .errors import UserError
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _MAX_LISTED_PROBLEMS = 10
 # --- images ------------------------------------------------------------------------------------------------------
 
 
-class ImageTooLargeError(ValueError):
+class ImageTooLargeError(UserError):
     """An image file declares more pixels than allowed: decoding it could exhaust memory (a decompression bomb)."""
 
 
@@ -89,16 +90,16 @@ def open_image(image, max_image_pixels: int | None = None) -> Image.Image:
     return opened
 
 
-def to_rgb(image) -> Image.Image:
+def to_rgb(image, max_image_pixels: int | None = None) -> Image.Image:
     """
     An 8-bit RGB version of an image (see `open_image` for what it accepts). Grayscale, palette, CMYK and the like
     are converted by PIL; transparent images are composited on white (as transformers' `convert_rgb` does), so that
     transparent pixels do not turn into whatever colour they happen to store; 16-bit grayscale is scaled to 8 bits
     (PIL's own conversion would clip it). 32-bit float images have no safe conversion: they raise ValueError.
-    The image is decoded (a file that cannot be raises OSError); files over PIL's pixel limit raise
-    `ImageTooLargeError` before that.
+    The image is decoded (a file that cannot be raises OSError); files over `max_image_pixels` (default: PIL's
+    limit) raise `ImageTooLargeError` before that.
     """
-    image = open_image(image)
+    image = open_image(image, max_image_pixels)
     if image.mode == "RGB":
         image.load()  # decode now: a truncated file fails here, not later inside a processor
         return image
@@ -202,21 +203,21 @@ def load_image_text_dataset(
     label = f"{name_or_path} (split {split!r})"
     missing = [column for column in (image_column, caption_column) if column not in source.column_names]
     if missing:
-        raise ValueError(f"{label} has no column {missing}; its columns are {source.column_names}. Pass "
-                         "image_column= and caption_column= naming the image and caption columns.")
+        raise UserError(f"{label} has no column {missing}; its columns are {source.column_names}. Pass "
+                        "image_column= and caption_column= naming the image and caption columns.")
     source = source.select_columns([image_column, caption_column])
     caption_feature = source.features[caption_column]
     one_per_row = _is_string(caption_feature)
     if not one_per_row and not (isinstance(caption_feature, (datasets.Sequence, datasets.LargeList))
                                 and _is_string(caption_feature.feature)):
-        raise ValueError(f"{label}: column {caption_column!r} holds {caption_feature}, not captions; it must hold a "
-                         "string or a list of strings per row.")
+        raise UserError(f"{label}: column {caption_column!r} holds {caption_feature}, not captions; it must hold a "
+                        "string or a list of strings per row.")
     if not isinstance(source.features[image_column], datasets.Image):
         try:
             source = source.cast_column(image_column, datasets.Image())
         except (TypeError, ValueError, pa.ArrowInvalid) as error:
-            raise ValueError(f"{label}: column {image_column!r} holds {source.features[image_column]}, not images "
-                             "or image file paths.") from error
+            raise UserError(f"{label}: column {image_column!r} holds {source.features[image_column]}, not images "
+                            "or image file paths.") from error
     raw_images = source.cast_column(image_column, datasets.Image(decode=False))
 
     rows, captions, problems = [], [], []  # the rows kept (one per image), their captions, what was wrong
@@ -250,14 +251,14 @@ def load_image_text_dataset(
         listed = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
         unlisted = len(problems) - _MAX_LISTED_PROBLEMS
         more = f"\n  ... and {unlisted} more" if unlisted > 0 else ""
-        raise ValueError(f"{label}: {len(problems)} bad example(s):\n  {listed}{more}\nFix or remove them, or pass "
-                         "skip_bad_examples=True (train_mcad.py --skip_bad_examples) to leave them out.")
+        raise UserError(f"{label}: {len(problems)} bad example(s):\n  {listed}{more}\nFix or remove them, or pass "
+                        "skip_bad_examples=True (train_mcad.py --skip_bad_examples) to leave them out.")
     if problems:
         logger.warning("%s: left out %d row(s) with a bad image, %d bad caption(s) and %d image(s) left without a "
                        "caption; the first problem: %s", label, bad_image_rows, bad_captions, captionless_images,
                        problems[0])
     if not rows:
-        raise ValueError(f"{label} has no usable image with a caption.")
+        raise UserError(f"{label} has no usable image with a caption.")
     dataset = source.select(rows).select_columns([image_column])
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
@@ -271,7 +272,7 @@ def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}; pass split= one of them.")
+                raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass split= one of them.")
             return loaded[split]
         return loaded
     try:
@@ -279,12 +280,19 @@ def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
     except (pa.ArrowInvalid, datasets.exceptions.DatasetGenerationError) as error:
         undecodable = _undecodable_metadata(path) if path.is_dir() else None
         if undecodable:
-            raise ValueError(f"datasets could not read {name_or_path} (split {split!r}): {undecodable}; save the file "
-                             "as UTF-8.") from error
-        raise ValueError(
+            raise UserError(f"datasets could not read {name_or_path} (split {split!r}): {undecodable}; save the file "
+                            "as UTF-8.") from error
+        raise UserError(
             f"datasets could not read {name_or_path} (split {split!r}): {error}. In a metadata.jsonl every value of "
             "a column must have one type: each caption a string (or each row a list of strings)."
         ) from error
+    except FileNotFoundError as error:  # datasets' DatasetNotFoundError among them
+        raise UserError(f"No dataset {name_or_path} ({error}); pass a Hub dataset name, a folder datasets.load_dataset "
+                        "reads (an imagefolder) or a save_to_disk folder.") from error
+    except ValueError as error:
+        if "split" not in str(error).lower():  # datasets' refusal of a split names the splits there are
+            raise
+        raise UserError(f"{name_or_path} has no split {split!r} ({error}); pass one of its splits.") from error
 
 
 def _undecodable_metadata(folder: Path) -> str | None:
@@ -584,6 +592,8 @@ class ImageTextCollator:
             `swapped_caption`, `flipped_caption` for NegCLIP), tokenized by `negative_processor`'s tokenizer into
             `batch["negatives"]`, example by example, column by column.
         negative_processor (`str`): the processor whose tokenizer reads the negatives.
+        max_image_pixels (`int`, *optional*): the largest image decoded, in pixels (default: PIL's limit, about
+            89M); a batch decodes all its images at once, so lower it for datasets of very large photos.
 
     Returns (from a call on a list of examples):
         `dict` with, when the examples have them, `pair_index` and `image_index` (`torch.LongTensor`), per
@@ -593,7 +603,8 @@ class ImageTextCollator:
 
     def __init__(self, processors: Mapping[str, Any], processor_kwargs: Mapping[str, dict] | None = None,
                  image_column: str = "image", caption_column: str = "caption",
-                 negative_columns: Sequence[str] = (), negative_processor: str = "student"):
+                 negative_columns: Sequence[str] = (), negative_processor: str = "student",
+                 max_image_pixels: int | None = None):
         if not processors:
             raise ValueError("ImageTextCollator needs at least one processor.")
         unknown = set(processor_kwargs or {}) - set(processors)
@@ -607,6 +618,7 @@ class ImageTextCollator:
             raise ValueError(f"negative_processor {negative_processor!r} is not one of the processors "
                              f"({sorted(self.processors)}).")
         self.negative_columns, self.negative_processor = tuple(negative_columns), negative_processor
+        self.max_image_pixels = max_image_pixels
 
     def __call__(self, examples: Sequence[Mapping]) -> dict:
         images, captions = [], []
@@ -617,10 +629,10 @@ class ImageTextCollator:
                 raise KeyError(f"{where} has no {missing} (it has {sorted(example)}); set image_column= / "
                                "caption_column= of the collator.")
             try:
-                images.append(to_rgb(example[self.image_column]))
+                images.append(to_rgb(example[self.image_column], self.max_image_pixels))
             except (OSError, ValueError, TypeError) as error:
-                raise ValueError(f"{where}: the image cannot be used ({error}). Load the data with "
-                                 "load_image_text_dataset, which checks every image up front.") from error
+                raise UserError(f"{where}: the image cannot be used ({error}). Load the data with "
+                                "load_image_text_dataset, which checks every image up front.") from error
             captions.append(example[self.caption_column])
         batch = {}
         for key in ("pair_index", "image_index"):
@@ -636,9 +648,9 @@ class ImageTextCollator:
                 for column in self.negative_columns:
                     if not isinstance(example.get(column), str):
                         # Every process must gather as many negatives as the others: none may be missing.
-                        raise ValueError(f"pair {example.get('pair_index', position)} has no {column!r} negative; "
-                                         "hard negatives need one for every pair (mcad-shapes scenes of two "
-                                         "objects with relations have them).")
+                        raise UserError(f"pair {example.get('pair_index', position)} has no {column!r} negative; "
+                                        "hard negatives need one for every pair (mcad-shapes scenes of two "
+                                        "objects with relations have them).")
                     negatives.append(example[column])
             tokenizer = self.processors[self.negative_processor].tokenizer
             batch["negatives"] = tokenizer(negatives, return_tensors="pt", padding=True, truncation=True)

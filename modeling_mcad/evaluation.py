@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .utils import progress
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_median_rank",
@@ -172,8 +173,8 @@ def binding_probe(split, caption_column: str = "captions") -> BindingProbe:
     needed = (caption_column, "swapped_captions", "flipped_captions")
     missing = [name for name in needed if name not in split.column_names]
     if missing:
-        raise ValueError(f"The split has no column {missing}: the binding probe needs mcad-shapes distractor columns "
-                         "(see modeling_mcad.shapes).")
+        raise UserError(f"The split has no column {missing}: the binding probe needs mcad-shapes distractor columns "
+                        "(see modeling_mcad.shapes).")
     probe = BindingProbe()
     rows = zip(split[caption_column], split["swapped_captions"], split["flipped_captions"])
     for image, (captions, swapped, flipped) in enumerate(rows):
@@ -190,8 +191,8 @@ def binding_probe(split, caption_column: str = "captions") -> BindingProbe:
 def flatten_captions(split, caption_column: str = "captions") -> tuple[list[str], list[int]]:
     """All captions of a split grouped by image, in order, and each caption's image index (`text_to_image`)."""
     if caption_column not in split.column_names:
-        raise ValueError(f"The split has no column {caption_column!r} (it has {split.column_names}); "
-                         "pass caption_column= naming its list-of-captions column.")
+        raise UserError(f"The split has no column {caption_column!r} (it has {split.column_names}); "
+                        "pass caption_column= naming its list-of-captions column.")
     captions, text_to_image = [], []
     for index, row in enumerate(split[caption_column]):
         row = [row] if isinstance(row, str) else list(row)
@@ -233,7 +234,7 @@ def evaluate_model(
     from .data import to_rgb
 
     if image_column not in split.column_names:
-        raise ValueError(f"The split has no column {image_column!r} (it has {split.column_names}); pass image_column=.")
+        raise UserError(f"The split has no column {image_column!r} (it has {split.column_names}); pass image_column=.")
     captions, text_to_image = flatten_captions(split, caption_column)
     has_probe = {"swapped_captions", "flipped_captions"} <= set(split.column_names)
     probe = binding_probe(split, caption_column) if has_probe else BindingProbe()

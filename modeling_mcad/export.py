@@ -14,7 +14,7 @@
 Every graph outputs the *L2-normalised* projected embedding, so a torch-free query runtime only needs a dot
 product. Batch and sequence axes are dynamic (ExecuTorch programs: batch at most `EXECUTORCH_MAX_BATCH`).
 
-Why not torch's own int8 (`torch.ao` dynamic quantization, torchao) or optimum (DESIGN §8.2): barely faster here,
+Why not torch's own int8 (`torch.ao` dynamic quantization, torchao) or optimum (DESIGN §8.3): barely faster here,
 not serialisable with save_pretrained, or downgrading transformers.
 """
 
@@ -36,6 +36,7 @@ from torch import nn
 
 # Through the package, which registers the auto classes (save_pretrained then writes the remote code).
 from . import MCADModel, MCADProcessor
+from .errors import UserError
 from .evaluation import flatten_captions, metrics_from_ranks, retrieval_ranks
 from .utils import atomic_directory, atomic_write_text, progress
 
@@ -80,7 +81,7 @@ def variant_paths(folder: str | os.PathLike, variant: str) -> list[Path]:
     return [Path(folder) / file for file in VARIANT_FILES[variant]]
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError):
     """A variant lost more Recall@1 than allowed; `report` holds every variant's measurements."""
 
     def __init__(self, message: str, report: dict):
@@ -155,17 +156,20 @@ def export_onnx(model: MCADModel, processor: MCADProcessor, output_dir: str | os
     paths = {}
     for name, (encoder, inputs, shapes, output_name) in graphs.items():
         paths[name] = output_dir / f"{name}.onnx"
-        torch.onnx.export(
+        program = torch.onnx.export(
             encoder.eval(),  # the exporter keeps the wrapper's mode: in train mode dropout would be exported
             kwargs=inputs,
-            f=paths[name],
             input_names=list(inputs),
             output_names=[output_name],
             dynamic_shapes=shapes,
             dynamo=True,
-            external_data=False,  # one file per graph, as transformers.js and onnxruntime-web expect
             verbose=False,
         )
+        # The exporter records each node's Python stack trace, whose file paths are this machine's: a published
+        # graph must not carry them (the int8 graph, made from this file, then carries none either).
+        for node in program.model.graph.all_nodes():
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+        program.save(paths[name], external_data=False)  # one file per graph: what transformers.js, onnxruntime-web use
         paths[f"{name}_quantized"] = output_dir / f"{name}_quantized.onnx"
         quantize_dynamic(paths[name], paths[f"{name}_quantized"], weight_type=QuantType.QInt8,
                          op_types_to_quantize=QUANTIZED_OP_TYPES, per_channel=QUANTIZE_PER_CHANNEL)
@@ -326,10 +330,10 @@ def prepare_eval_inputs(
         image_column (`str`), caption_column (`str`): the column names.
     """
     if image_column not in split.column_names:
-        raise ValueError(f"The evaluation split has no column {image_column!r} (it has {split.column_names}); "
-                         "pass image_column= naming its image column.")
+        raise UserError(f"The evaluation split has no column {image_column!r} (it has {split.column_names}); "
+                        "pass image_column= naming its image column.")
     if len(split) == 0:
-        raise ValueError("The evaluation split is empty; parity needs at least a few images with captions.")
+        raise UserError("The evaluation split is empty; parity needs at least a few images with captions.")
     captions, text_to_image = flatten_captions(split, caption_column)
     pixel_batches = [
         processor(images=split[start : start + batch_size][image_column], return_tensors="np")["pixel_values"]
@@ -485,12 +489,12 @@ def _check_output_dir(model_dir: Path, output_dir: Path) -> None:
     if target == source:
         return
     if source in target.parents or target in source.parents:
-        raise ValueError(
+        raise UserError(
             f"output_dir={output_dir} is inside model_dir={model_dir} or contains it, and the export replaces "
             "output_dir as a whole: choose a separate folder, or model_dir itself."
         )
     if target.is_dir() and any(target.iterdir()) and not (target / PARITY_FILE).is_file():
-        raise ValueError(
+        raise UserError(
             f"output_dir={output_dir} is not empty and holds no {PARITY_FILE}, so it is not an earlier export; "
             "the export would replace it as a whole. Choose a new or empty folder."
         )
@@ -551,12 +555,12 @@ def export_variants(
     model_dir = Path(model_dir)
     output_dir = Path(output_dir) if output_dir is not None else model_dir
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{model_dir} holds no config.json: pass the folder written by the distill stage "
             "(MCADModel.save_pretrained + MCADProcessor.save_pretrained)."
         )
     if max_r1_drop < 0:
-        raise ValueError(f"max_r1_drop must be >= 0 Recall@1 points, got {max_r1_drop}.")
+        raise UserError(f"max_r1_drop must be >= 0 Recall@1 points, got {max_r1_drop}.")
     _check_output_dir(model_dir, output_dir)
     model = MCADModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = MCADProcessor.from_pretrained(model_dir)

@@ -4,6 +4,10 @@
 `ModelCard.from_template`, with `model-index` results), `recall.png` and the widget images into an exported
 folder. `push_to_hub` uploads that folder with `create_repo` + `upload_folder`, or with `dry_run` copies exactly
 the files it would upload into another folder.
+
+Nothing published names a folder of the training machine: the card shows a local path (of a dataset, a teacher, an
+output folder) as `<local: NAME>`, NAME being its last component, and the upload leaves out hidden files and
+symbolic links.
 """
 
 import json
@@ -11,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +26,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
+from .errors import UserError
 from .export import CARD_FILES, EXECUTORCH_MAX_BATCH, PARITY_FILE
 from .utils import atomic_directory, atomic_write_text
 
@@ -36,6 +42,9 @@ REQUIRED_FILES = (
 )
 # Besides huggingface_hub's own (.git, .cache/huggingface), never upload Python bytecode.
 DEFAULT_PUSH_IGNORE = ("*__pycache__*", "*.pyc")
+# Written into a dry-run folder beside the files, listing them: only a folder that holds exactly the files its marker
+# lists is an earlier dry run, which a new one may replace. Hidden, so pushing a dry-run folder leaves it out.
+DRY_RUN_MARKER = ".mcad-dry-run.json"
 METRIC_NAMES = {
     "i2t_r1": "Image→text R@1", "i2t_r5": "Image→text R@5", "i2t_r10": "Image→text R@10",
     "t2i_r1": "Text→image R@1", "t2i_r5": "Text→image R@5", "t2i_r10": "Text→image R@10",
@@ -50,7 +59,7 @@ VARIANT_USAGE = {
 }
 
 
-class HubPushError(RuntimeError):
+class HubPushError(UserError):
     """The upload cannot start (offline, no token); nothing was sent."""
 
 
@@ -74,7 +83,8 @@ def widget_examples_from_split(split, count: int = 3, num_labels: int = 4, seed:
         `list[dict]`: `{"image": PIL.Image, "candidate_labels": list[str], "title": str}` per example.
     """
     if len(split) < max(count, num_labels):
-        raise ValueError(f"The split has {len(split)} images; widget examples need at least {max(count, num_labels)}.")
+        raise UserError(f"The split has {len(split)} images; widget examples need at least {max(count, num_labels)}: "
+                        "pass a larger evaluation split (or fewer examples, count= / num_labels=).")
     rng = random.Random(seed)
     first_captions = [c if isinstance(c, str) else c[0] for c in split[caption_column]]
     examples = []
@@ -189,6 +199,36 @@ def _variant_rows(parity: Mapping) -> list[dict]:
     return rows
 
 
+def _is_local_path(text: str) -> bool:
+    """Whether a string names a file or folder of this machine: an absolute or home-relative path, or a relative one
+    (with a separator, or starting with `.`) that exists. Names without a separator ("mcad-shapes") and Hub ids that
+    are not folders here (`user/name`) are not."""
+    if os.path.isabs(text) or text.startswith("~") or re.match(r"[A-Za-z]:[\\/]", text):
+        return True
+    return ("/" in text or os.sep in text or text.startswith(".")) and os.path.exists(text)
+
+
+def publishable(value):
+    """
+    `value` as a published file may show it: every string in it that is a local path (see `_is_local_path`) becomes
+    `<local: NAME>`, NAME being the path's last component; Hub ids and other values are kept.
+
+    Args:
+        value: a string, or a mapping / list / tuple holding strings (at any depth); other values are returned as
+            they are.
+    """
+    if isinstance(value, str):
+        if not _is_local_path(value):
+            return value
+        name = re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+        return f"<local: {name}>" if name not in ("", ".", "..", "~") else "<local>"
+    if isinstance(value, Mapping):
+        return {key: publishable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [publishable(item) for item in value]
+    return value
+
+
 def _describe_model(folder: Path) -> dict:
     from safetensors import safe_open
 
@@ -235,6 +275,9 @@ def render_model_card(
     latency and parity measured by `export_variants` (read from `parity.json`), the results and ablation
     tables, the training config and the limitations. Nothing here needs the network.
 
+    The card names no folder of the training machine: local paths in `training_config` and the evaluation dataset's
+    name and id are shown as `<local: NAME>` (see `publishable`), and `base_models` and `datasets` keep Hub ids only.
+
     Args:
         folder (`str` or `os.PathLike`): the folder written by `export_variants`.
         repo_id (`str`): the Hub repository the card is for (`user/name`): usage snippets and widget image URLs.
@@ -243,9 +286,9 @@ def render_model_card(
         comparison (`Mapping[str, Mapping[str, float]]`, *optional*): rows name -> metrics (teachers, baselines,
             this model) for the results table and the recall plot; defaults to this model's metrics alone.
         ablation_markdown (`str`, *optional*): the ablation table, as markdown.
-        training_config (`Mapping`, *optional*): the training configuration, shown as YAML.
-        base_models (`Sequence[str]`): the teachers' Hub ids (or names).
-        datasets (`Sequence[str]`): Hub ids of the training datasets.
+        training_config (`Mapping`, *optional*): the training configuration, shown as YAML (local paths replaced).
+        base_models (`Sequence[str]`): the teachers' Hub ids (or names); local paths are left out.
+        datasets (`Sequence[str]`): Hub ids of the training datasets; local paths are left out.
         eval_dataset_name (`str`), eval_dataset_id (`str`), eval_split_name (`str`): what `metrics` was measured on.
         widget_examples (`Sequence[Mapping]`): `{"image", "candidate_labels", "title"}` dicts (see
             `widget_examples_from_split`); their scores are computed by this model.
@@ -259,12 +302,13 @@ def render_model_card(
         [`ModelCard`]: the card, also saved as `folder/README.md`.
     """
     folder = Path(folder)
-    validate_repo_id(repo_id)
+    _check_repo_id(repo_id)
     parity_path = folder / PARITY_FILE
     if not parity_path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{parity_path} is missing: run export_variants (train_mcad.py export) on this folder before the card."
         )
+    eval_dataset_name, eval_dataset_id = publishable(eval_dataset_name), publishable(eval_dataset_id)
     parity = json.loads(parity_path.read_text())
     model_name = model_name or repo_id.split("/")[-1]
     rows = dict(comparison) if comparison else ({model_name: dict(metrics)} if metrics else {})
@@ -285,8 +329,9 @@ def render_model_card(
         license=license,
         tags=["mcad", "knowledge-distillation", "image-text-retrieval", "dual-encoder", "onnx", "custom_code",
               *tags],
-        base_model=list(base_models) or None,
-        datasets=list(datasets) or None,
+        # Hub ids only: the Hub links them, and a local folder means nothing to a reader.
+        base_model=[name for name in base_models if not _is_local_path(name)] or None,
+        datasets=[name for name in datasets if not _is_local_path(name)] or None,
         metrics=["recall"] if eval_results else None,
         eval_results=eval_results or None,
         widget=_widget(folder, repo_id, widget_examples) or None,
@@ -307,7 +352,8 @@ def render_model_card(
         results=rows,
         recall_plot=RECALL_PLOT if rows else None,
         ablation_markdown=ablation_markdown,
-        training_config=yaml.safe_dump(dict(training_config), sort_keys=False).strip() if training_config else None,
+        training_config=(yaml.safe_dump(publishable(training_config), sort_keys=False).strip()
+                         if training_config else None),
         eval_dataset_name=eval_dataset_name,
         eval_split_name=eval_split_name,
         extra_limitations=list(limitations),
@@ -323,13 +369,35 @@ def render_model_card(
 def files_to_upload(folder: str | os.PathLike, allow_patterns: Sequence[str] | None = None,
                     ignore_patterns: Sequence[str] | None = None) -> list[str]:
     """
-    The files (relative POSIX paths, sorted) that `upload_folder` sends from `folder`: its own listing and
-    `filter_repo_objects` with the same patterns, huggingface_hub's default ignores and `DEFAULT_PUSH_IGNORE`.
+    The files (relative POSIX paths, sorted) that `push_to_hub` sends from `folder`: its regular files, filtered by
+    `filter_repo_objects` with the patterns, huggingface_hub's default ignores and `DEFAULT_PUSH_IGNORE`.
+
+    Hidden files and folders (names starting with `.`: `.env`, an interrupted write's `.NAME.tmp-*`) and symbolic
+    links (to files or folders) are left out: they are this machine's, not the model's, and a link may point
+    anywhere.
+
+    Args:
+        folder (`str` or `os.PathLike`): the folder to upload.
+        allow_patterns (`Sequence[str]`, *optional*), ignore_patterns (`Sequence[str]`, *optional*): filter the
+            files, with `upload_folder`'s semantics.
     """
     folder = Path(folder)
-    relative = [path.relative_to(folder).as_posix() for path in sorted(folder.glob("**/*")) if path.is_file()]
+    relative = []
+    for root, folders, files in os.walk(folder):  # does not enter linked folders
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        root = Path(root)
+        relative += [(root / name).relative_to(folder).as_posix() for name in files
+                     if not name.startswith(".") and not (root / name).is_symlink()]
     ignore = [*(ignore_patterns or ()), *DEFAULT_PUSH_IGNORE, *DEFAULT_IGNORE_PATTERNS]
-    return list(filter_repo_objects(relative, allow_patterns=allow_patterns, ignore_patterns=ignore))
+    return sorted(filter_repo_objects(relative, allow_patterns=allow_patterns, ignore_patterns=ignore))
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:  # huggingface_hub's HFValidationError
+        raise UserError(f"repo_id={repo_id!r} is not a Hub repository id ({error}). Pass user/name or org/name "
+                        "(--repo_id you/mcad-shapes-student).") from error
 
 
 def push_to_hub(
@@ -356,9 +424,10 @@ def push_to_hub(
         repo_id (`str`): `user/name` or `org/name`; created if missing.
         private (`bool`, defaults to `False`): create the repository private (an existing repository keeps its
             visibility).
-        dry_run (`str` or `os.PathLike`, *optional*): instead of uploading, replace this folder (atomically) with
-            the files that would be uploaded: a new or empty folder, or an earlier dry run. Needs no token and no
-            network.
+        dry_run (`str` or `os.PathLike`, *optional*): instead of uploading, write the files that would be uploaded
+            into this folder (atomically), with `DRY_RUN_MARKER` listing them: a new or empty folder, or an earlier
+            dry run (a folder holding exactly the files its marker lists), which is replaced. Any other folder is
+            refused and left as it is. Needs no token and no network.
         token (`str`, *optional*): a Hub token with write access; defaults to the logged-in one.
         commit_message (`str`): the commit message.
         allow_patterns (`Sequence[str]`, *optional*), ignore_patterns (`Sequence[str]`, *optional*): filter the
@@ -369,26 +438,34 @@ def push_to_hub(
 
     Raises:
         `HubPushError`: offline mode or no token.
-        `FileNotFoundError`: the folder lacks a required file.
+        `UserError`: the folder lacks a required file, the repository id or the card is malformed, or `dry_run` is
+            a folder that is not an earlier dry run.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: pass the folder written by train_mcad.py export.")
-    validate_repo_id(repo_id)
+        raise UserError(f"{folder} is not a folder: pass the folder written by train_mcad.py export.")
+    _check_repo_id(repo_id)
     files = files_to_upload(folder, allow_patterns, ignore_patterns)
-    if any(character in file for file in files for character in "*?[]"):
+    globbing = [file for file in files if any(character in file for character in "*?[]")]
+    if globbing:
         # The upload passes the file list as allow_patterns, where these characters would be patterns.
-        raise ValueError("File names with glob characters (* ? [ ]) cannot be uploaded exactly; rename them.")
+        raise UserError(f"{folder} holds file names with glob characters (* ? [ ]), which cannot be uploaded "
+                        f"exactly: {', '.join(globbing[:5])}. Rename them, or leave them out with ignore_patterns.")
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
-        raise FileNotFoundError(
-            f"{folder} lacks {', '.join(missing)} (or the patterns exclude them): export the student "
-            "(train_mcad.py export) and render its card before pushing."
+        raise UserError(
+            f"{folder} lacks {', '.join(missing)} (or the patterns exclude them; hidden files and symbolic links are "
+            "never uploaded): export the student (train_mcad.py export) and render its card before pushing."
         )
-    ModelCard.load(folder / CARD_FILE)  # malformed YAML metadata fails here, offline, rather than at the Hub
+    try:  # malformed YAML metadata fails here, offline, rather than at the Hub
+        ModelCard.load(folder / CARD_FILE)
+    except (ValueError, yaml.YAMLError) as error:
+        raise UserError(f"The model card {folder / CARD_FILE} has malformed metadata ({error}); render it again "
+                        "(train_mcad.py push) or fix its YAML header.") from error
 
     if dry_run is not None:
-        return {"repo_id": repo_id, "files": files, "dry_run": str(_write_dry_run(folder, files, Path(dry_run)))}
+        written = _write_dry_run(folder, files, Path(dry_run), repo_id)
+        return {"repo_id": repo_id, "files": files, "dry_run": str(written)}
 
     if is_offline_mode():
         raise HubPushError(
@@ -410,29 +487,57 @@ def push_to_hub(
     return {"repo_id": repo_id, "files": files, "url": str(getattr(commit, "commit_url", commit))}
 
 
-def _write_dry_run(folder: Path, files: Sequence[str], destination: Path) -> Path:
+def _entries(folder: Path) -> set[str]:
+    """Everything in `folder` but its folders: files of any name and symbolic links (relative POSIX paths)."""
+    entries = set()
+    for root, folders, files in os.walk(folder):
+        root = Path(root)
+        entries |= {(root / name).relative_to(folder).as_posix() for name in files}
+        entries |= {(root / name).relative_to(folder).as_posix() for name in folders if (root / name).is_symlink()}
+    return entries
+
+
+def _is_earlier_dry_run(folder: Path) -> bool:
+    """Whether `folder` holds exactly the files its `DRY_RUN_MARKER` lists: what an earlier dry run wrote, unchanged
+    but for the files' contents. A model folder, or a dry run that someone added a file to, is not."""
+    try:
+        listed = json.loads((folder / DRY_RUN_MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one push wrote
+        return False
+    return isinstance(listed, list) and _entries(folder) == {*map(str, listed), DRY_RUN_MARKER}
+
+
+def _write_dry_run(folder: Path, files: Sequence[str], destination: Path, repo_id: str) -> Path:
     source, target = folder.resolve(), destination.resolve()
     if target == source or target in source.parents or source in target.parents:
-        raise ValueError(
-            f"dry_run={destination} overlaps the exported folder {folder}; choose a separate folder (it is replaced)."
+        raise UserError(
+            f"dry_run={destination} overlaps the exported folder {folder}; choose a separate, new or empty folder."
         )
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        raise ValueError(
-            f"dry_run={destination} is not empty and is not an earlier dry run (no config.json); it would be replaced "
-            "as a whole. Choose a new or empty folder."
+    if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
+        raise UserError(f"dry_run={destination} exists and is not a folder, so it is not replaced; pass a new or "
+                        "empty folder.")
+    if destination.is_dir() and any(destination.iterdir()) and not _is_earlier_dry_run(destination):
+        raise UserError(
+            f"dry_run={destination} is not empty and is not an earlier dry run (which holds exactly the files its "
+            f"{DRY_RUN_MARKER} lists), so it is not replaced: nothing was written. Pass a new or empty folder "
+            "(--dry_run DIR)."
         )
     with atomic_directory(destination) as staging:
         for file in files:
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / file, staging / file)
+        (staging / DRY_RUN_MARKER).write_text(json.dumps({"repo_id": repo_id, "files": list(files)}, indent=1),
+                                              encoding="utf-8")
     logger.info("Dry run: wrote the %d files that would be uploaded to %s", len(files), destination)
     return destination
 
 
 __all__ = [
+    "DRY_RUN_MARKER",
     "HubPushError",
     "draw_recall_plot",
     "files_to_upload",
+    "publishable",
     "push_to_hub",
     "render_model_card",
     "widget_examples_from_split",

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 # --- The modified teacher: pure functions ----------------------------------------------------------------------------
 
 
@@ -284,14 +286,14 @@ class ObjectiveSettings:
 
     def __post_init__(self):
         if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0 (0: the dual teacher only), got {self.alpha!r}.")
+            raise UserError(f"alpha must be >= 0 (0: the dual teacher only), got {self.alpha!r}.")
         if not 0 <= self.beta <= 1:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta!r}.")
+            raise UserError(f"beta must be in [0, 1], got {self.beta!r}.")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
+            raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
         for name in ("teacher_temperature", "fusion_temperature"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}.")
 
     @property
     def feature_alpha(self) -> float:
@@ -339,11 +341,11 @@ OBJECTIVE_PRESETS = {
 def objective_settings(name: str, **overrides) -> ObjectiveSettings:
     """The settings of a named preset (`OBJECTIVE_PRESETS`), with knobs overridden by keyword."""
     if name not in OBJECTIVE_PRESETS:
-        raise ValueError(f"Unknown objective {name!r}; choose one of {sorted(OBJECTIVE_PRESETS)}.")
+        raise UserError(f"Unknown objective {name!r}; choose one of {sorted(OBJECTIVE_PRESETS)}.")
     unknown = set(overrides) - set(asdict(ObjectiveSettings()))
     if unknown:
-        raise ValueError(f"Unknown objective knob(s) {sorted(unknown)}; the knobs are "
-                         f"{sorted(asdict(ObjectiveSettings()))}.")
+        raise UserError(f"Unknown objective knob(s) {sorted(unknown)}; the knobs are "
+                        f"{sorted(asdict(ObjectiveSettings()))}.")
     return ObjectiveSettings(**{**OBJECTIVE_PRESETS[name], **overrides})
 
 

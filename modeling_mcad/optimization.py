@@ -5,7 +5,7 @@
   rule) — and a cosine schedule with linear warm-up.
 - `autocast(device, dtype)`: mixed precision for a forward pass; `mixed_precision_dtype("auto" | "bf16" | "no")`
   resolves a run's setting, "auto" taking bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU
-  with AVX-512 BF16 or AMX) — twice the speed of float32 for the teachers' training on such a CPU.
+  with AMX) — about twice the speed of float32 for the teachers' training there, and slower than float32 elsewhere.
 - `TrainingStep`: one optimiser step from a loss — backward, gradient clipping, step, schedule, zeroed gradients,
   and every trained `logit_scale` clamped to CLIP's [0, ln 100] (a larger scale saturates the softmax). It runs the same
   with or without Accelerate (with an `Accelerator`, backward and clipping go through it and a step only happens
@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
+
+from .errors import UserError
 
 LOGIT_SCALE_RANGE = (0.0, math.log(100))
 
@@ -57,7 +59,8 @@ def adamw_with_cosine(
     after `warmup_steps` of linear warm-up.
     """
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}: the data gives no full batch.")
+        raise UserError(f"total_steps must be >= 1, got {total_steps}: the data gives no full batch. Lower batch_size "
+                        "(or gradient_accumulation_steps), or train on more data.")
     optimizer = torch.optim.AdamW(parameter_groups(module, weight_decay), lr=lr)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
 
@@ -66,12 +69,17 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes bfloat16 matrix products natively (else autocast to bf16 emulates them, slowly)."""
+    """
+    Whether `device` computes bfloat16 matrix products faster than float32: a GPU that supports bf16, or a CPU with
+    AMX tiles. AVX-512 BF16 alone is not enough: on a 2-core machine with AVX-512 BF16 and no AMX the teachers'
+    bf16 autocast steps took 1.5-1.6× their float32 time (benchmarks/teacher_step.py); where the demo's recipe was
+    measured, 0.5×.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own check, private but present since 2.3
+    return device.type == "cpu" and amx is not None and amx()
 
 
 def mixed_precision_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype | None:
@@ -80,7 +88,7 @@ def mixed_precision_dtype(mixed_precision: str, device: torch.device | str) -> t
     bf16 where `device` computes it natively (`native_bf16`), else None.
     """
     if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed precision {mixed_precision!r} is not one of {MIXED_PRECISION}.")
+        raise UserError(f"mixed precision {mixed_precision!r} is not one of {MIXED_PRECISION}.")
     if mixed_precision == "auto":
         return torch.bfloat16 if native_bf16(device) else None
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]

@@ -18,7 +18,7 @@ The index file, little-endian, written atomically:
 
     8 bytes    INDEX_MAGIC
     4 bytes    header length H (uint32)
-    4 bytes    CRC-32 of everything after the header (uint32)
+    4 bytes    CRC-32 of everything after these 16 bytes: header, padding and arrays (uint32)
     H bytes    header, UTF-8 JSON: format_version, dimension, quantization, count, ids_bytes, and model (name,
                path, weights_sha256, probe_texts, probe_embeddings: what identifies the model)
     (zero padding to a multiple of 64 bytes from the file's start before each array)
@@ -27,7 +27,10 @@ The index file, little-endian, written atomically:
     offsets    count + 1, int64: id i is bytes offsets[i]:offsets[i + 1] of the id blob
     id blob    ids_bytes bytes, the ids in UTF-8 one after the other
 
-Ids stay in their blob until a hit needs one: a million Python strings would cost about 70 MB.
+Ids stay in their blob until a hit needs one: a million Python strings would cost about 70 MB. The header names
+no folder outside the index's own: the model's `path` is relative to the index's folder, and recorded only when the
+model lies inside it (otherwise queries name the model with `--model`), so that an index can be shared. Format 1
+(checksum over the arrays only, absolute model path) is refused with a request to rebuild.
 
 int8 codes use one scale per embedding (its largest magnitude / 127): the embeddings are L2-normalised, so a
 shared scale would leave most of the 255 levels unused. Scores are computed per block of rows, converted to float32
@@ -49,16 +52,17 @@ import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .errors import UserError
 from .utils import atomic_file
 
 logger = logging.getLogger(__name__)
 
 INDEX_MAGIC = b"MCADIDX\x00"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 QUANTIZATIONS = {"int8": np.dtype(np.int8), "fp16": np.dtype(np.float16)}
 DEFAULT_QUANTIZATION = "int8"
 # The int8 ONNX text encoder written by `export.export_onnx` / `export.export_variants`.
@@ -73,11 +77,11 @@ PROBE_TEXTS = (
 MIN_PROBE_COSINE = 0.98
 # Rows converted to float32 at a time while scoring: 4096 x dim floats stay in the CPU cache.
 SEARCH_BLOCK_ROWS = 4096
-_PREFIX = struct.Struct("<8sII")  # magic, header length, payload CRC-32
+_PREFIX = struct.Struct("<8sII")  # magic, header length, CRC-32 of the rest
 _ALIGNMENT = 64
 
 
-class SearchError(ValueError):
+class SearchError(UserError):
     """A problem with an index, a model folder or a query; the message names the input and the fix."""
 
 
@@ -114,7 +118,8 @@ class IndexModel:
 
     Args:
         name (`str`): the model folder's name, for messages.
-        path (`str`): the model folder, absolute; queries load the text encoder from it unless given another.
+        path (`str`, *optional*): the model folder; queries load the text encoder from it unless given another. An
+            index file records it relative to its own folder, and only when the model lies inside that folder.
         probe_embeddings (`np.ndarray` of shape `(len(probe_texts), dimension)`): the model's L2-normalised text
             embeddings of `probe_texts`.
         probe_texts (`tuple[str, ...]`): defaults to `PROBE_TEXTS`.
@@ -122,13 +127,14 @@ class IndexModel:
     """
 
     name: str
-    path: str
+    path: str | None
     probe_embeddings: np.ndarray
     probe_texts: tuple[str, ...] = PROBE_TEXTS
     weights_sha256: str | None = None
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256,
+    def to_json(self, index_folder: Path) -> dict:
+        """The index header's record, for an index written into `index_folder`."""
+        return {"name": self.name, "path": _path_inside(self.path, index_folder), "weights_sha256": self.weights_sha256,
                 "probe_texts": list(self.probe_texts), "probe_embeddings": self.probe_embeddings.tolist()}
 
     @classmethod
@@ -151,14 +157,32 @@ class IndexModel:
         tokens = processor(text=list(PROBE_TEXTS), padding=True, truncation=True, return_tensors="pt")
         with torch.inference_mode():
             probes = TextEncoder(model).eval()(tokens["input_ids"], tokens["attention_mask"]).numpy()
+        if not np.isfinite(probes).all():
+            raise SearchError(f"The text encoder of {model_dir} makes NaN or infinite embeddings (of the probe texts "
+                              f"{list(PROBE_TEXTS)}): its weights are broken. Train or export the model again.")
         return cls(name=model_dir.name, path=str(model_dir), probe_embeddings=probes,
                    weights_sha256=_sha256(model_dir / "model.safetensors"))
 
     @classmethod
-    def from_json(cls, data: dict) -> "IndexModel":
-        return cls(name=str(data["name"]), path=str(data["path"]), weights_sha256=data.get("weights_sha256"),
-                   probe_texts=tuple(data["probe_texts"]),
+    def from_json(cls, data: dict, index_folder: Path) -> "IndexModel":
+        """The record of `to_json`, read from an index in `index_folder`."""
+        path = data["path"]
+        if path is not None and (PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts):
+            raise ValueError(f"the model path {path!r} is not a folder inside the index's folder")
+        return cls(name=str(data["name"]), path=None if path is None else str(index_folder / path),
+                   weights_sha256=data["weights_sha256"], probe_texts=tuple(data["probe_texts"]),
                    probe_embeddings=np.asarray(data["probe_embeddings"], dtype=np.float32))
+
+
+def _path_inside(path: str | os.PathLike | None, folder: Path) -> str | None:
+    """`path` relative to `folder` (POSIX) when it lies inside it, else None."""
+    if path is None:
+        return None
+    try:
+        relative = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder)))
+    except ValueError:  # another drive (Windows)
+        return None
+    return None if relative.parts[:1] == ("..",) or relative.is_absolute() else relative.as_posix()
 
 
 class IdTable(Sequence[str]):
@@ -214,14 +238,19 @@ class GalleryIndex:
         ids = ids if isinstance(ids, IdTable) else IdTable.from_strings(ids)
         self.quantization = next((name for name, dtype in QUANTIZATIONS.items() if codes.dtype == dtype), None)
         if self.quantization is None or codes.ndim != 2:
-            raise ValueError(f"codes must be a 2-D array of {sorted(QUANTIZATIONS)} codes, got {codes.dtype} "
-                             f"{codes.shape}.")
+            raise SearchError(f"codes must be a 2-D array of {sorted(QUANTIZATIONS)} codes, got {codes.dtype} "
+                              f"{codes.shape}.")
+        if len(codes) == 0:
+            raise SearchError("An index needs at least one embedding: index a gallery holding at least one image.")
         if scales.shape != (len(codes),) or len(ids) != len(codes):
-            raise ValueError(f"{len(codes)} codes need as many scales and ids, got {scales.shape[0]} scales and "
-                             f"{len(ids)} ids.")
+            raise SearchError(f"{len(codes)} codes need as many scales and ids, got {scales.shape[0]} scales and "
+                              f"{len(ids)} ids.")
         if model.probe_embeddings.shape != (len(model.probe_texts), codes.shape[1]):
-            raise ValueError(f"The model's probe embeddings have shape {model.probe_embeddings.shape}; expected "
-                             f"({len(model.probe_texts)}, {codes.shape[1]}).")
+            raise SearchError(f"The model's probe embeddings have shape {model.probe_embeddings.shape}; expected "
+                              f"({len(model.probe_texts)}, {codes.shape[1]}).")
+        if not np.isfinite(model.probe_embeddings).all():
+            raise SearchError(f"The probe embeddings of the model {model.name} hold NaN or infinite values: its text "
+                              "encoder is broken. Train or export the model again, then rebuild the index.")
         self.codes, self.scales, self.ids = codes, np.asarray(scales, np.float32), ids
         self.model, self.path = model, path
 
@@ -246,15 +275,15 @@ class GalleryIndex:
             quantization (`str`, defaults to `"int8"`): `"int8"` (per-embedding scale) or `"fp16"`.
         """
         if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization={quantization!r}; choose one of {sorted(QUANTIZATIONS)}.")
+            raise SearchError(f"quantization={quantization!r}; choose one of {sorted(QUANTIZATIONS)}.")
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or len(embeddings) == 0:
-            raise ValueError(f"embeddings must have shape (count >= 1, dimension), got {embeddings.shape}.")
+            raise SearchError(f"embeddings must have shape (count >= 1, dimension), got {embeddings.shape}.")
         if not np.isfinite(embeddings).all():
-            raise ValueError("embeddings hold NaN or infinite values; the model that made them is broken.")
+            raise SearchError("embeddings hold NaN or infinite values; the model that made them is broken.")
         ids = IdTable.from_strings(ids)
         if len(set(ids)) != len(ids):
-            raise ValueError("ids must be unique: a search result would not say which image it is.")
+            raise SearchError("ids must be unique: a search result would not say which image it is.")
         if quantization == "fp16":
             return cls(embeddings.astype(np.float16), np.ones(len(embeddings), np.float32), ids, model)
         largest = np.abs(embeddings).max(axis=1)
@@ -278,8 +307,11 @@ class GalleryIndex:
         single = queries.ndim == 1
         queries = np.atleast_2d(queries)
         if queries.ndim != 2 or queries.shape[1] != self.dimension:
-            raise ValueError(f"queries must have shape (dimension,) or (batch, dimension) with dimension "
-                             f"{self.dimension}, got {queries.shape}.")
+            raise SearchError(f"queries must have shape (dimension,) or (batch, dimension) with dimension "
+                              f"{self.dimension}, got {queries.shape}.")
+        if not np.isfinite(queries).all():
+            raise SearchError("The query embeddings hold NaN or infinite values: the text encoder that made them is "
+                              "broken. Export the model again (train_mcad.py export).")
         if k < 1:
             raise SearchError(f"k={k}: ask for at least one result.")
         k = min(k, self.count)
@@ -290,10 +322,14 @@ class GalleryIndex:
             rows[...] = self.codes[start : start + len(rows)]
             np.matmul(rows, queries.T, out=scores[start : start + len(rows)])
         scores *= self.scales[:, None]
-        best = np.sort(np.argpartition(scores, self.count - k, axis=0)[self.count - k :], axis=0)
-        best_scores = np.take_along_axis(scores, best, axis=0)
-        order = np.argsort(-best_scores, axis=0, kind="stable")
-        indices, scores = np.take_along_axis(best, order, axis=0).T, np.take_along_axis(best_scores, order, axis=0).T
+        # Which of the entries tied with the k-th best score argpartition keeps is unspecified: take every entry
+        # scoring at least as much (in index order), then a stable sort keeps the lower indices of each tie.
+        kth_best = np.partition(scores, self.count - k, axis=0)[self.count - k]
+        indices = np.empty((len(queries), k), np.int64)
+        for column, threshold in enumerate(kth_best):
+            candidates = np.flatnonzero(scores[:, column] >= threshold)
+            indices[column] = candidates[np.argsort(-scores[candidates, column], kind="stable")[:k]]
+        scores = np.take_along_axis(scores.T, indices, axis=1)
         return (indices[0], scores[0]) if single else (indices, scores)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -306,7 +342,7 @@ class GalleryIndex:
             "quantization": self.quantization,
             "count": self.count,
             "ids_bytes": len(self.ids.blob),
-            "model": self.model.to_json(),
+            "model": self.model.to_json(path.parent),
         }).encode("utf-8")
         arrays = {"codes": self.codes, "scales": self.scales.astype("<f4"), "offsets": self.ids.offsets.astype("<i8"),
                   "blob": self.ids.blob}
@@ -315,14 +351,18 @@ class GalleryIndex:
                                    len(self.ids.blob)).items():
             payload += [bytes(where.start - position), np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)]
             position = where.stop
-        checksum = 0
+        checksum = zlib.crc32(header)
         for section in payload:
             checksum = zlib.crc32(section, checksum)
-        with atomic_file(path) as handle:
-            handle.write(_PREFIX.pack(INDEX_MAGIC, len(header), checksum))
-            handle.write(header)
-            for section in payload:
-                handle.write(section)
+        try:
+            with atomic_file(path) as handle:
+                handle.write(_PREFIX.pack(INDEX_MAGIC, len(header), checksum))
+                handle.write(header)
+                for section in payload:
+                    handle.write(section)
+        except OSError as error:
+            raise SearchError(f"Cannot write the index {path} ({error.strerror or error}); choose a folder you can "
+                              "write to, with free space (--out).") from error
         self.path = path
         return path
 
@@ -332,31 +372,31 @@ class GalleryIndex:
         Read an index written by [`save`], checking its magic, header, size and checksum.
 
         Raises:
-            `FileNotFoundError`: no such file. [`CorruptIndexError`]: not an index, truncated or damaged.
+            [`SearchError`]: no such file, or it cannot be read. [`CorruptIndexError`]: not an index (of this
+            format), truncated or damaged.
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No index file {path}: {_rebuild_hint(path)}.")
-        buffer = np.fromfile(path, dtype=np.uint8)
+            raise SearchError(f"No index file {path}: {_rebuild_hint(path)}.")
+        try:
+            buffer = np.fromfile(path, dtype=np.uint8)
+        except OSError as error:
+            raise SearchError(f"Cannot read the index {path} ({error.strerror or error}); check its permissions, or "
+                              f"{_rebuild_hint(path)}.") from error
         if len(buffer) < _PREFIX.size or bytes(buffer[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
             raise CorruptIndexError(f"{path} is not an mcad-search index (it does not start with {INDEX_MAGIC!r}); "
                                     f"pass a file written by `mcad-search index`, or {_rebuild_hint(path)}.")
         _, header_length, checksum = _PREFIX.unpack(buffer[: _PREFIX.size].tobytes())
         payload_start = _PREFIX.size + header_length
-        if payload_start > len(buffer) or zlib.crc32(buffer[payload_start:]) != checksum:
+        if payload_start > len(buffer) or zlib.crc32(buffer[_PREFIX.size :]) != checksum:
+            if payload_start <= len(buffer) and zlib.crc32(buffer[payload_start:]) == checksum:
+                # Format 1 checked the arrays only (and recorded the model's absolute path).
+                raise CorruptIndexError(f"{path} has index format 1, which this mcad no longer reads; "
+                                        f"{_rebuild_hint(path)}.")
             raise CorruptIndexError(f"{path} is truncated or damaged (its checksum does not match); "
                                     f"{_rebuild_hint(path)}.")
-        try:
-            header = json.loads(buffer[_PREFIX.size : payload_start].tobytes().decode("utf-8"))
-            version, count, dimension = header["format_version"], header["count"], header["dimension"]
-            dtype = QUANTIZATIONS[header["quantization"]]
-            model = IndexModel.from_json(header["model"])
-        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise CorruptIndexError(f"{path} has a damaged header ({error!r}); {_rebuild_hint(path)}.") from error
-        if version > INDEX_FORMAT_VERSION:
-            raise CorruptIndexError(f"{path} has index format {version}, newer than this mcad reads "
-                                    f"({INDEX_FORMAT_VERSION}): upgrade mcad, or {_rebuild_hint(path)}.")
-        where = _layout(header_length, count, dimension, dtype.itemsize, header["ids_bytes"])
+        count, dimension, dtype, ids_bytes, model = _read_header(buffer[_PREFIX.size : payload_start], path)
+        where = _layout(header_length, count, dimension, dtype.itemsize, ids_bytes)
         if where["blob"].stop != len(buffer):
             raise CorruptIndexError(f"{path} is {len(buffer)} bytes, not the {where['blob'].stop} its header "
                                     f"describes; {_rebuild_hint(path)}.")
@@ -364,8 +404,32 @@ class GalleryIndex:
             ids = IdTable(buffer[where["offsets"]].view("<i8"), buffer[where["blob"]])
             codes = buffer[where["codes"]].view(dtype).reshape(count, dimension)
             return cls(codes, buffer[where["scales"]].view("<f4"), ids, model, path)
-        except ValueError as error:
+        except ValueError as error:  # SearchError included
             raise CorruptIndexError(f"{path} is inconsistent ({error}); {_rebuild_hint(path)}.") from error
+
+
+def _read_header(raw: np.ndarray, path: Path) -> tuple[int, int, np.dtype, int, IndexModel]:
+    """`(count, dimension, code dtype, ids_bytes, model)` of an index file's header, of this format version; any key
+    missing or of the wrong type is a damaged header."""
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+        version = header["format_version"]
+        if isinstance(version, int) and version != INDEX_FORMAT_VERSION:
+            newer = version > INDEX_FORMAT_VERSION
+            raise CorruptIndexError(f"{path} has index format {version}, {'newer' if newer else 'older'} than the "
+                                    f"one this mcad reads ({INDEX_FORMAT_VERSION}): "
+                                    f"{'upgrade mcad, or ' if newer else ''}{_rebuild_hint(path)}.")
+        sizes = {key: header[key] for key in ("format_version", "count", "dimension", "ids_bytes")}
+        bad = [f"{key}={value!r}" for key, value in sizes.items() if type(value) is not int or value < 0]  # no bool
+        if bad:
+            raise ValueError(f"expected non-negative integers, got {', '.join(bad)}")
+        dtype = QUANTIZATIONS[header["quantization"]]
+        model = IndexModel.from_json(header["model"], path.parent)
+    except CorruptIndexError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON and UTF-8 errors are ValueErrors
+        raise CorruptIndexError(f"{path} has a damaged header ({error!r}); {_rebuild_hint(path)}.") from error
+    return sizes["count"], sizes["dimension"], dtype, sizes["ids_bytes"], model
 
 
 def _check_index_destination(path: Path) -> None:
@@ -373,10 +437,15 @@ def _check_index_destination(path: Path) -> None:
     if path.is_dir():
         raise SearchError(f"The index destination {path} is a folder; pass a file path such as {path}/gallery.mcadidx.")
     if path.exists():
-        with path.open("rb") as handle:
-            if handle.read(len(INDEX_MAGIC)) != INDEX_MAGIC:
-                raise SearchError(f"{path} exists and is not an mcad-search index, so it is not replaced; choose "
-                                  "another output path, or remove the file first.")
+        try:
+            with path.open("rb") as handle:
+                magic = handle.read(len(INDEX_MAGIC))
+        except OSError as error:
+            raise SearchError(f"Cannot read {path} ({error.strerror or error}) to check that it is an index before "
+                              "replacing it; choose another output path.") from error
+        if magic != INDEX_MAGIC:
+            raise SearchError(f"{path} exists and is not an mcad-search index, so it is not replaced; choose "
+                              "another output path, or remove the file first.")
 
 
 # --- the text side: tokenizer.json + the ONNX text encoder --------------------------------------------------------
@@ -413,7 +482,11 @@ class TextQueryEncoder:
                               "pass its export folder.")
         tokenizer_config = _read_json(self.model_dir / "tokenizer_config.json")
         self.max_length = _max_length(tokenizer_config, _read_json(self.model_dir / "config.json"))
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise SearchError(f"{tokenizer_file} is not a tokenizer file `tokenizers` can read ({error}); save the "
+                              "model folder again with its processor (MCADProcessor.save_pretrained).") from error
         self.tokenizer.enable_truncation(self.max_length)
         pad_token = tokenizer_config.get("pad_token")
         pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
@@ -510,7 +583,8 @@ class GallerySearch:
     Args:
         index (`str`, `os.PathLike` or [`GalleryIndex`]): the index (file).
         model_dir (`str` or `os.PathLike`, *optional*): the folder holding `tokenizer.json` and the ONNX text
-            encoder; defaults to the folder the index was built with.
+            encoder; defaults to the folder the index was built with, when the index records it (see
+            [`IndexModel`]).
         text_model (`str` or `os.PathLike`, defaults to `DEFAULT_TEXT_MODEL`): the ONNX text encoder in it.
         num_threads (`int`, defaults to 1): onnxruntime threads.
 
@@ -523,6 +597,10 @@ class GallerySearch:
         self.index = index if isinstance(index, GalleryIndex) else GalleryIndex.load(index)
         if model_dir is None:
             model_dir = self.index.model.path
+            if model_dir is None:
+                raise SearchError(f"The index {self.index.path} does not record where its model is (it was built with "
+                                  f"the model folder {self.index.model.name!r}, outside the index's folder): pass "
+                                  "that folder (mcad-search query ... --model DIR).")
             if not Path(model_dir).is_dir():
                 raise SearchError(f"The index {self.index.path} was built with the model in {model_dir}, which is not "
                                   "there any more: pass the model folder (mcad-search query ... --model DIR).")
@@ -531,13 +609,16 @@ class GallerySearch:
 
     def _check_model(self) -> None:
         index, encoder = self.index, self.encoder
-        rebuild = (f"query with the model the index was built with ({index.model.name}, {index.model.path}), or "
-                   f"{_rebuild_hint(index.path)}")
+        built_with = index.model.name if index.model.path is None else f"{index.model.name}, {index.model.path}"
+        rebuild = f"query with the model the index was built with ({built_with}), or {_rebuild_hint(index.path)}"
         probes, _ = encoder.encode(list(index.model.probe_texts))
         if probes.shape[1] != index.dimension:
             raise IndexModelMismatchError(
                 f"The index {index.path} holds {index.dimension}-dimensional embeddings but {encoder.text_model} "
                 f"makes {probes.shape[1]}-dimensional ones: the index was built by another model; {rebuild}.")
+        if not np.isfinite(probes).all():
+            raise SearchError(f"{encoder.text_model} makes NaN or infinite embeddings (of the probe texts): the text "
+                              "encoder is broken. Export the model again (train_mcad.py export).")
         cosine = float((probes * index.model.probe_embeddings).sum(axis=1).min())
         if cosine < MIN_PROBE_COSINE:
             raise IndexModelMismatchError(
@@ -618,7 +699,7 @@ def embed_gallery(
             `load_image_text_dataset(...)` (ids: `id_column`, or the row numbers).
         model_dir (`str` or `os.PathLike`): a saved student (`save_pretrained` with its processor), ideally the
             export folder, whose ONNX text encoder answers the queries.
-        batch_size (`int`, defaults to 64): images per forward pass.
+        batch_size (`int`, defaults to 64): images per forward pass, at least 1.
         image_column (`str`), id_column (`str`, *optional*): columns of a dataset split.
         skip_bad_images (`bool`, defaults to `False`): leave out images that cannot be decoded (logged) instead of
             raising [`SearchError`] listing them.
@@ -634,18 +715,27 @@ def embed_gallery(
     from .export import VisionEncoder
 
     model_dir = Path(model_dir)
+    if type(batch_size) is not int or batch_size < 1:  # bool is no size
+        raise SearchError(f"batch_size={batch_size!r}: pass a positive number of images per forward pass "
+                          "(--batch-size, default 64).")
     if not (model_dir / "config.json").is_file():
         raise SearchError(f"{model_dir} holds no config.json: pass a student folder (MCADModel.save_pretrained with "
                           "its processor), e.g. the export folder outputs/demo/export.")
     # transformers would load another architecture's folder with a mere warning, and embed with garbage.
-    model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    model_type = _read_json(model_dir / "config.json").get("model_type")
     if model_type != MCADModel.config_class.model_type:
         raise SearchError(f"{model_dir} holds a {model_type!r} model (config.json model_type), not an MCAD student "
                           f"({MCADModel.config_class.model_type!r}): pass a student folder, e.g. the export folder "
                           "outputs/demo/export.")
     ids, values, label = _gallery_items(images, image_column, id_column)
-    model = MCADModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = MCADProcessor.from_pretrained(model_dir)
+    try:
+        model = MCADModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        processor = MCADProcessor.from_pretrained(model_dir)
+    except OSError as error:  # transformers' error for a folder without the weights or the processor's files
+        raise SearchError(f"{model_dir} cannot be loaded as an MCAD student ({error}); pass a complete student folder "
+                          "(MCADModel.save_pretrained with its processor), e.g. the export folder "
+                          "outputs/demo/export.") from error
+    index_model = IndexModel.from_model_dir(model_dir, model, processor)  # a broken text encoder fails before the work
     vision = VisionEncoder(model).eval()
     kept_ids, embeddings, problems = [], [], []
     with torch.inference_mode():
@@ -669,7 +759,11 @@ def embed_gallery(
         logger.warning("Left out %d unreadable image(s) of %s; the first: %s", len(problems), label, problems[0])
     if not kept_ids:
         raise SearchError(f"No image of {label} could be read.")
-    return kept_ids, np.concatenate(embeddings), IndexModel.from_model_dir(model_dir, model, processor)
+    embeddings = np.concatenate(embeddings)
+    if not np.isfinite(embeddings).all():
+        raise SearchError(f"The image encoder of {model_dir} makes NaN or infinite embeddings: its weights are broken. "
+                          "Train or export the model again.")
+    return kept_ids, embeddings, index_model
 
 
 def build_index(
@@ -710,6 +804,16 @@ def build_index(
 # --- the mcad-search command ------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcad-search", description="Search a photo gallery by text with an MCAD "
                                      "student: `index` embeds the photos once (torch); `query` answers with the int8 "
@@ -720,17 +824,18 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--model", required=True, metavar="DIR", help="the student's export folder")
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file to write")
     index.add_argument("--quantization", choices=sorted(QUANTIZATIONS), default=DEFAULT_QUANTIZATION)
-    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
     index.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images")
     query = commands.add_parser("query", help="find the images that best match a text")
     query.add_argument("index", metavar="INDEX", help="an index file written by `mcad-search index`")
     query.add_argument("text", help="what to look for")
     query.add_argument("-k", type=int, default=5, help="results to show (default 5)")
     query.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    query.add_argument("--model", metavar="DIR", help="the export folder (default: the one the index was built with)")
+    query.add_argument("--model", metavar="DIR", help="the export folder (default: the one the index was built with, "
+                       "if it lies in the index's folder)")
     query.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
                        help=f"the ONNX text encoder in the model folder (default {DEFAULT_TEXT_MODEL})")
-    query.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
+    query.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads (default 1)")
     return parser
 
 
@@ -743,7 +848,8 @@ def _print_result(result: SearchResult, as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `mcad-search` command. Errors print one line on stderr and return 2."""
+    """The `mcad-search` command. A user's mistake ([`UserError`]) prints one line on stderr and returns 2; any other
+    exception is a bug and keeps its traceback."""
     arguments = _parser().parse_args(argv)
     logging.basicConfig(format="mcad-search: %(message)s", level=logging.INFO if arguments.command == "index"
                         else logging.WARNING, stream=sys.stderr)
@@ -754,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             engine = GallerySearch(arguments.index, arguments.model, arguments.text_model, arguments.threads)
             _print_result(engine.search(arguments.text, arguments.k), arguments.json)
-    except (ValueError, OSError) as error:  # SearchError, and what transformers / PIL raise for a bad folder
+    except UserError as error:
         print(f"mcad-search: error: {error}".replace("\n", " "), file=sys.stderr)
         return 2
     return 0

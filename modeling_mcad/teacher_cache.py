@@ -13,11 +13,19 @@ builds a new one. The split's own fingerprint names it: the pairs' fingerprint a
 source dataset, file path included, so the same split opened through another path (a symlinked run folder) would
 miss its cache.
 
+The folder also holds `cache_record.json`: those fingerprints, a hash of the split's captions and its pair count (which
+a dataset fingerprint kept across an edit of the data would miss) and the precision the teachers ran in. The cache
+stage reuses a cache only when the whole record matches its own, the distill stage reads one only when its teacher
+and data match, and the values are checked to be finite when the cache is built and when it is read: a folder
+copied from another run, a change of `teacher_mixed_precision` or a damaged file is refused with a message, never
+silently distilled from.
+
 Building shards the images across processes (each runs the teachers on its share, each image encoded once for
 all of its captions); the main process merges the shards in order and publishes the folder atomically.
 """
 
 import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -27,12 +35,14 @@ import numpy as np
 import torch
 
 from .data import to_rgb
+from .errors import UserError
 from .teachers import MCADTeacher
-from .utils import atomic_directory, progress
+from .utils import atomic_directory, atomic_write_text, progress, recover_directory
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: with its record
+RECORD_FILE = "cache_record.json"
 CACHE_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds", "adapted_image_embeds", "adapted_text_embeds")
 
 
@@ -47,10 +57,57 @@ def teacher_fingerprint(teacher_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_folder(output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> Path:
-    """Where the cache of these teachers over the pairs of this split (grouped by image) lives."""
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{teacher_fingerprint(teacher_dir)}|{split._fingerprint}".encode())
-    return Path(output_dir) / "cache" / key.hexdigest()[:16]
+def cache_key(teacher_dir: str | Path, split: datasets.Dataset) -> dict:
+    """
+    What the cache of these teachers over the pairs of this split (grouped by image) is made from: this format, the
+    teacher's files, the split's fingerprint, its captions and its number of pairs.
+    """
+    captions = list(split["captions"])
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": teacher_fingerprint(teacher_dir),
+        "data": split._fingerprint,
+        "captions": hashlib.sha256(json.dumps(captions).encode()).hexdigest(),
+        "pairs": sum(len(image_captions) for image_captions in captions),
+    }
+
+
+def cache_folder(output_dir: str | Path, key: dict) -> Path:
+    """Where the cache of `key` (`cache_key`) lives under the run's output folder."""
+    name = hashlib.sha256(f"{key['format']}|{key['teacher']}|{key['data']}".encode())
+    return Path(output_dir) / "cache" / name.hexdigest()[:16]
+
+
+def check_cache_record(folder: Path, expected: dict) -> None:
+    """Refuse (a UserError) a cache folder whose record does not match `expected` (some of its entries)."""
+    rebuild = ("Rebuild it with `train_mcad.py cache --overwrite_output_dir` (or pass a new --output_dir to keep "
+               "it).")
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"The teacher cache {folder} has no readable {RECORD_FILE} ({type(error).__name__}), so nothing shows "
+            f"which teacher and training data it was built from: an older version wrote it, or it was copied or "
+            f"damaged. {rebuild}"
+        ) from None
+    differences = [f"{name} {record.get(name)!r} there, {value!r} here" for name, value in expected.items()
+                   if record.get(name) != value]
+    if differences:
+        raise UserError(
+            f"The teacher cache {folder} was built from another teacher, training data or teacher precision than "
+            f"this run's ({'; '.join(differences)}). {rebuild}"
+        )
+
+
+def nonfinite_values(rows: datasets.Dataset) -> dict[str, int]:
+    """The number of NaN or infinite values in each cache column of `rows` that has any."""
+    counts = {}
+    for name in CACHE_COLUMNS:
+        count = sum(int(np.count_nonzero(~np.isfinite(chunk.flatten().to_numpy(zero_copy_only=False))))
+                    for chunk in rows.data.column(name).chunks)
+        if count:
+            counts[name] = count
+    return counts
 
 
 @torch.no_grad()
@@ -90,10 +147,12 @@ def build_teacher_cache(
     output_dir: str | Path,
     accelerator,
     batch_size: int = 64,
+    overwrite: bool = False,
 ) -> Path:
     """
     Write (or reuse) the cache of `teacher` over the pairs of `split` (rows in `flatten_pairs(split)` order); every
-    process must call it.
+    process must call it. A cache already there is reused when its record matches this teacher, data and precision;
+    otherwise it is refused, unless `overwrite`.
 
     Args:
         teacher ([`MCADTeacher`]): the frozen teachers with their fitted adapter.
@@ -102,34 +161,58 @@ def build_teacher_cache(
         output_dir (`str` or `Path`): the run's output folder; the cache goes under `cache/`.
         accelerator (`accelerate.Accelerator`): shards the images across its processes.
         batch_size (`int`): images per teacher call.
+        overwrite (`bool`): build the cache again even where one is, and replace it.
 
     Returns:
         The cache folder.
+
+    Raises:
+        `UserError`: a cache is there that was built from another teacher, data or precision (and not `overwrite`),
+            or the teacher gave non-finite values.
     """
-    folder = cache_folder(output_dir, teacher_dir, split)
-    if folder.exists():
+    key = cache_key(teacher_dir, split)
+    record = {**key, "teacher_precision": str(teacher.autocast_dtype or torch.float32)}
+    folder = cache_folder(output_dir, key)
+    shard_dir = folder.parent / f".shards-{folder.name}"
+    if accelerator.is_main_process:
+        recover_directory(folder)
+        for leftover in (shard_dir, *folder.parent.glob(f".{folder.name}.tmp-*")):  # of a build that was cut short
+            shutil.rmtree(leftover, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if folder.exists() and not overwrite:
+        check_cache_record(folder, record)
         logger.info("teacher cache found: %s", folder)
         return folder
     captions_per_image = [len(captions) for captions in split["captions"]]
     world, rank = accelerator.num_processes, accelerator.process_index
     bounds = np.linspace(0, len(split), world + 1).astype(int)
-    shard_dir = folder.parent / f".shards-{folder.name}"
     rows = _encode_images(teacher, split, range(bounds[rank], bounds[rank + 1]), batch_size, captions_per_image)
     first_pair = sum(captions_per_image[:bounds[rank]])
     rows["pair_index"] = np.arange(first_pair, first_pair + len(rows["teacher_text_embeds"]), dtype=np.int64)
     datasets.Dataset.from_dict(rows).save_to_disk(str(shard_dir / f"rank_{rank}"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        merged = datasets.concatenate_datasets(
-            [datasets.load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(world)]
-        )
-        pair_count = sum(captions_per_image)
-        if merged["pair_index"] != list(range(pair_count)):
-            raise RuntimeError(f"The teacher cache covers {len(merged)} pairs but there are {pair_count}: the training "
-                               "split changed while the cache was built. Run the cache stage again.")
-        with atomic_directory(folder) as temporary:
-            merged.save_to_disk(str(temporary))
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        try:
+            merged = datasets.concatenate_datasets(
+                [datasets.load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(world)]
+            )
+            pair_count = sum(captions_per_image)
+            if merged["pair_index"] != list(range(pair_count)):
+                raise RuntimeError(f"The teacher cache covers {len(merged)} pairs but there are {pair_count}: the "
+                                   "training split changed while the cache was built. Run the cache stage again.")
+            nonfinite = nonfinite_values(merged)
+            if nonfinite:
+                raise UserError(
+                    f"The teacher in {teacher_dir} gave non-finite values ({nonfinite}) for the teacher cache "
+                    f"{folder}: its training diverged, or its outputs overflow float16. Train it again "
+                    "(`train_mcad.py teachers --overwrite_output_dir`), with --teacher_mixed_precision no if it ran "
+                    "in bf16."
+                )
+            with atomic_directory(folder) as temporary:
+                merged.save_to_disk(str(temporary))
+                atomic_write_text(temporary / RECORD_FILE, json.dumps(record, indent=2))
+        finally:
+            shutil.rmtree(shard_dir, ignore_errors=True)
         logger.info("teacher cache written: %s (%d pairs)", folder, len(merged))
     accelerator.wait_for_everyone()
     return folder
@@ -141,21 +224,36 @@ class TeacherCache:
 
     Args:
         folder (`str` or `Path`): a folder written by `build_teacher_cache`.
+
+    Raises:
+        `UserError`: the cache holds non-finite values (a damaged file).
     """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.rows = datasets.load_from_disk(str(self.folder)).select_columns(list(CACHE_COLUMNS)).with_format("torch")
+        rows = datasets.load_from_disk(str(self.folder)).select_columns(list(CACHE_COLUMNS))
+        nonfinite = nonfinite_values(rows)
+        if nonfinite:
+            raise UserError(
+                f"The teacher cache {self.folder} holds non-finite values ({nonfinite}), which the teacher did not "
+                "write: the files are damaged. Rebuild it with `train_mcad.py cache --overwrite_output_dir`."
+            )
+        self.rows = rows.with_format("torch")
 
     @classmethod
     def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> "TeacherCache":
-        """The cache of this run's teacher and training split, which the `cache` stage must have built."""
-        folder = cache_folder(output_dir, teacher_dir, split)
+        """
+        The cache of this run's teacher and training split, which the `cache` stage must have built (a UserError
+        otherwise, or when the cache found was built from another teacher or data).
+        """
+        key = cache_key(teacher_dir, split)
+        folder = cache_folder(output_dir, key)
         if not folder.exists():
-            raise FileNotFoundError(
+            raise UserError(
                 f"No teacher cache for this teacher and training data at {folder}: run the cache stage first "
                 "(`train_mcad.py cache ...`), or use an objective with beta > 0, which runs the teacher online."
             )
+        check_cache_record(folder, key)
         return cls(folder)
 
     def targets(self, pair_index: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .data import TextTable, TrainingPairs
+from .errors import UserError
 from .objectives import ContrastiveLoss, MatchingLoss
 from .optimization import TrainingStep, adamw_with_cosine, autocast
 from .teachers import MCADTeacher, dual_image_embeds, dual_text_embeds
@@ -181,7 +182,7 @@ def train_dual_teacher(
     grouped = group_families and pairs.family is not None
     steps_per_epoch = len(pairs.epoch_batches(0, batch_size, seed))
     if steps_per_epoch == 0:
-        raise ValueError(f"The training split has fewer images than batch_size={batch_size}; lower batch_size.")
+        raise UserError(f"The training split has fewer images than batch_size={batch_size}; lower batch_size.")
     total_steps = epochs * steps_per_epoch
     optimizer, scheduler = adamw_with_cosine(model, lr, total_steps, weight_decay, int(warmup_fraction * total_steps))
     step = TrainingStep(model, optimizer, scheduler, max_grad_norm)
@@ -302,7 +303,7 @@ def train_fusion_teacher(
     pixels, table = pairs.pixel_values["fusion"], pairs.tables["fusion"]
     steps_per_epoch = len(pairs.epoch_batches(0, batch_size, seed))
     if steps_per_epoch == 0:
-        raise ValueError(f"The training split has fewer images than batch_size={batch_size}; lower batch_size.")
+        raise UserError(f"The training split has fewer images than batch_size={batch_size}; lower batch_size.")
     total_steps = epochs * steps_per_epoch
     optimizer, scheduler = adamw_with_cosine(model, lr, total_steps, weight_decay, int(warmup_fraction * total_steps))
     step = TrainingStep(model, optimizer, scheduler, max_grad_norm)

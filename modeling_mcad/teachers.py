@@ -29,6 +29,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
+from .errors import UserError
 from .objectives import ObjectiveSettings, objective_settings, top_k_candidates
 from .optimization import autocast
 from .utils import atomic_directory
@@ -85,7 +86,7 @@ class MCADTeacherConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         check_adapter_objective(self.adapter_objective)
         if not self.fusion_batch_size > 0:
-            raise ValueError(f"fusion_batch_size must be > 0, got {self.fusion_batch_size!r}.")
+            raise UserError(f"fusion_batch_size must be > 0, got {self.fusion_batch_size!r}.")
 
 
 # The config fields from_teachers accepts by keyword (the sub-configs come from the models).
@@ -94,7 +95,7 @@ TEACHER_OPTIONS = ("adapter_objective", "fusion_batch_size")
 
 def check_adapter_objective(objective: str) -> None:
     if objective not in ADAPTER_OBJECTIVES:
-        raise ValueError(f"adapter_objective must be one of {ADAPTER_OBJECTIVES}, got {objective!r}.")
+        raise UserError(f"adapter_objective must be one of {ADAPTER_OBJECTIVES}, got {objective!r}.")
 
 
 # --- The model ------------------------------------------------------------------------------------------------------
@@ -242,9 +243,9 @@ class MCADTeacher(PreTrainedModel):
         """
         unknown = set(options) - set(TEACHER_OPTIONS)
         if unknown:
-            raise ValueError(f"Unknown MCADTeacher option(s) {sorted(unknown)}; the options are "
-                             f"{sorted(TEACHER_OPTIONS)} (α, β, k and the temperatures are the objective's: pass an "
-                             "ObjectiveSettings to the teacher's forward and to fit_adapter).")
+            raise UserError(f"Unknown MCADTeacher option(s) {sorted(unknown)}; the options are "
+                            f"{sorted(TEACHER_OPTIONS)} (α, β, k and the temperatures are the objective's: pass an "
+                            "ObjectiveSettings to the teacher's forward and to fit_adapter).")
         load_kwargs = dict(load_kwargs or {})
         dual_model = _load_dual(dual, load_kwargs)
         fusion_model = _load_fusion(fusion, load_kwargs)
@@ -301,7 +302,7 @@ class MCADTeacher(PreTrainedModel):
         except ValueError as error:
             if "Unrecognized model type" not in str(error):
                 raise
-            raise ValueError(
+            raise UserError(
                 f"{pretrained_model_name_or_path} holds a teacher whose model type transformers does not know "
                 f"({str(error).split(':')[1].split('.')[0].strip()}): import the package that defines it first (the "
                 "mcad-shapes fusion teacher: import modeling_mcad.shapes)."
@@ -515,8 +516,8 @@ def _load_processor(name: str, source, load_kwargs: dict):
     try:
         return AutoProcessor.from_pretrained(source, **processor_kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(f"Could not load the {name} teacher's processor from {source!r} ({error}); pass "
-                         f"{name}_processor=....") from error
+        raise UserError(f"Could not load the {name} teacher's processor from {source!r} ({error}); pass "
+                        f"{name}_processor=....") from error
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -529,8 +530,8 @@ def _check_replaceable(folder: Path) -> None:
     except (OSError, ValueError):
         is_teacher_save = False
     if not is_teacher_save:
-        raise ValueError(f"{folder} is not empty and holds no earlier MCADTeacher save; saving would replace it. "
-                         "Save the teacher to a new or empty folder.")
+        raise UserError(f"{folder} is not empty and holds no earlier MCADTeacher save; saving would replace it. "
+                        "Save the teacher to a new or empty folder.")
 
 
 

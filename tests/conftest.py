@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -11,6 +12,33 @@ import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` and the hash of its bytes."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def train_script_error(arguments: list, capsys) -> str:
+    """
+    The message `train_mcad.cli(arguments)` prints for a user's mistake (after "error: ", the program's name being
+    pytest's here), run in this process; the run must end with status 2 and no traceback.
+    """
+    import train_mcad
+
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        status = train_mcad.cli([str(argument) for argument in arguments])
+    finally:  # the run sets them for itself
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+    error = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in error, error[-3000:]
+    lines = error.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if ": error: " in line)
+    return "\n".join(lines[start:]).split(": error: ", 1)[1]
 
 
 def random_images(count: int, size=(40, 52), seed: int = 0, mode: str = "RGB") -> list[Image.Image]:

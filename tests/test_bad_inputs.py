@@ -7,7 +7,6 @@ changes. The Troubleshooting table of README.md lists the same cases.
 The per-row cases share one imagefolder, so that one load, one training run and one index build meet all of them.
 """
 
-import hashlib
 import io
 import json
 import logging
@@ -31,7 +30,9 @@ from modeling_mcad.data import ImageTextCollator, OneCaptionPerImageSampler, fla
 from modeling_mcad.search import GalleryIndex
 from modeling_mcad.search import main as mcad_search
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, snapshot, train_script_error
+from .test_checkpointing import BAD_INPUT_CASES as RUN_CASES
+from .test_publishing_inputs import BAD_INPUT_CASES as PUBLISHING_CASES
 
 
 def encoded(image: Image.Image, format: str = "PNG", **params) -> bytes:
@@ -123,12 +124,6 @@ SKIP_COUNTS = (f"left out {_SKIPPED.count('image')} row(s) with a bad image, {_S
 def pixel(colour) -> torch.Tensor:
     """An RGB colour as the tiny processor normalises it (mean = std = 0.5)."""
     return (torch.tensor(colour, dtype=torch.float32) / 255 - 0.5) / 0.5
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` and the hash of its bytes."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +321,69 @@ def test_train_script_names_a_bad_file_or_option(case, trained_run, tmp_path):
     assert snapshot(trained_run) == before
 
 
+# Options and stages of train_mcad.py, each run in this process and refused before any training: the stage (None: the
+# corpus run's distill), the arguments after the corpus run's own, a YAML file's text (None: no --config), and the
+# message expected after "error: ".
+OPTION_CASES = {
+    "fractional_epochs": (None, ["--epochs", "2.5"], None,
+                          r"^Option epochs in the command line must be int, got 2\.5 \(float\)\.$"),
+    "number_for_a_folder_option": (None, [], "output_dir: 20240101\n",
+                                   r"^Option output_dir in \S+run\.yaml must be str, got 20240101 \(int\) \(YAML "
+                                   r"reads an unquoted number, yes / no or on / off as a number or a boolean: quote"),
+    "yes_no_for_a_string_option": (None, [], "mixed_precision: no\n",
+                                   r"^Option mixed_precision in \S+run\.yaml must be str, got False \(bool\) \(YAML"),
+    "missing_config_file": (None, ["--config", "absent.yaml"], None,
+                            r"^--config absent\.yaml: no such file; pass a YAML file of TrainConfig fields"),
+    "invalid_yaml_config": (None, [], "epochs: [6\n", r"^\S+run\.yaml is not a readable YAML file \(.*\); fix it"),
+    "unknown_student_preset": (None, ["--student_preset", "huge"], None,
+                               r"^Option student_preset: Unknown preset 'huge'; choose one of \["),
+    "unknown_key_in_a_dict_option": ("teachers", ["--dual_teacher_training", "{epoch: 3}"], None,
+                                     r"^Option dual_teacher_training has unknown key\(s\) \['epoch'\]; "
+                                     r"modeling_mcad\.teacher_training\.train_dual_teacher takes \[.*'epochs'"),
+    "bad_objective_knob": (None, ["--objective", "mcad", "--objective_overrides", "{alpha: -1}"], None,
+                           r"^alpha must be >= 0 \(0: the dual teacher only\), got -1"),
+    "missing_dataset": (None, ["--dataset", "no/such/folder"], None,
+                        r"^No dataset no/such/folder \(.*\); pass a Hub dataset name, a folder"),
+    "missing_split": (None, ["--train_split", "training"], None,
+                      r"has no split 'training' \(.*'train'.*\); pass one of its splits"),
+    "stage_before_its_inputs": ("evaluate", [], None, r"^No student in \S+student: run the distill stage first\.$"),
+    "images_over_max_image_pixels": (None, ["--max_image_pixels", "1000", "--skip_bad_examples", "false"], None,
+                                     r"bad example\(s\):\n  row 0 \(\S*good0\.png\): the image is 64x64 = 4096 "
+                                     r"pixels, more than max_image_pixels=1000 .*; downscale it or raise "
+                                     r"max_image_pixels"),
+    "batch_larger_than_the_data": (None, ["--batch_size", "1000"], None,
+                                   r"^total_steps must be >= 1, got 0: the data gives no full batch\. Lower "
+                                   r"batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_train_script_names_a_bad_option_and_changes_nothing(case, corpus, trained_run, tmp_path, capsys):
+    stage, extra, config_text, expected = OPTION_CASES[case]
+    run = trained_run if stage is None else tmp_path / "fresh"  # the other stages in a folder of their own
+    arguments = corpus_run(corpus, run, "--skip_bad_examples", *extra)
+    arguments[0] = stage or arguments[0]
+    if config_text is not None:
+        (tmp_path / "run.yaml").write_text(config_text)
+        arguments += ["--config", tmp_path / "run.yaml"]
+    before = snapshot(trained_run)
+    assert re.search(expected, message := train_script_error(arguments, capsys), re.DOTALL), message
+    assert snapshot(trained_run) == before
+    assert not list((tmp_path / "fresh").rglob("*.json"))
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only a user's mistake becomes a one-line error: a plain ValueError from inside is a bug and propagates."""
+    import train_mcad
+
+    def broken(argv):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(train_mcad, "main", broken)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        train_mcad.cli([])
+
+
 # --- mcad-search index ----------------------------------------------------------------------------------------------
 
 
@@ -375,4 +433,5 @@ def test_readme_troubleshooting_table_lists_every_case():
     assert "## Troubleshooting" in readme
     section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
     rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")}
-    assert rows == set(CASES) | set(WHOLE_FILE_CASES)
+    assert rows == set(CASES) | set(WHOLE_FILE_CASES) | set(OPTION_CASES) | set(RUN_CASES) | set(PUBLISHING_CASES)
+    assert len(rows) >= 35

@@ -10,6 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from modeling_mcad import MCADModel, MCADProcessor
+from modeling_mcad.errors import UserError
 from modeling_mcad.evaluation import retrieval_metrics
 from modeling_mcad.export import (
     PARITY_NOISE_SIGMAS,
@@ -175,7 +176,7 @@ def test_bad_arguments_are_refused_before_any_work(retrieval_student, tmp_path):
         export_variants(folder, tmp_path / "a", eval_split=split.rename_column("captions", "text"))
     with pytest.raises(ValueError, match="max_r1_drop must be >= 0"):
         export_variants(folder, tmp_path / "b", eval_split=split, max_r1_drop=-1)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         export_variants(tmp_path, tmp_path / "c", eval_split=split)
     with pytest.raises(ValueError, match="inside model_dir=.* or contains it"):
         export_variants(folder, folder / "export", eval_split=split)

@@ -1,18 +1,31 @@
 """Model card and Hub push: the dry-run folder is what a newcomer would upload, and it works as is."""
 
+import json
 import logging
+import os
+import re
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
-import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
 
 from modeling_mcad import MCADModel, MCADProcessor
+from modeling_mcad.errors import UserError
 from modeling_mcad.evaluation import retrieval_metrics
-from modeling_mcad.hub import HubPushError, files_to_upload, push_to_hub, render_model_card, widget_examples_from_split
+from modeling_mcad.hub import (
+    DRY_RUN_MARKER,
+    HubPushError,
+    files_to_upload,
+    publishable,
+    push_to_hub,
+    render_model_card,
+    widget_examples_from_split,
+)
 
-from .conftest import run_isolated
+from .conftest import caption_split, run_isolated
 
 FAKE_TOKEN = "hf_mcadTestTokenThatMustNeverBePrinted0123"
 TEACHERS = ["openai/clip-vit-base-patch16", "Salesforce/blip-itm-base-coco"]
@@ -66,7 +79,9 @@ def test_dry_run_folder_loads_and_runs_in_a_fresh_process(carded_folder, tmp_pat
     result = push_to_hub(folder, "mcad-tests/tiny-student", dry_run=tmp_path / "upload")
     upload = tmp_path / "upload"
     assert result["files"] == files_to_upload(folder)
-    assert sorted(p.relative_to(upload).as_posix() for p in upload.rglob("*") if p.is_file()) == result["files"]
+    listed = sorted(p.relative_to(upload).as_posix() for p in upload.rglob("*") if p.is_file())
+    assert listed == sorted([*result["files"], DRY_RUN_MARKER])  # the marker: hidden, so never uploaded itself
+    assert files_to_upload(upload) == result["files"]
     card = ModelCard.load(upload / "README.md")
     example = examples[0]
     texts = list(example["candidate_labels"])
@@ -184,16 +199,124 @@ def test_incomplete_folders_and_overlapping_dry_runs_are_refused(carded_folder, 
     folder, _, _ = carded_folder
     incomplete = tmp_path / "incomplete"
     shutil.copytree(folder, incomplete, ignore=shutil.ignore_patterns("README.md"))
-    with pytest.raises(FileNotFoundError, match="lacks README.md"):
+    with pytest.raises(UserError, match="lacks README.md"):
         push_to_hub(incomplete, "mcad-tests/tiny-student", dry_run=tmp_path / "dry")
     for overlapping in (folder, folder / "inside", folder.parent):
-        with pytest.raises(ValueError, match="overlaps the exported folder"):
+        with pytest.raises(UserError, match="overlaps the exported folder"):
             push_to_hub(folder, "mcad-tests/tiny-student", dry_run=overlapping)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "table.md").write_text("precious")
-    with pytest.raises(ValueError, match="not an earlier dry run"):
+    with pytest.raises(UserError, match="not an earlier dry run"):
         push_to_hub(folder, "mcad-tests/tiny-student", dry_run=tmp_path / "results")
     assert (tmp_path / "results" / "table.md").read_text() == "precious"
-    with pytest.raises(huggingface_hub.errors.HFValidationError):
+    with pytest.raises(UserError, match=r"repo_id='not a repo id' is not a Hub repository id.*user/name"):
         push_to_hub(folder, "not a repo id", dry_run=tmp_path / "dry")
     assert not (tmp_path / "dry").exists() and (folder / "README.md").is_file()
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_dry_run_replaces_only_an_earlier_dry_run(carded_folder, saved_tiny_student, tmp_path):
+    folder, _, _ = carded_folder
+    dry = tmp_path / "dry"
+    first = push_to_hub(folder, "mcad-tests/tiny-student", dry_run=dry)
+    (dry / "README.md").write_text("edited")  # changed contents: still the earlier dry run, replaced whole
+    push_to_hub(folder, "mcad-tests/tiny-student", dry_run=dry)
+    assert (dry / "README.md").read_bytes() == (folder / "README.md").read_bytes()
+
+    # A trained student (config.json and weights), a dry run someone added a file to, a file: all kept as they are.
+    student = tmp_path / "student"
+    shutil.copytree(saved_tiny_student, student)
+    (dry / "notes.md").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    for destination in (student, dry, tmp_path / "file"):
+        before = tree(destination) if destination.is_dir() else destination.read_bytes()
+        with pytest.raises(UserError, match=rf"dry_run={destination} .*(not an earlier dry run|not a folder).*new or "
+                                            "empty folder"):
+            push_to_hub(folder, "mcad-tests/tiny-student", dry_run=destination)
+        assert (tree(destination) if destination.is_dir() else destination.read_bytes()) == before
+    assert json.loads((dry / DRY_RUN_MARKER).read_text())["files"] == first["files"]
+
+
+def test_hidden_files_and_links_are_not_uploaded(carded_folder, recording_hub, monkeypatch, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(carded_folder[0], folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("HF_TOKEN=hf_secret")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret")
+    (folder / ".README.md.tmp-x1y2").write_text("an interrupted write")
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "notes.md").write_text("private")
+    (folder / "onnx" / ".cache.json").write_text("{}")
+    (folder / "linked.txt").symlink_to(secret)
+    (folder / "linked_folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "data.txt").write_text("outside the folder")
+
+    files = files_to_upload(folder)
+    assert files == files_to_upload(carded_folder[0])  # nothing of the above
+    assert not any(name.startswith(".") or "linked" in name for file in files for name in file.split("/"))
+    dry = push_to_hub(folder, "mcad-tests/tiny-student", dry_run=tmp_path / "dry")
+    assert sorted(tree(tmp_path / "dry")) == sorted([*dry["files"], DRY_RUN_MARKER])
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    push_to_hub(folder, "mcad-tests/tiny-student")
+    assert recording_hub[-1][3]["allow_patterns"] == files
+
+
+def test_publishable_replaces_local_paths_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "photos").mkdir(parents=True)
+    config = {"output_dir": str(tmp_path / "run"), "dataset": "data/photos", "teacher": "openai/clip-vit-base-patch16",
+              "home": "~/models/student/", "shapes": "mcad-shapes", "nested": {"list": [str(tmp_path), 3, None]}}
+    assert publishable(config) == {
+        "output_dir": "<local: run>", "dataset": "<local: photos>", "teacher": "openai/clip-vit-base-patch16",
+        "home": "<local: student>", "shapes": "mcad-shapes", "nested": {"list": [f"<local: {tmp_path.name}>", 3, None]},
+    }
+
+
+class MainProcess(SimpleNamespace):
+    """What the push stage asks of an Accelerator, for a single process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_the_push_stage_publishes_no_local_path(exported_student, tmp_path, tmp_path_factory):
+    """train_mcad.py push with local dataset, teachers, checkpoint and dry-run folders: no published file names them,
+    nor this machine's home or working folder."""
+    import datasets
+
+    import train_mcad
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_student[0], run / "export")
+    split = caption_split(36, seed=5)
+    data = tmp_path / "my_photos"
+    datasets.DatasetDict({"train": split.select(range(12)), "validation": split.select(range(12, 24)),
+                          "test": split.select(range(24, 36))}).save_to_disk(data)
+    config = train_mcad.TrainConfig(
+        output_dir=str(run), dataset=str(data), dual_teacher=str(tmp_path / "teachers" / "dual"),
+        fusion_teacher=str(tmp_path / "teachers"), student_tokenizer=str(tmp_path / "tokenizer"),
+        resume_from_checkpoint=str(run / "checkpoints" / "step_1"), repo_id="mcad-tests/tiny-student",
+        dry_run=str(tmp_path / "upload"),
+    )
+    (tmp_path / "teachers").mkdir()
+    metrics = {key: 50.0 for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
+    (run / "results.json").write_text(json.dumps({"student (mcad)": {**metrics, "rsum": 300.0}}))
+    assert train_mcad.push(config, MainProcess()) == str(tmp_path / "upload")
+
+    card = ModelCard.load(tmp_path / "upload" / "README.md")
+    assert {(result.dataset_type, result.dataset_name) for result in card.data.eval_results} == {
+        ("<local: my_photos>", "<local: my_photos>")}
+    assert "<local: tokenizer>" in card.text and "<local: teachers>" in card.text
+    assert not re.search(r"^(output_dir|dry_run|resume_from_checkpoint):", card.text, re.MULTILINE)
+    assert card.data.base_model is None and card.data.datasets is None  # local teachers and data: no Hub ids
+    needles = {str(tmp_path), str(tmp_path_factory.getbasetemp()), str(Path.home()), os.getcwd()}
+    for path in (tmp_path / "upload").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not [needle for needle in needles if needle.encode() in content], path

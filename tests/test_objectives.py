@@ -11,6 +11,7 @@ from modeling_mcad.objectives import (
     DistributionDistillationLoss,
     FeatureDistillationLoss,
     MCADLoss,
+    modified_features,
     objective_settings,
 )
 
@@ -23,6 +24,10 @@ V = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
 T = [[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]]
 AV = [[0.0, 1.0], [1.0, 0.0], [0.8, 0.6]]
 AT = [[0.0, 1.0], [0.6, 0.8], [0.8, -0.6]]
+# P_v f, P_t f as an adapter returns them: any length (only their direction may count), none a multiple of AV / AT.
+AV_ANY_NORM = [[0.3, 2.0], [4.0, -1.0], [0.1, 0.05]]
+AT_ANY_NORM = [[-0.5, 3.0], [0.2, 0.1], [6.0, 1.5]]
+ADAPTED = {"unit": (AV, AT), "any_norm": (AV_ANY_NORM, AT_ANY_NORM)}
 TAU = 0.5
 
 
@@ -131,22 +136,36 @@ def test_feature_term_by_hand():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def modified_by_hand(alpha):
-    v_hat = [normalize([a + alpha * b for a, b in zip(v, normalize(av))]) for v, av in zip(V, AV)]
-    t_hat = [normalize([a + alpha * b for a, b in zip(t, normalize(at))]) for t, at in zip(T, AT)]
+def modified_by_hand(alpha, adapted_image=AV, adapted_text=AT):
+    """DESIGN §3: v̂ = normalize(v + α·normalize(P_v f)), t̂ likewise; α = ∞: v̂ = normalize(P_v f)."""
+    if math.isinf(alpha):
+        return [normalize(av) for av in adapted_image], [normalize(at) for at in adapted_text]
+    v_hat = [normalize([a + alpha * b for a, b in zip(v, normalize(av))]) for v, av in zip(V, adapted_image)]
+    t_hat = [normalize([a + alpha * b for a, b in zip(t, normalize(at))]) for t, at in zip(T, adapted_text)]
     return v_hat, t_hat
 
 
+@pytest.mark.parametrize("alpha", [0.5, 2.0, math.inf])
+def test_modified_features_read_only_the_direction_of_the_adapted_features(alpha):
+    """P_v f of any length: v̂ = normalize(v + α·normalize(P_v f)), so scaling P_v f changes nothing."""
+    v_hat, t_hat = modified_by_hand(alpha, AV_ANY_NORM, AT_ANY_NORM)
+    image, text = modified_features(*tensors(V, T, AV_ANY_NORM, AT_ANY_NORM), alpha)
+    torch.testing.assert_close(image, torch.tensor(v_hat))
+    torch.testing.assert_close(text, torch.tensor(t_hat))
+
+
+@pytest.mark.parametrize("adapted", sorted(ADAPTED))
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_full_mcad_loss_by_hand(alpha):
+def test_full_mcad_loss_by_hand(alpha, adapted):
     """L = L_con + λ_dist·L_dist + λ_feat·L_feat with v̂ = normalize(v + α·normalize(P_v f)), Ŝ = <v̂, t̂>/τ_T."""
+    adapted_image, adapted_text = ADAPTED[adapted]
     lambda_dist, lambda_feat = 0.7, 0.3
     loss_fn = MCADLoss.from_preset("mcad", student_dim=2, teacher_dim=2, alpha=alpha, teacher_temperature=TAU,
                                    lambda_dist=lambda_dist, lambda_feat=lambda_feat)
     with torch.no_grad():
         loss_fn.feature_loss.image_projection.weight.copy_(torch.eye(2))
         loss_fn.feature_loss.text_projection.weight.copy_(torch.eye(2))
-    v_hat, t_hat = modified_by_hand(alpha)
+    v_hat, t_hat = modified_by_hand(alpha, adapted_image, adapted_text)
     s = matrix(S_IMAGE, S_TEXT, SCALE)
     teacher = matrix(v_hat, t_hat, 1 / TAU)
     l_con = (cross_entropy_diagonal(s) + cross_entropy_diagonal(transpose(s))) / 2
@@ -154,7 +173,7 @@ def test_full_mcad_loss_by_hand(alpha):
     l_feat = (sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(S_IMAGE, v_hat)) / 3
               + sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(S_TEXT, t_hat)) / 3) / 2
 
-    image, text, v, t, av, at = tensors(S_IMAGE, S_TEXT, V, T, AV, AT)
+    image, text, v, t, av, at = tensors(S_IMAGE, S_TEXT, V, T, adapted_image, adapted_text)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
                   adapted_image_embeds=av, adapted_text_embeds=at)
     assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
@@ -223,10 +242,10 @@ def test_gradients_reach_only_the_student_and_w(tiny_student):
     from modeling_mcad.distillation import DistillationModule
 
     student = MCADModel.from_preset("tiny")
-    teacher = torch.nn.Linear(4, 4)  # stands for any frozen teacher producing the targets
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    objective = MCADLoss.from_preset("mcad", student_dim=32, teacher_dim=4)
+    # Stands for the teacher producing the targets, left trainable: its outputs carry a graph, as an online
+    # teacher's would if it were not frozen. The targets must still be constants of the loss.
+    teacher = torch.nn.Linear(4, 4)
+    objective = MCADLoss.from_preset("mcad", student_dim=32, teacher_dim=4, lambda_dist=1.0)
     module = DistillationModule(student, objective)
     _, processor = tiny_student
     from .conftest import random_images
@@ -238,9 +257,43 @@ def test_gradients_reach_only_the_student_and_w(tiny_student):
         "teacher_image_embeds": features[:3], "teacher_text_embeds": features[1:],
         "adapted_image_embeds": features[:3].flip(0), "adapted_text_embeds": features[1:].flip(0),
     }
+    assert all(target.requires_grad for target in targets.values())
     module(dict(inputs), targets).loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert objective.feature_loss.image_projection.weight.grad.abs().sum() > 0
     assert student.logit_scale.grad is not None
     assert student.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
     assert student.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_the_targets_are_constants_of_the_loss_even_when_the_teacher_outputs_carry_a_graph():
+    """No gradient flows into v, t, P f or the fusion logits (nor the teacher behind them): the student learns the
+    teacher's targets, it does not move them. The loss and the student's gradients are those of detached targets."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(2, 2)  # trainable, so that every target below carries a graph back to it
+    v, t, av, at = (teacher(x) for x in tensors(V, T, AV_ANY_NORM, AT_ANY_NORM))
+    v, t = torch.nn.functional.normalize(v, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+    fusion_logits = teacher.weight.sum() * torch.tensor([[3.0, 0.0, -1.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    teacher_side = {"teacher_image_embeds": v, "teacher_text_embeds": t, "adapted_image_embeds": av,
+                    "adapted_text_embeds": at, "fusion_logits": fusion_logits}
+    for value in teacher_side.values():
+        value.retain_grad()  # so that a gradient reaching an intermediate target would show in .grad
+    loss_fn = MCADLoss.from_preset("mcad", student_dim=2, teacher_dim=2, alpha=1.0, beta=0.5, lambda_dist=1.0,
+                                   lambda_feat=1.0, teacher_temperature=TAU)
+
+    def student_loss(targets):
+        image, text = (x.clone().requires_grad_(True) for x in tensors(S_IMAGE, S_TEXT))
+        out = loss_fn(image, text, torch.tensor(math.log(SCALE)), fusion_mask=torch.ones(3, 3, dtype=torch.bool),
+                      **targets)
+        out.loss.backward()
+        return out.loss, image.grad, text.grad
+
+    loss, image_grad, text_grad = student_loss(teacher_side)
+    assert all(value.grad is None for value in teacher_side.values())
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    assert image_grad.abs().sum() > 0 and text_grad.abs().sum() > 0
+    detached_loss, detached_image_grad, detached_text_grad = student_loss(
+        {name: value.detach() for name, value in teacher_side.items()})
+    torch.testing.assert_close(loss, detached_loss)
+    torch.testing.assert_close(image_grad, detached_image_grad)
+    torch.testing.assert_close(text_grad, detached_text_grad)

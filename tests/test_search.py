@@ -1,9 +1,11 @@
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,8 +53,9 @@ def gallery(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built_index(model_folder, gallery, tmp_path_factory):
-    path = tmp_path_factory.mktemp("index") / "gallery.mcadidx"
+def built_index(model_folder, gallery):
+    """The gallery's index, beside the model folder: it records the model as `student`, and queries find it."""
+    path = model_folder.parent / "gallery.mcadidx"
     return build_index(gallery, model_folder, path), path
 
 
@@ -117,6 +120,26 @@ def test_search_finds_each_embedding_and_matches_exact_scores():
         assert len(single_indices) == 500 and single_indices[0] == 7 and (np.diff(single_scores) <= 0).all()
 
 
+@pytest.mark.parametrize("quantization", ["int8", "fp16"])
+def test_tied_scores_come_lower_index_first(quantization):
+    # Six embeddings with four entries of 0.5, overlapping by 0 to 4 entries: every score is computed exactly, so
+    # copies of one embedding tie, and so do embeddings at the same overlap.
+    distinct = np.zeros((6, 16), np.float32)
+    for row in range(6):
+        distinct[row, 2 * row : 2 * row + 4] = 0.5
+    copies = np.random.default_rng(3).integers(0, 6, 40)  # 40 entries, each a copy of one of the six
+    model = IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 16), np.float32))
+    index = GalleryIndex.from_embeddings(distinct[copies], [str(i) for i in range(40)], model, quantization)
+    exact = distinct @ distinct[copies].T
+    for query in range(6):
+        expected = sorted(range(40), key=lambda i: (-exact[query, i], i))
+        for k in (40, 11, 3, 1):  # everything, and cuts that fall inside groups of ties
+            indices, _ = index.search(distinct[query], k=k)
+            assert list(indices) == expected[:k], (query, k)
+        indices, _ = index.search(distinct, k=40)  # a batch
+        assert list(indices[query]) == expected
+
+
 def test_index_round_trip_and_refusals(tmp_path):
     model = IndexModel("m", "/nowhere", probe_embeddings=np.ones((len(PROBE_TEXTS), 4), np.float32) / 2)
     ids = ["a/b.png", "été\nnewline.jpg", "3"]
@@ -125,11 +148,18 @@ def test_index_round_trip_and_refusals(tmp_path):
     loaded = GalleryIndex.load(path)
     assert list(loaded.ids) == ids and loaded.ids[-1] == "3" and loaded.ids[1:] == ids[1:]
     assert (loaded.count, loaded.dimension, loaded.path) == (3, 4, path)
-    assert (loaded.model.name, loaded.model.path, loaded.model.probe_texts) == ("m", "/nowhere", PROBE_TEXTS)
+    # A model outside the index's folder is not recorded: the file names no folder but its own.
+    assert (loaded.model.name, loaded.model.path, loaded.model.probe_texts) == ("m", None, PROBE_TEXTS)
     np.testing.assert_array_equal(loaded.codes, index.codes)
     np.testing.assert_array_equal(loaded.scales, index.scales)
     np.testing.assert_array_equal(loaded.model.probe_embeddings, model.probe_embeddings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mcadidx"]  # no temporary left behind
+    inside = IndexModel("m", str(tmp_path / "models" / "m"), probe_embeddings=model.probe_embeddings)
+    moved = tmp_path / "moved"
+    GalleryIndex(index.codes, index.scales, index.ids, inside).save(tmp_path / "y.mcadidx")
+    assert str(tmp_path).encode() not in (tmp_path / "y.mcadidx").read_bytes()
+    shutil.copytree(tmp_path, moved)  # the index and its model folder, moved together
+    assert GalleryIndex.load(moved / "y.mcadidx").model.path == str(moved.resolve() / "models" / "m")
 
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"precious")
@@ -172,6 +202,10 @@ def test_index_from_another_model_is_refused(model_folder, built_index, tmp_path
     moved = IndexModel("moved", "/nowhere/student", probe_embeddings=index.model.probe_embeddings)
     with pytest.raises(SearchError, match=r"/nowhere/student, which is not there any more.*--model"):
         GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, moved, tmp_path / "moved.mcadidx"))
+    unrecorded = IndexModel("student", None, probe_embeddings=index.model.probe_embeddings)
+    with pytest.raises(SearchError, match=r"does not record where its model is.*'student'.*--model DIR"):
+        GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, unrecorded, tmp_path / "far.mcadidx"))
+    GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, unrecorded), model_folder)  # given: it works
 
     narrow = IndexModel("narrow", str(model_folder), probe_embeddings=np.zeros((3, 16), np.float32))
     narrow_index = GalleryIndex.from_embeddings(np.eye(4, 16, dtype=np.float32), list("abcd"), narrow)
@@ -211,6 +245,20 @@ def test_bad_images_are_listed_and_nothing_is_written(model_folder, gallery, bui
     assert GalleryIndex.load(output).quantization == "fp16"
 
 
+def test_an_index_names_no_folder_of_this_machine(model_folder, gallery, tmp_path, tmp_path_factory):
+    path = tmp_path / "shared" / "gallery.mcadidx"
+    index = build_index(gallery, model_folder, path)
+    content = path.read_bytes()
+    for needle in {str(model_folder), str(gallery), str(tmp_path), str(tmp_path_factory.getbasetemp()),
+                   str(Path.home()), os.getcwd()}:
+        assert needle.encode() not in content, needle
+    loaded = GalleryIndex.load(path)
+    assert (loaded.model.name, loaded.model.path) == ("student", None)
+    assert loaded.model.weights_sha256 == index.model.weights_sha256
+    result = GallerySearch(path, model_folder).search("a red circle", k=3)  # the model given: the probes check it
+    assert len(result.hits) == 3
+
+
 def test_index_from_a_dataset_split(model_folder, tmp_path):
     import datasets
 
@@ -226,6 +274,19 @@ def test_index_from_a_dataset_split(model_folder, tmp_path):
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "modeling_mcad.search", *arguments], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), KeyError("a bug"), OSError("a bug")])
+def test_a_bug_keeps_its_traceback(built_index, monkeypatch, bug):
+    """Only a user's mistake (UserError) becomes `mcad-search: error:` and status 2; anything else propagates."""
+    _, path = built_index
+
+    def broken(self, query, k=5):
+        raise bug
+
+    monkeypatch.setattr(GallerySearch, "search", broken)
+    with pytest.raises(type(bug), match="a bug"):
+        main(["query", str(path), "a red circle"])
 
 
 def test_query_imports_neither_torch_nor_transformers(built_index, tmp_path):

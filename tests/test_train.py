@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -165,7 +164,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     sharded_cache.rename(tmp_path / "sharded_cache")
     (tmp_path / "run" / "distill_log.jsonl").unlink()
 
-    run_script("cache", "distill", "--config", config)
+    run_script("cache", "distill", "--config", config, "--overwrite_output_dir")
     assert len(two_processes) == 4
     assert losses(tmp_path / "run") == pytest.approx(two_processes, rel=1e-5)  # after three optimizer steps too
     # The cache built by two processes, each on its share of the images, is the one-process cache.
@@ -187,30 +186,45 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_student(tmp_path):
-    """SIGKILL after a checkpoint (at a random step), resume from 'latest': the same final weights."""
+    """
+    SIGKILL once the checkpoint of step 14 (of 48) or a later one is written and the log holds a step after it,
+    resume from 'latest': the newest checkpoints survived, the run resumes from the newest, logs every step once and
+    ends with the reference run's losses and weights.
+    """
     overrides = {"epochs": 6, "checkpoint_every_steps": 2, "batch_size": 16, "student_config": None}
     reference = write_run(tmp_path / "reference", **overrides)
     run_script("cache", "distill", "--config", reference)
 
     interrupted = write_run(tmp_path / "interrupted", **overrides)
     run_script("cache", "--config", interrupted)
-    kill_after = random.Random().randint(2, 30)
+    # Past the first keep_checkpoints (2) checkpoints: a pruning that deleted the newest would never get there.
+    kill_after = 14
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_mcad.py"), "distill", "--config",
                                 str(interrupted)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=ONE_THREAD)
     checkpoints = tmp_path / "interrupted" / "checkpoints"
+
+    log = tmp_path / "interrupted" / "distill_log.jsonl"
+
+    def steps() -> list[int]:
+        return sorted(int(p.name.split("_")[1]) for p in checkpoints.glob("step_*")) if checkpoints.exists() else []
+
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        steps = [int(p.name.split("_")[1]) for p in checkpoints.glob("step_*")] if checkpoints.exists() else []
-        if steps and max(steps) >= kill_after:
+        # One log row per step: the run has logged a step its newest checkpoint does not hold.
+        if steps() and max(steps()) >= kill_after and len(log.read_text().splitlines()) > max(steps()):
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "interrupted" / "student").exists()
+    kept = steps()  # the two newest (a third when the kill came before the pruning)
+    assert kept[-1] >= kill_after and kept[-2] == kept[-1] - 2 and len(kept) <= 3, kept
 
-    run_script("distill", "--config", interrupted, "--resume_from_checkpoint", "latest")
+    result = run_script("distill", "--config", interrupted, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {checkpoints / f'step_{kept[-1]}'} " in result.stderr
+    assert losses(tmp_path / "interrupted") == pytest.approx(losses(tmp_path / "reference"), rel=1e-5)
     expected = load_file(tmp_path / "reference" / "student" / "model.safetensors")
     resumed = load_file(tmp_path / "interrupted" / "student" / "model.safetensors")
     assert expected.keys() == resumed.keys()

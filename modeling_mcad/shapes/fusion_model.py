@@ -29,6 +29,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 from ..cross_encoders import CrossEncoder, FusionOutput, register_cross_encoder
+from ..errors import UserError
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
@@ -79,18 +80,18 @@ class MCADFusionConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
             if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.unimodal_config.model_type != "clip":
-            raise ValueError(f"unimodal_config must be a CLIP config (the dual teacher's), got model_type "
-                             f"{self.unimodal_config.model_type!r}.")
+            raise UserError(f"unimodal_config must be a CLIP config (the dual teacher's), got model_type "
+                            f"{self.unimodal_config.model_type!r}.")
         if self.relation_layer is None:
             self.relation_layer = max(1, self.num_hidden_layers // 2)
         if not 1 <= self.relation_layer <= self.num_hidden_layers:
-            raise ValueError(f"relation_layer must be in [1, num_hidden_layers={self.num_hidden_layers}], got "
-                             f"{self.relation_layer}.")
+            raise UserError(f"relation_layer must be in [1, num_hidden_layers={self.num_hidden_layers}], got "
+                            f"{self.relation_layer}.")
         if self.hidden_size % self.num_attention_heads or self.hidden_size % 4:
-            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of 4 and of num_attention_heads="
-                             f"{self.num_attention_heads}.")
+            raise UserError(f"hidden_size={self.hidden_size} must be a multiple of 4 and of num_attention_heads="
+                            f"{self.num_attention_heads}.")
 
 
 @dataclass

@@ -47,6 +47,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UserError
 from ..evaluation import flatten_captions
 from ..utils import atomic_directory
 
@@ -256,23 +257,23 @@ def make_shapes(
         family_size (`int`): images per family of near-duplicates (1 to 5; 1: no families).
     """
     if image_size < 16:
-        raise ValueError(f"image_size={image_size} is too small to draw shapes on; use at least 16 pixels.")
+        raise UserError(f"image_size={image_size} is too small to draw shapes on; use at least 16 pixels.")
     if not 1 <= min_objects <= max_objects <= 3:
-        raise ValueError(f"Objects per image must satisfy 1 <= min_objects <= max_objects <= 3, "
-                         f"got min_objects={min_objects}, max_objects={max_objects}.")
+        raise UserError(f"Objects per image must satisfy 1 <= min_objects <= max_objects <= 3, "
+                        f"got min_objects={min_objects}, max_objects={max_objects}.")
     if not max_objects <= num_colors <= len(COLOURS):
-        raise ValueError(f"num_colors={num_colors}: each object of a scene has its own colour, so use between "
-                         f"max_objects={max_objects} and {len(COLOURS)} colours.")
+        raise UserError(f"num_colors={num_colors}: each object of a scene has its own colour, so use between "
+                        f"max_objects={max_objects} and {len(COLOURS)} colours.")
     if not 1 <= num_shapes <= len(SHAPES):
-        raise ValueError(f"num_shapes={num_shapes}: use between 1 and {len(SHAPES)}.")
+        raise UserError(f"num_shapes={num_shapes}: use between 1 and {len(SHAPES)}.")
     if num_sizes not in (1, 2):
-        raise ValueError(f"num_sizes={num_sizes}: use 1 (one size) or 2 (small and large).")
+        raise UserError(f"num_sizes={num_sizes}: use 1 (one size) or 2 (small and large).")
     if not 1 <= family_size <= 5:
-        raise ValueError(f"family_size={family_size}: use between 1 and 5.")
+        raise UserError(f"family_size={family_size}: use between 1 and 5.")
     counts = {"train": train, "validation": validation, "test": test}
     for name, count in counts.items():
         if count < 0:
-            raise ValueError(f"{name}={count}: a split size cannot be negative.")
+            raise UserError(f"{name}={count}: a split size cannot be negative.")
     knobs = _Knobs(image_size, min_objects, max_objects, relations, tuple(COLOURS)[:num_colors],
                    SHAPES[:num_shapes], ("small", "large") if num_sizes == 2 else (None,), family_size)
     return datasets.DatasetDict({

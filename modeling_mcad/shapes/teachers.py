@@ -28,6 +28,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from ..configuration_mcad import PRESET_SPECIAL_TOKEN_IDS, PRESET_VOCABULARY
 from ..data import TextTable, TrainingPairs
+from ..errors import UserError
 from ..optimization import TrainingStep, adamw_with_cosine, autocast
 from ..teacher_training import TeacherModels, TrainingHistory, mine_hard_negatives, prepare_cpu
 from ..utils import progress
@@ -81,7 +82,7 @@ def shapes_teachers(
         seed (`int`): the initialisation seed.
     """
     if image_size % patch_size:
-        raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}.")
+        raise UserError(f"image_size={image_size} must be a multiple of patch_size={patch_size}.")
     tokenizer = shapes_tokenizer()
     torch.manual_seed(seed)
     dual = CLIPModel(CLIPConfig(
@@ -281,7 +282,7 @@ def train_fusion_stack(
         canonical_phase = step < canonical_steps
         batches = pairs.epoch_batches(epoch, batch_size, seed, canonical_only=canonical_phase, group_families=True)
         if not batches:
-            raise ValueError(f"batch_size={batch_size} is larger than the images drawn per epoch; lower it.")
+            raise UserError(f"batch_size={batch_size} is larger than the images drawn per epoch; lower it.")
         for index in batches:
             with autocast(model.device, autocast_dtype):
                 loss = _fusion_stack_loss(model, images, pairs, targets, index, canonical_phase, grounding, relation)
