@@ -160,6 +160,11 @@ def read_config_file(config_file: str) -> dict:
     return values
 
 
+def option_types(annotation) -> tuple:
+    """The types an option's annotation admits: `int | None` -> (int, NoneType), `str` -> (str,)."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
 def checked_option(name: str, value, annotation, source: str):
     """
     `value` as the option `name` of type `annotation` takes it (an integer, or a number YAML left a string such as
@@ -167,7 +172,7 @@ def checked_option(name: str, value, annotation, source: str):
     wanted. YAML reads `20240101` as a number and `no` as false: a string option given one of those in a file is
     refused with the advice to quote it, not silently converted.
     """
-    wanted = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    wanted = option_types(annotation)
     if value is None and type(None) in wanted:
         return None
     if isinstance(value, bool):
@@ -213,7 +218,7 @@ def command_line_value(annotation):
     option, whose text is taken as it is (`--output_dir 20240101` is a folder, `--mixed_precision no` the string)
     and "null" is None where the option may be.
     """
-    wanted = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    wanted = option_types(annotation)
     if str not in wanted:
         return yaml.safe_load
     optional = type(None) in wanted
@@ -553,7 +558,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from modeling_mcad.checkpointing import CheckpointManager
+    from modeling_mcad.checkpointing import CheckpointManager, fresh_state
 
     set_seed(config.seed)
     torch.set_flush_denormal(True)  # Adam states turn subnormal on plateaus: 100x slower CPU steps otherwise
@@ -561,7 +566,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
     module, loader = run.module, run.loader
     output_dir = Path(config.output_dir)
     checkpoints = CheckpointManager(output_dir / "checkpoints", accelerator, keep=config.keep_checkpoints)
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite_skipped": 0}
+    state = fresh_state()
     if config.resume_from_checkpoint:
         state = checkpoints.load(config.resume_from_checkpoint)
     else:

@@ -29,6 +29,11 @@ _STEP_FOLDER = re.compile(r"^step_(\d+)$")
 _HIDDEN_STEP_FOLDER = re.compile(r"^\.(?:tmp-)?(step_\d+)")  # a checkpoint being written, replaced or removed
 
 
+def fresh_state() -> dict:
+    """The training state of a run that starts from the beginning."""
+    return dict.fromkeys(STATE_KEYS, 0)
+
+
 class CheckpointMismatchError(UserError):
     """A checkpoint holds the weights of another model (another student config or objective) than the run's."""
 
@@ -68,7 +73,8 @@ class CheckpointManager:
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            order = 1 + max((self._write_order(path) for path in self.checkpoints()), default=0)
+            newest = self.checkpoints()[:1]  # in write order: the newest first
+            order = 1 + max(self._write_order(newest[0]), 0) if newest else 1
             (temporary / STATE_FILE).write_text(json.dumps({**state, WRITE_ORDER: order}, indent=2))
             # The same step saved again (the end of an epoch that ended on a checkpoint) replaces the folder.
             replace_directory(temporary, final)
@@ -95,7 +101,6 @@ class CheckpointManager:
                 be another model's too). `UserError`: no checkpoint at `which`, its state file is damaged, or none
                 under `folder` loads.
         """
-        fresh = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite_skipped": 0}
         if self.accelerator.is_main_process:
             self._recover()
         self.accelerator.wait_for_everyone()
@@ -111,7 +116,7 @@ class CheckpointManager:
         if not candidates:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from the beginning",
                            self.folder)
-            return fresh
+            return fresh_state()
         unreadable = [path.name for path in candidates if self._write_order(path) < 0]  # listed last
         if unreadable:
             logger.warning("checkpoint(s) %s in %s: %s is damaged; passed over", unreadable, self.folder, STATE_FILE)

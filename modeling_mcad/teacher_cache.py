@@ -37,7 +37,7 @@ import torch
 from .data import to_rgb
 from .errors import UserError
 from .teachers import MCADTeacher
-from .utils import atomic_directory, atomic_write_text, progress, recover_directory
+from .utils import atomic_directory, progress, recover_directory
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def build_teacher_cache(
                 )
             with atomic_directory(folder) as temporary:
                 merged.save_to_disk(str(temporary))
-                atomic_write_text(temporary / RECORD_FILE, json.dumps(record, indent=2))
+                (temporary / RECORD_FILE).write_text(json.dumps(record, indent=2))
         finally:
             shutil.rmtree(shard_dir, ignore_errors=True)
         logger.info("teacher cache written: %s (%d pairs)", folder, len(merged))
