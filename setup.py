@@ -23,12 +23,13 @@ setup(
         "transformers>=5.20,<6",
         "accelerate>=1.10",
         "datasets>=4.0",
-        "safetensors>=0.5",
+        "safetensors>=0.5",  # weights, and the gallery index of mcad-search
+        "pyarrow>=15",  # mcad-search export (Parquet); datasets needs it too
         "huggingface_hub>=1.0",
         "evaluate>=0.4.6",
         "pillow>=10.0",
         "tokenizers>=0.21",
-        "onnxruntime>=1.20",  # the torch-free query runtime (mcad-search) and the int8 export
+        "onnxruntime>=1.20",  # the torch-free query runtime (mcad-search: text encoder, gallery scan), the int8 export
         "onnx>=1.17",  # the export stage's graphs (torch.onnx.export with dynamo)
         "onnxscript>=0.5",
         "numpy>=1.26",

@@ -1,4 +1,5 @@
-"""Query latency and peak memory of the torch-free search runtime -> markdown for BENCHMARKS.md.
+"""Query latency and peak memory of the torch-free search runtime, and the search kernels it was chosen from ->
+markdown for BENCHMARKS.md.
 
     python benchmarks/query_latency.py                                  # trains a quick `shapes` student first
     python benchmarks/query_latency.py --model_dir outputs/demo/student # a trained student
@@ -9,14 +10,22 @@
    does.
 2. Retrieval cost of quantizing the index: the mcad-shapes test split (1000 images, 5000 captions) embedded by the
    student (images: torch fp32, as `build_index` does; captions: the int8 ONNX text encoder, the query path),
-   searched with an exact float32 gallery and with the int8 and fp16 indexes (`GalleryIndex.search`). Besides
-   Recall@K, how often a query's top 1 (and its top 10) stays what the reference gives: the exact gallery with the
-   same text embeddings for an index, and the fp32 torch text encoder for the int8 ONNX one.
-3. Latency and memory: synthetic galleries (random unit vectors of the student's dimension) of each `--sizes`, one
-   fresh process per (gallery, path): `GallerySearch` over the int8 and the fp16 index (numpy + onnxruntime +
-   tokenizers), and the torch fp32 path (`MCADProcessor` + `MCADModel.get_text_features` + a torch matmul and topk
-   over a float32 gallery). Each process answers `--queries` mcad-shapes captions per round for `--rounds` rounds;
-   the fastest round's p50 and p95 are reported, with the process's peak RSS (VmHWM) at the end.
+   searched with an exact float32 gallery and with the int8 index (`GalleryIndex.search`). Besides Recall@K, how
+   often a query's top 1 (and its top 10) stays what the reference gives: the exact gallery with the same text
+   embeddings for the index, and the fp32 torch text encoder for the int8 ONNX one.
+3. Kernels, side by side in this process: the int8 codes of a synthetic gallery (random unit vectors of the
+   student's dimension) of each `--sizes`, one query embedding at a time, scored and cut to the top 5 by each
+   candidate — numpy (int8 -> float32 per block of rows, then a matrix product: the kernel before this one), the
+   chosen onnxruntime MatMulInteger scan (`GalleryIndex.search`), and, where installed (`pip install simsimd
+   faiss-cpu usearch`; none is a dependency), simsimd's int8 dot products, FAISS's `IndexScalarQuantizer`
+   (its own 8-bit codes, a range per dimension) and usearch's exact int8 search — against the floor: one read of
+   the codes (a numpy sum over them as uint64). Also each candidate's top-10 overlap with exact float32 search.
+   Repeated at `--kernel_dimensions` (random queries; 256 is the `mobile` preset's dimension).
+4. Latency and memory: the same galleries saved as index files, one fresh process per (gallery, path, threads):
+   `GallerySearch` (numpy + onnxruntime + tokenizers), and the torch fp32 path (`MCADProcessor` +
+   `MCADModel.get_text_features` + a torch matmul and topk over a float32 gallery). Each process answers
+   `--queries` mcad-shapes captions per round for `--rounds` rounds; the fastest round's p50 and p95 are reported,
+   with the process's peak RSS (VmHWM) at the end.
 """
 
 import argparse
@@ -70,7 +79,7 @@ def runtime_worker(args) -> dict:
     from modeling_mcad.search import GallerySearch
 
     started = time.perf_counter()
-    engine = GallerySearch(args.gallery, args.model_dir, num_threads=args.threads)
+    engine = GallerySearch(args.gallery, args.model_dir, num_threads=args.threads[0])
     load_s = time.perf_counter() - started
     queries = json.loads(Path(args.queries_file).read_text())
     result = time_rounds(lambda query: engine.search(query, K), queries, args.rounds)
@@ -84,7 +93,7 @@ def torch_worker(args) -> dict:
 
     from modeling_mcad import MCADModel, MCADProcessor
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     started = time.perf_counter()
     model = MCADModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     processor = MCADProcessor.from_pretrained(args.model_dir)
@@ -156,10 +165,11 @@ def prepare_model(args) -> Path:
     return folder
 
 
-def quantization_recall(model_dir: Path, test, threads: int) -> dict:
-    """Text->image Recall@K on the test split: exact float32 gallery vs the int8 and fp16 indexes; plus the fp32
-    torch text encoder on the exact gallery, for the cost of the whole deployed path. Also the median gap between
-    a query's two best exact scores: an index can only swap results whose scores are closer than its error."""
+def quantization_recall(model_dir: Path, test, threads: int) -> tuple[dict, np.ndarray]:
+    """Text->image Recall@K on the test split: exact float32 gallery vs the int8 index; plus the fp32 torch text
+    encoder on the exact gallery, for the cost of the whole deployed path. Also the median gap between a query's two
+    best exact scores: an index can only swap results whose scores are closer than its error. Returns the figures and
+    the captions' embeddings by the int8 text encoder."""
     import torch
 
     from modeling_mcad import MCADModel, MCADProcessor
@@ -192,16 +202,19 @@ def quantization_recall(model_dir: Path, test, threads: int) -> dict:
     torch_exact = np.argsort(-(torch_texts @ images.T), axis=1, kind="stable")[:, :10]
     rows = {"fp32 text (torch) + exact fp32 gallery": recall(torch_exact, torch_exact),
             "int8 text (ONNX) + exact fp32 gallery": recall(exact, torch_exact)}
-    for quantization in ("int8", "fp16"):
-        index = GalleryIndex.from_embeddings(images, ids, index_model, quantization)
-        indices, scores = index.search(texts, k=10)
-        rows[f"int8 text (ONNX) + {quantization} index"] = recall(indices, exact, scores)
+    indices, scores = GalleryIndex.from_embeddings(images, ids, index_model).search(texts, k=10)
+    rows["int8 text (ONNX) + int8 index"] = recall(indices, exact, scores)
     best_two = -np.sort(-exact_scores, axis=1)[:, :2]
-    return {"rows": rows, "median_top2_gap": float(np.median(best_two[:, 0] - best_two[:, 1]))}
+    return {"rows": rows, "median_top2_gap": float(np.median(best_two[:, 0] - best_two[:, 1]))}, texts
+
+
+def synthetic_embeddings(size: int, dimension: int) -> np.ndarray:
+    embeddings = np.random.default_rng(size).standard_normal((size, dimension), dtype=np.float32)
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
 
 
 def make_galleries(work_dir: Path, model_dir: Path, sizes: list[int]) -> dict[int, dict[str, Path]]:
-    """Synthetic galleries: random unit vectors, as an int8 index, an fp16 index and a float32 .npy."""
+    """Synthetic galleries: random unit vectors, as an index file and a float32 .npy."""
     from modeling_mcad.search import GalleryIndex, IndexModel
 
     index_model = IndexModel.from_model_dir(model_dir)
@@ -209,45 +222,137 @@ def make_galleries(work_dir: Path, model_dir: Path, sizes: list[int]) -> dict[in
     galleries = {}
     for size in sizes:
         folder = work_dir / "galleries" / f"{(index_model.weights_sha256 or index_model.name)[:12]}-{size}"
-        files = {"runtime int8": folder / "gallery.int8.mcadidx", "runtime fp16": folder / "gallery.fp16.mcadidx",
-                 "torch fp32": folder / "gallery.fp32.npy"}
+        files = {"runtime int8": folder / "gallery.index.safetensors", "torch fp32": folder / "gallery.fp32.npy"}
         if not all(file.is_file() for file in files.values()):
             folder.mkdir(parents=True, exist_ok=True)
-            embeddings = np.random.default_rng(size).standard_normal((size, dimension), dtype=np.float32)
-            embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+            embeddings = synthetic_embeddings(size, dimension)
             ids = [f"DCIM/{i // 1000:04d}/IMG_{i:07d}.jpg" for i in range(size)]
-            for quantization in ("int8", "fp16"):
-                GalleryIndex.from_embeddings(embeddings, ids, index_model, quantization).save(
-                    files[f"runtime {quantization}"])
+            GalleryIndex.from_embeddings(embeddings, ids, index_model).save(files["runtime int8"])
             np.save(files["torch fp32"], embeddings)
         galleries[size] = files
     return galleries
 
 
-def run_worker(path_name: str, gallery: Path, model_dir: Path, queries: Path, args) -> dict:
+def kernel_candidates(codes: np.ndarray, scales: np.ndarray, index, threads: int) -> dict:
+    """name -> function(query embedding) -> indices of the top 5, for every candidate that is installed."""
+    block_rows = 4096
+    block = np.empty((block_rows, codes.shape[1]), np.float32)
+    scores = np.empty(len(codes), np.float32)
+
+    def top(values: np.ndarray, k: int) -> np.ndarray:
+        best = np.argpartition(-values, k)[:k]
+        return best[np.argsort(-values[best], kind="stable")]
+
+    def numpy_blocks(query, k=K):  # the kernel before the current one
+        for start in range(0, len(codes), block_rows):
+            rows = block[: min(block_rows, len(codes) - start)]
+            rows[...] = codes[start : start + len(rows)]
+            np.matmul(rows, query, out=scores[start : start + len(rows)])
+        return top(scores * scales, k)
+
+    def int8_query(query):
+        return np.rint(query / np.abs(query).max() * 127).astype(np.int8)
+
+    candidates = {"numpy, int8 -> float32 per block (before)": numpy_blocks,
+                  "onnxruntime MatMulInteger, packed (chosen)": lambda query, k=K: index.search(query, k, threads)[0]}
+    try:
+        import simsimd
+
+        dots = np.empty((1, len(codes)), np.float32)
+
+        def simsimd_dots(query, k=K):
+            simsimd.cdist(int8_query(query)[None], codes, metric="dot", out=dots, threads=threads)
+            return top(dots[0] * scales, k)
+
+        candidates["simsimd int8 dot products"] = simsimd_dots
+    except ImportError:
+        pass
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        embeddings = index.embeddings()
+        trained = faiss.IndexScalarQuantizer(codes.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        trained.train(embeddings)  # FAISS's own 8-bit codes: a range per dimension, no per-vector scale
+        trained.add(embeddings)
+        candidates["FAISS IndexScalarQuantizer, 8-bit"] = lambda query, k=K: trained.search(query[None], k)[1][0]
+    except ImportError:
+        pass
+    try:
+        from usearch.index import MetricKind
+        from usearch.index import search as usearch_exact
+
+        # Cosine over the codes is the per-vector scaled dot product: each code is its embedding times a constant.
+        candidates["usearch exact int8 search (cosine)"] = (
+            lambda query, k=K: usearch_exact(codes, int8_query(query), k, MetricKind.Cos, exact=True,
+                                             threads=threads).keys)
+    except ImportError:
+        pass
+    return candidates
+
+
+def compare_kernels(galleries: dict[int, dict[str, Path]], text_queries: np.ndarray, dimensions: list[int],
+                    threads: int, rounds: int) -> dict:
+    """p50 of each candidate kernel on each gallery (the query embedding given), its top-10 overlap with exact
+    float32 search, and the floor: one read of the codes. At the student's dimension the galleries are the index
+    files and the queries its caption embeddings; at another dimension, random unit vectors of it, in memory."""
+    from modeling_mcad.search import PROBE_TEXTS, GalleryIndex, IndexModel
+
+    results = {}
+    for dimension in dimensions:
+        for size, files in galleries.items():
+            if dimension == text_queries.shape[1]:
+                index, queries = GalleryIndex.load(files["runtime int8"]), text_queries
+            else:
+                model = IndexModel("random", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), dimension), np.float32))
+                index = GalleryIndex.from_embeddings(synthetic_embeddings(size, dimension), range(size), model)
+                queries = synthetic_embeddings(len(text_queries), dimension)
+            codes, scales = np.ascontiguousarray(index.codes), np.asarray(index.scales)
+            exact = synthetic_embeddings(size, dimension)
+            words = codes.view(np.uint64) if codes.nbytes % 8 == 0 else codes.view(np.uint8)
+            floor = time_rounds(lambda _: np.add.reduce(words, axis=None), list(range(20)), rounds)["p50_ms"]
+            row = results[f"{size:,} x {dimension}"] = {"read the codes once (floor)": {"p50_ms": floor}}
+            for name, kernel in kernel_candidates(codes, scales, index, threads).items():
+                timing = time_rounds(lambda position: kernel(queries[position]), list(range(len(queries))), rounds)
+                overlap = np.mean([len(set(kernel(query, 10)) & set(np.argsort(-(exact @ query))[:10])) / 10
+                                   for query in queries[:20]])
+                row[name] = {**timing, "top10_overlap": 100 * float(overlap)}
+                print(f"{size:>9,} x {dimension} {name:<50} {row[name]}", file=sys.stderr)
+    return results
+
+
+def run_worker(path_name: str, gallery: Path, model_dir: Path, queries: Path, threads: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", "torch" if path_name.startswith("torch") else "runtime",
                "--gallery", str(gallery), "--model_dir", str(model_dir), "--queries_file", str(queries),
-               "--rounds", str(args.rounds), "--threads", str(args.threads)]
-    # One thread for numpy/OpenBLAS as well: the machine is shared and a query is a single matrix-vector product.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)}
+               "--rounds", str(args.rounds), "--threads", str(threads)]
+    # numpy/OpenBLAS threads as well: the machine is shared and a query is a single matrix-vector product.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if completed.returncode != 0:
         raise RuntimeError(f"{path_name} worker on {gallery} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def markdown(results: dict, recall: dict, model_dir: Path, args, load: tuple) -> str:
-    lines = [f"Student: {model_dir}; {args.threads} thread(s); k = {K}; {args.queries} queries x {args.rounds} rounds "
-             f"per process, fastest round; load average {load[0]:.2f} before, {load[1]:.2f} after.", "",
-             "| gallery | path | p50 (ms) | p95 (ms) | text encode p50 (ms) | peak RSS (MiB) | load (s) "
-             "| torch / transformers imported |", "|---|---|---|---|---|---|---|---|"]
-    for size, paths in results.items():
-        for name, row in paths.items():
-            imported = ", ".join(row["heavy_modules"]) or "no"
-            lines.append(f"| {size:,} | {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} "
-                         f"| {row['encode_p50_ms']:.2f} | {row['peak_rss_mib']:.0f} | {row['load_s']:.2f} | {imported} |")
+def markdown(results: dict, kernels: dict, recall: dict, model_dir: Path, args, load: tuple) -> str:
+    lines = [f"Student: {model_dir}; k = {K}; {args.queries} queries x {args.rounds} rounds per process, fastest "
+             f"round; load average {load[0]:.2f} before, {load[1]:.2f} after.", "",
+             f"Kernels, {args.threads[0]} thread(s), the query embedding given (p50, ms):", "",
+             "| kernel (gallery x dimension) | " + " | ".join(kernels) + " | top-10 overlap with exact (%), "
+             f"{list(kernels)[-1]} |", "|---|" + "---|" * (len(kernels) + 1)]
+    for name in next(iter(kernels.values())):
+        cells = [f"{kernels[column][name]['p50_ms']:.2f}" if name in kernels[column] else "—" for column in kernels]
+        overlap = kernels[list(kernels)[-1]].get(name, {}).get("top10_overlap")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if overlap is None else f'{overlap:.1f}'} |")
+    lines += ["", "| gallery | path | threads | p50 (ms) | p95 (ms) | text encode p50 (ms) | peak RSS (MiB) "
+              "| index file (MiB) | load (s) | torch / transformers imported |", "|---" * 10 + "|"]
+    for (size, name, threads), row in results.items():
+        imported = ", ".join(row["heavy_modules"]) or "no"
+        lines.append(f"| {size:,} | {name} | {threads} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} "
+                     f"| {row['encode_p50_ms']:.2f} | {row['peak_rss_mib']:.0f} | {row['file_mib']:.1f} "
+                     f"| {row['load_s']:.2f} | {imported} |")
     lines += ["", "| text encoder + gallery | t2i R@1 | t2i R@5 | t2i R@10 | top-1 same as reference (%) "
-              "| top-10 overlap with reference (%) | largest score error in the top 10 |", "|---|---|---|---|---|---|---|"]
+              "| top-10 overlap with reference (%) | largest score error in the top 10 |",
+              "|---|---|---|---|---|---|---|"]
     for name, row in recall["rows"].items():
         error = f"{row['max_score_error']:.5f}" if "max_score_error" in row else "—"
         lines.append(f"| {name} | {row['t2i_r1']:.2f} | {row['t2i_r5']:.2f} | {row['t2i_r10']:.2f} "
@@ -261,10 +366,13 @@ def main() -> None:
     parser.add_argument("--model_dir", help="a trained student folder (default: train a quick one)")
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_query"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--paths", nargs="+", default=["runtime int8", "runtime fp16", "torch fp32"])
+    parser.add_argument("--paths", nargs="+", default=["runtime int8", "torch fp32"])
     parser.add_argument("--queries", type=int, default=50, help="distinct queries per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="threads for onnxruntime, numpy and torch")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="thread counts of the runtime processes; the first also for the kernels and torch")
+    parser.add_argument("--kernel_dimensions", type=int, nargs="+", default=[256],
+                        help="dimensions besides the student's to compare the kernels at (256: the mobile preset)")
     parser.add_argument("--train_epochs", type=int, default=15, help="of 23 steps (3000 images, batch 128)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--worker", choices=["runtime", "torch"], help=argparse.SUPPRESS)
@@ -280,27 +388,33 @@ def main() -> None:
     from modeling_mcad.shapes import make_shapes
 
     # Two threads on a core that another job holds made training steps 10x slower here.
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     args.shapes = {"train": 3000, "test": 1000, "image_size": 64}  # the demo's mcad-shapes settings
     load_before = os.getloadavg()[0]
     model_dir = prepare_model(args)
     test = make_shapes(seed=0, **{**args.shapes, "train": 0, "validation": 0})["test"]
-    recall = quantization_recall(model_dir, test, args.threads)
+    recall, text_embeddings = quantization_recall(model_dir, test, args.threads[0])
     queries_file = args.work_dir / "queries.json"
     queries = sorted({caption for captions in test["captions"] for caption in captions})
     queries_file.write_text(json.dumps(queries[:: max(1, len(queries) // args.queries)][: args.queries]))
     galleries = make_galleries(args.work_dir, model_dir, args.sizes)
+    query_embeddings = text_embeddings[:: max(1, len(text_embeddings) // args.queries)][: args.queries]
+    dimensions = [query_embeddings.shape[1], *(d for d in args.kernel_dimensions if d != query_embeddings.shape[1])]
+    kernels = compare_kernels(galleries, query_embeddings, dimensions, args.threads[0], args.rounds)
     results = {}
     for size, files in galleries.items():
-        results[size] = {}
         for name in args.paths:
-            results[size][name] = run_worker(name, files[name], model_dir, queries_file, args)
-            print(f"{size:>9,} {name:<13} {results[size][name]}", file=sys.stderr)
-    table = markdown(results, recall, model_dir, args, (load_before, os.getloadavg()[0]))
+            for threads in args.threads if name.startswith("runtime") else args.threads[:1]:
+                row = run_worker(name, files[name], model_dir, queries_file, threads, args)
+                results[size, name, threads] = {**row, "file_mib": files[name].stat().st_size / 2**20}
+                print(f"{size:>9,} {name:<13} {threads} {row}", file=sys.stderr)
+    table = markdown(results, kernels, recall, model_dir, args, (load_before, os.getloadavg()[0]))
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"latency": {str(k): v for k, v in results.items()}, "recall": recall},
-                                        indent=2))
+        args.json.write_text(json.dumps({"latency": {f"{size} {name} {threads}": row for (size, name, threads), row
+                                                     in results.items()},
+                                         "kernels": kernels,
+                                         "recall": recall}, indent=2))
 
 
 if __name__ == "__main__":

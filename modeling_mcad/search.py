@@ -1,41 +1,20 @@
-"""Search a photo gallery by text, the way a phone would: a tokenizer, the int8 ONNX text encoder and a quantized
-index of image embeddings — no torch and no transformers at query time (the paper's ~100 MB / ~8 ms app).
+"""Search a photo gallery by text, the way a phone would: a tokenizer, the int8 ONNX text encoder and an int8 index
+of image embeddings — no torch and no transformers at query time (the paper's ~100 MB / ~8 ms app).
 
 Building an index runs the student's image encoder once over the gallery (torch, imported only inside the functions
 that build one). Answering a query imports only numpy, onnxruntime and `tokenizers`:
 
 ```python
->>> build_index("photos/", "outputs/demo/export", "photos.mcadidx")   # torch, once
->>> engine = GallerySearch("photos.mcadidx")                            # numpy + onnxruntime + tokenizers
+>>> build_index("photos/", "outputs/demo/export", "photos.index.safetensors")   # torch, once
+>>> engine = GallerySearch("photos.index.safetensors")                            # numpy + onnxruntime + tokenizers
 >>> engine.search("a red circle left of a blue square", k=5).hits
 [SearchHit(id='beach/0042.png', score=0.61), ...]
+>>> add_to_index("photos.index.safetensors", "photos/")      # embeds only the photos the index does not hold yet
+>>> remove_from_index("photos.index.safetensors", ["beach/0042.png"])
 ```
 
-or from a shell: `mcad-search index photos/ --model outputs/demo/export --out photos.mcadidx`, then
-`mcad-search query photos.mcadidx "a red circle left of a blue square" -k 5 [--json]`.
-
-The index file, little-endian, written atomically:
-
-    8 bytes    INDEX_MAGIC
-    4 bytes    header length H (uint32)
-    4 bytes    CRC-32 of everything after these 16 bytes: header, padding and arrays (uint32)
-    H bytes    header, UTF-8 JSON: format_version, dimension, quantization, count, ids_bytes, and model (name,
-               path, weights_sha256, probe_texts, probe_embeddings: what identifies the model)
-    (zero padding to a multiple of 64 bytes from the file's start before each array)
-    codes      count x dimension, int8 (or float16)
-    scales     count, float32: embedding i is codes[i] * scales[i]
-    offsets    count + 1, int64: id i is bytes offsets[i]:offsets[i + 1] of the id blob
-    id blob    ids_bytes bytes, the ids in UTF-8 one after the other
-
-Ids stay in their blob until a hit needs one: a million Python strings would cost about 70 MB. The header names
-no folder outside the index's own: the model's `path` is relative to the index's folder, and recorded only when the
-model lies inside it (otherwise queries name the model with `--model`), so that an index can be shared. Format 1
-(checksum over the arrays only, absolute model path) is refused with a request to rebuild.
-
-int8 codes use one scale per embedding (its largest magnitude / 127): the embeddings are L2-normalised, so a
-shared scale would leave most of the 255 levels unused. Scores are computed per block of rows, converted to float32
-(numpy has no int8 matrix product); fp16 codes take the same path with unit scales. `benchmarks/query_latency.py`
-measures both against exact float search.
+or from a shell: `mcad-search index | query | add | remove | export` (`mcad-search -h`). The index (its file format,
+search kernel, updates and Parquet export) is `gallery_index.GalleryIndex`.
 
 A query is checked against the index before it is answered: the text encoder must produce embeddings of the
 index's dimension, and embed a few fixed probe texts as the model that built the index did (cosine at least
@@ -43,409 +22,39 @@ index's dimension, and embed a few fixed probe texts as the model that built the
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import struct
 import sys
-import zlib
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .utils import atomic_file
+from .gallery_index import (
+    PROBE_TEXTS,
+    CorruptIndexError,
+    GalleryIndex,
+    IdTable,
+    IndexModel,
+    IndexModelMismatchError,
+    SearchError,
+    check_index_destination,
+    rebuild_hint,
+)
+
+__all__ = ["PROBE_TEXTS", "CorruptIndexError", "GalleryIndex", "GallerySearch", "IdTable", "IndexModel",
+           "IndexModelMismatchError", "SearchError", "SearchHit", "SearchResult", "TextQueryEncoder", "add_to_index",
+           "build_index", "embed_gallery", "main", "remove_from_index"]
 
 logger = logging.getLogger(__name__)
 
-INDEX_MAGIC = b"MCADIDX\x00"
-INDEX_FORMAT_VERSION = 2
-QUANTIZATIONS = {"int8": np.dtype(np.int8), "fp16": np.dtype(np.float16)}
-DEFAULT_QUANTIZATION = "int8"
 # The int8 ONNX text encoder written by `export.export_onnx` / `export.export_variants`.
 DEFAULT_TEXT_MODEL = "onnx/text_model_quantized.onnx"
-# Texts the index stores the embeddings of, so that a query can tell whether its text encoder is the model's.
-PROBE_TEXTS = (
-    "a photo",
-    "a small red circle to the left of a large blue square",
-    "two green triangles above a yellow star",
-)
 # int8 and fp32 text encoders of one model agree to ~0.999 on the probes; another model's is far off.
 MIN_PROBE_COSINE = 0.98
-# Rows converted to float32 at a time while scoring: 4096 x dim floats stay in the CPU cache.
-SEARCH_BLOCK_ROWS = 4096
-_PREFIX = struct.Struct("<8sII")  # magic, header length, CRC-32 of the rest
-_ALIGNMENT = 64
-
-
-class SearchError(UserError):
-    """A problem with an index, a model folder or a query; the message names the input and the fix."""
-
-
-class CorruptIndexError(SearchError):
-    """The file is not an mcad-search index, or it is truncated or damaged."""
-
-
-class IndexModelMismatchError(SearchError):
-    """The index was built by another model (or one of another dimension) than the text encoder given."""
-
-
-def _aligned(offset: int) -> int:
-    return -(-offset // _ALIGNMENT) * _ALIGNMENT
-
-
-def _layout(header_length: int, count: int, dimension: int, code_size: int, ids_bytes: int) -> dict[str, slice]:
-    """Where each array of an index file lies, in file order."""
-    codes = _aligned(_PREFIX.size + header_length)
-    scales = _aligned(codes + count * dimension * code_size)
-    offsets = _aligned(scales + 4 * count)
-    blob = offsets + 8 * (count + 1)
-    return {"codes": slice(codes, codes + count * dimension * code_size), "scales": slice(scales, scales + 4 * count),
-            "offsets": slice(offsets, blob), "blob": slice(blob, blob + ids_bytes)}
-
-
-def _rebuild_hint(path) -> str:
-    return f"rebuild it with `mcad-search index IMAGES_DIR --model MODEL_DIR --out {path}`"
-
-
-@dataclass(frozen=True, eq=False)  # eq would compare numpy arrays with ==
-class IndexModel:
-    """
-    What an index records about the model that built it.
-
-    Args:
-        name (`str`): the model folder's name, for messages.
-        path (`str`, *optional*): the model folder; queries load the text encoder from it unless given another. An
-            index file records it relative to its own folder, and only when the model lies inside that folder.
-        probe_embeddings (`np.ndarray` of shape `(len(probe_texts), dimension)`): the model's L2-normalised text
-            embeddings of `probe_texts`.
-        probe_texts (`tuple[str, ...]`): defaults to `PROBE_TEXTS`.
-        weights_sha256 (`str`, *optional*): SHA-256 of the model's `model.safetensors`.
-    """
-
-    name: str
-    path: str | None
-    probe_embeddings: np.ndarray
-    probe_texts: tuple[str, ...] = PROBE_TEXTS
-    weights_sha256: str | None = None
-
-    def to_json(self, index_folder: Path) -> dict:
-        """The index header's record, for an index written into `index_folder`."""
-        return {"name": self.name, "path": _path_inside(self.path, index_folder), "weights_sha256": self.weights_sha256,
-                "probe_texts": list(self.probe_texts), "probe_embeddings": self.probe_embeddings.tolist()}
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | os.PathLike, model=None, processor=None) -> "IndexModel":
-        """
-        Describe a saved student (torch): its folder, weights hash and fp32 embeddings of the probe texts.
-
-        Args:
-            model_dir (`str` or `os.PathLike`): the student folder.
-            model ([`MCADModel`], *optional*), processor ([`MCADProcessor`], *optional*): already loaded from it.
-        """
-        import torch
-
-        from . import MCADModel, MCADProcessor  # through the package, which registers the auto classes
-        from .export import TextEncoder
-
-        model_dir = Path(model_dir).resolve()
-        model = model if model is not None else MCADModel.from_pretrained(model_dir, dtype=torch.float32)
-        processor = processor if processor is not None else MCADProcessor.from_pretrained(model_dir)
-        tokens = processor(text=list(PROBE_TEXTS), padding=True, truncation=True, return_tensors="pt")
-        with torch.inference_mode():
-            probes = TextEncoder(model).eval()(tokens["input_ids"], tokens["attention_mask"]).numpy()
-        if not np.isfinite(probes).all():
-            raise SearchError(f"The text encoder of {model_dir} makes NaN or infinite embeddings (of the probe texts "
-                              f"{list(PROBE_TEXTS)}): its weights are broken. Train or export the model again.")
-        return cls(name=model_dir.name, path=str(model_dir), probe_embeddings=probes,
-                   weights_sha256=_sha256(model_dir / "model.safetensors"))
-
-    @classmethod
-    def from_json(cls, data: dict, index_folder: Path) -> "IndexModel":
-        """The record of `to_json`, read from an index in `index_folder`."""
-        path = data["path"]
-        if path is not None and (PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts):
-            raise ValueError(f"the model path {path!r} is not a folder inside the index's folder")
-        return cls(name=str(data["name"]), path=None if path is None else str(index_folder / path),
-                   weights_sha256=data["weights_sha256"], probe_texts=tuple(data["probe_texts"]),
-                   probe_embeddings=np.asarray(data["probe_embeddings"], dtype=np.float32))
-
-
-def _path_inside(path: str | os.PathLike | None, folder: Path) -> str | None:
-    """`path` relative to `folder` (POSIX) when it lies inside it, else None."""
-    if path is None:
-        return None
-    try:
-        relative = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder)))
-    except ValueError:  # another drive (Windows)
-        return None
-    return None if relative.parts[:1] == ("..",) or relative.is_absolute() else relative.as_posix()
-
-
-class IdTable(Sequence[str]):
-    """
-    Ids kept as one UTF-8 blob and int64 offsets, decoded when read.
-
-    Args:
-        offsets (`np.ndarray` of shape `(count + 1,)`): id i is `blob[offsets[i]:offsets[i + 1]]`.
-        blob (`np.ndarray` of uint8): the encoded ids, one after the other.
-    """
-
-    def __init__(self, offsets: np.ndarray, blob: np.ndarray):
-        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(blob) or (
-                np.diff(offsets) < 0).any():
-            raise ValueError(f"id offsets must rise from 0 to the blob's length {len(blob)}.")
-        self.offsets, self.blob = offsets, blob
-
-    @classmethod
-    def from_strings(cls, ids: Sequence[str]) -> "IdTable":
-        encoded = [str(value).encode("utf-8") for value in ids]
-        offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(value) for value in encoded], out=offsets[1:])
-        return cls(offsets, np.frombuffer(b"".join(encoded), np.uint8))
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, position):
-        if isinstance(position, slice):
-            return [self[i] for i in range(*position.indices(len(self)))]
-        position = range(len(self))[position]  # negative positions; IndexError out of range (ends iteration)
-        return self.blob[self.offsets[position] : self.offsets[position + 1]].tobytes().decode("utf-8")
-
-
-class GalleryIndex:
-    """
-    Quantized, L2-normalised image embeddings with their ids, searched by exact (brute-force) dot product.
-
-    Build one with [`GalleryIndex.from_embeddings`] (or [`build_index`] from images), save it with [`save`], load
-    it with [`load`].
-
-    Args:
-        codes (`np.ndarray` of shape `(count, dimension)`): int8 or float16 codes.
-        scales (`np.ndarray` of shape `(count,)`): float32; embedding i is `codes[i] * scales[i]`.
-        ids (`Sequence[str]` or [`IdTable`]): one id per embedding (a file's path relative to the gallery, a row
-            number, ...).
-        model ([`IndexModel`]): the model that made the embeddings.
-        path (`Path`, *optional*): the file it was loaded from, for messages.
-    """
-
-    def __init__(self, codes: np.ndarray, scales: np.ndarray, ids: "Sequence[str] | IdTable", model: IndexModel,
-                 path: Path | None = None):
-        ids = ids if isinstance(ids, IdTable) else IdTable.from_strings(ids)
-        self.quantization = next((name for name, dtype in QUANTIZATIONS.items() if codes.dtype == dtype), None)
-        if self.quantization is None or codes.ndim != 2:
-            raise SearchError(f"codes must be a 2-D array of {sorted(QUANTIZATIONS)} codes, got {codes.dtype} "
-                              f"{codes.shape}.")
-        if len(codes) == 0:
-            raise SearchError("An index needs at least one embedding: index a gallery holding at least one image.")
-        if scales.shape != (len(codes),) or len(ids) != len(codes):
-            raise SearchError(f"{len(codes)} codes need as many scales and ids, got {scales.shape[0]} scales and "
-                              f"{len(ids)} ids.")
-        if model.probe_embeddings.shape != (len(model.probe_texts), codes.shape[1]):
-            raise SearchError(f"The model's probe embeddings have shape {model.probe_embeddings.shape}; expected "
-                              f"({len(model.probe_texts)}, {codes.shape[1]}).")
-        if not np.isfinite(model.probe_embeddings).all():
-            raise SearchError(f"The probe embeddings of the model {model.name} hold NaN or infinite values: its text "
-                              "encoder is broken. Train or export the model again, then rebuild the index.")
-        self.codes, self.scales, self.ids = codes, np.asarray(scales, np.float32), ids
-        self.model, self.path = model, path
-
-    @property
-    def count(self) -> int:
-        return len(self.codes)
-
-    @property
-    def dimension(self) -> int:
-        return self.codes.shape[1]
-
-    @classmethod
-    def from_embeddings(cls, embeddings: np.ndarray, ids: Sequence[str], model: IndexModel,
-                        quantization: str = DEFAULT_QUANTIZATION) -> "GalleryIndex":
-        """
-        Quantize L2-normalised embeddings.
-
-        Args:
-            embeddings (`np.ndarray` of shape `(count, dimension)`): float embeddings, L2-normalised.
-            ids (`Sequence[str]`): one unique id per embedding.
-            model ([`IndexModel`]): the model that made them.
-            quantization (`str`, defaults to `"int8"`): `"int8"` (per-embedding scale) or `"fp16"`.
-        """
-        if quantization not in QUANTIZATIONS:
-            raise SearchError(f"quantization={quantization!r}; choose one of {sorted(QUANTIZATIONS)}.")
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2 or len(embeddings) == 0:
-            raise SearchError(f"embeddings must have shape (count >= 1, dimension), got {embeddings.shape}.")
-        if not np.isfinite(embeddings).all():
-            raise SearchError("embeddings hold NaN or infinite values; the model that made them is broken.")
-        ids = IdTable.from_strings(ids)
-        if len(set(ids)) != len(ids):
-            raise SearchError("ids must be unique: a search result would not say which image it is.")
-        if quantization == "fp16":
-            return cls(embeddings.astype(np.float16), np.ones(len(embeddings), np.float32), ids, model)
-        largest = np.abs(embeddings).max(axis=1)
-        scales = np.where(largest > 0, largest / 127, 1).astype(np.float32)
-        codes = np.clip(np.rint(embeddings / scales[:, None]), -127, 127).astype(np.int8)
-        return cls(codes, scales, ids, model)
-
-    def search(self, queries: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-        """
-        The `k` best gallery entries for each query, best first (ties: lower index first).
-
-        Args:
-            queries (`np.ndarray` of shape `(dimension,)` or `(batch, dimension)`): L2-normalised query
-                embeddings. Scoring holds a `(count, batch)` float32 matrix.
-            k (`int`): results per query (at most `count`).
-
-        Returns:
-            `(indices, scores)`: arrays of shape `(k,)` (one query) or `(batch, k)`.
-        """
-        queries = np.asarray(queries, dtype=np.float32)
-        single = queries.ndim == 1
-        queries = np.atleast_2d(queries)
-        if queries.ndim != 2 or queries.shape[1] != self.dimension:
-            raise SearchError(f"queries must have shape (dimension,) or (batch, dimension) with dimension "
-                              f"{self.dimension}, got {queries.shape}.")
-        if not np.isfinite(queries).all():
-            raise SearchError("The query embeddings hold NaN or infinite values: the text encoder that made them is "
-                              "broken. Export the model again (train_mcad.py export).")
-        if k < 1:
-            raise SearchError(f"k={k}: ask for at least one result.")
-        k = min(k, self.count)
-        scores = np.empty((self.count, len(queries)), np.float32)
-        block = np.empty((min(SEARCH_BLOCK_ROWS, self.count), self.dimension), np.float32)
-        for start in range(0, self.count, SEARCH_BLOCK_ROWS):
-            rows = block[: min(SEARCH_BLOCK_ROWS, self.count - start)]
-            rows[...] = self.codes[start : start + len(rows)]
-            np.matmul(rows, queries.T, out=scores[start : start + len(rows)])
-        scores *= self.scales[:, None]
-        # Which of the entries tied with the k-th best score argpartition keeps is unspecified: take every entry
-        # scoring at least as much (in index order), then a stable sort keeps the lower indices of each tie.
-        kth_best = np.partition(scores, self.count - k, axis=0)[self.count - k]
-        indices = np.empty((len(queries), k), np.int64)
-        for column, threshold in enumerate(kth_best):
-            candidates = np.flatnonzero(scores[:, column] >= threshold)
-            indices[column] = candidates[np.argsort(-scores[candidates, column], kind="stable")[:k]]
-        scores = np.take_along_axis(scores.T, indices, axis=1)
-        return (indices[0], scores[0]) if single else (indices, scores)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to `path` atomically (see the module docstring for the layout)."""
-        path = Path(path)
-        _check_index_destination(path)
-        header = json.dumps({
-            "format_version": INDEX_FORMAT_VERSION,
-            "dimension": self.dimension,
-            "quantization": self.quantization,
-            "count": self.count,
-            "ids_bytes": len(self.ids.blob),
-            "model": self.model.to_json(path.parent),
-        }).encode("utf-8")
-        arrays = {"codes": self.codes, "scales": self.scales.astype("<f4"), "offsets": self.ids.offsets.astype("<i8"),
-                  "blob": self.ids.blob}
-        payload, position = [], _PREFIX.size + len(header)
-        for name, where in _layout(len(header), self.count, self.dimension, self.codes.itemsize,
-                                   len(self.ids.blob)).items():
-            payload += [bytes(where.start - position), np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)]
-            position = where.stop
-        checksum = zlib.crc32(header)
-        for section in payload:
-            checksum = zlib.crc32(section, checksum)
-        try:
-            with atomic_file(path) as handle:
-                handle.write(_PREFIX.pack(INDEX_MAGIC, len(header), checksum))
-                handle.write(header)
-                for section in payload:
-                    handle.write(section)
-        except OSError as error:
-            raise SearchError(f"Cannot write the index {path} ({error.strerror or error}); choose a folder you can "
-                              "write to, with free space (--out).") from error
-        self.path = path
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "GalleryIndex":
-        """
-        Read an index written by [`save`], checking its magic, header, size and checksum.
-
-        Raises:
-            [`SearchError`]: no such file, or it cannot be read. [`CorruptIndexError`]: not an index (of this
-            format), truncated or damaged.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise SearchError(f"No index file {path}: {_rebuild_hint(path)}.")
-        try:
-            buffer = np.fromfile(path, dtype=np.uint8)
-        except OSError as error:
-            raise SearchError(f"Cannot read the index {path} ({error.strerror or error}); check its permissions, or "
-                              f"{_rebuild_hint(path)}.") from error
-        if len(buffer) < _PREFIX.size or bytes(buffer[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
-            raise CorruptIndexError(f"{path} is not an mcad-search index (it does not start with {INDEX_MAGIC!r}); "
-                                    f"pass a file written by `mcad-search index`, or {_rebuild_hint(path)}.")
-        _, header_length, checksum = _PREFIX.unpack(buffer[: _PREFIX.size].tobytes())
-        payload_start = _PREFIX.size + header_length
-        if payload_start > len(buffer) or zlib.crc32(buffer[_PREFIX.size :]) != checksum:
-            if payload_start <= len(buffer) and zlib.crc32(buffer[payload_start:]) == checksum:
-                # Format 1 checked the arrays only (and recorded the model's absolute path).
-                raise CorruptIndexError(f"{path} has index format 1, which this mcad no longer reads; "
-                                        f"{_rebuild_hint(path)}.")
-            raise CorruptIndexError(f"{path} is truncated or damaged (its checksum does not match); "
-                                    f"{_rebuild_hint(path)}.")
-        count, dimension, dtype, ids_bytes, model = _read_header(buffer[_PREFIX.size : payload_start], path)
-        where = _layout(header_length, count, dimension, dtype.itemsize, ids_bytes)
-        if where["blob"].stop != len(buffer):
-            raise CorruptIndexError(f"{path} is {len(buffer)} bytes, not the {where['blob'].stop} its header "
-                                    f"describes; {_rebuild_hint(path)}.")
-        try:
-            ids = IdTable(buffer[where["offsets"]].view("<i8"), buffer[where["blob"]])
-            codes = buffer[where["codes"]].view(dtype).reshape(count, dimension)
-            return cls(codes, buffer[where["scales"]].view("<f4"), ids, model, path)
-        except ValueError as error:  # SearchError included
-            raise CorruptIndexError(f"{path} is inconsistent ({error}); {_rebuild_hint(path)}.") from error
-
-
-def _read_header(raw: np.ndarray, path: Path) -> tuple[int, int, np.dtype, int, IndexModel]:
-    """`(count, dimension, code dtype, ids_bytes, model)` of an index file's header, of this format version; any key
-    missing or of the wrong type is a damaged header."""
-    try:
-        header = json.loads(raw.tobytes().decode("utf-8"))
-        version = header["format_version"]
-        if isinstance(version, int) and version != INDEX_FORMAT_VERSION:
-            newer = version > INDEX_FORMAT_VERSION
-            raise CorruptIndexError(f"{path} has index format {version}, {'newer' if newer else 'older'} than the "
-                                    f"one this mcad reads ({INDEX_FORMAT_VERSION}): "
-                                    f"{'upgrade mcad, or ' if newer else ''}{_rebuild_hint(path)}.")
-        sizes = {key: header[key] for key in ("format_version", "count", "dimension", "ids_bytes")}
-        bad = [f"{key}={value!r}" for key, value in sizes.items() if type(value) is not int or value < 0]  # no bool
-        if bad:
-            raise ValueError(f"expected non-negative integers, got {', '.join(bad)}")
-        dtype = QUANTIZATIONS[header["quantization"]]
-        model = IndexModel.from_json(header["model"], path.parent)
-    except CorruptIndexError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON and UTF-8 errors are ValueErrors
-        raise CorruptIndexError(f"{path} has a damaged header ({error!r}); {_rebuild_hint(path)}.") from error
-    return sizes["count"], sizes["dimension"], dtype, sizes["ids_bytes"], model
-
-
-def _check_index_destination(path: Path) -> None:
-    """Refuse to replace anything but an earlier index: `--out` pointing at a photo must not destroy it."""
-    if path.is_dir():
-        raise SearchError(f"The index destination {path} is a folder; pass a file path such as {path}/gallery.mcadidx.")
-    if path.exists():
-        try:
-            with path.open("rb") as handle:
-                magic = handle.read(len(INDEX_MAGIC))
-        except OSError as error:
-            raise SearchError(f"Cannot read {path} ({error.strerror or error}) to check that it is an index before "
-                              "replacing it; choose another output path.") from error
-        if magic != INDEX_MAGIC:
-            raise SearchError(f"{path} exists and is not an mcad-search index, so it is not replaced; choose "
-                              "another output path, or remove the file first.")
 
 
 # --- the text side: tokenizer.json + the ONNX text encoder --------------------------------------------------------
@@ -496,6 +105,8 @@ class TextQueryEncoder:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
+        # A worker thread spinning after its run would hold the core the gallery scan's threads need next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(str(self.text_model), options,
                                                         providers=["CPUExecutionProvider"])
@@ -586,7 +197,7 @@ class GallerySearch:
             encoder; defaults to the folder the index was built with, when the index records it (see
             [`IndexModel`]).
         text_model (`str` or `os.PathLike`, defaults to `DEFAULT_TEXT_MODEL`): the ONNX text encoder in it.
-        num_threads (`int`, defaults to 1): onnxruntime threads.
+        num_threads (`int`, defaults to 1): threads of the text encoder and of the gallery scan.
 
     Raises:
         [`IndexModelMismatchError`]: the text encoder is not the one of the model that built the index.
@@ -605,12 +216,13 @@ class GallerySearch:
                 raise SearchError(f"The index {self.index.path} was built with the model in {model_dir}, which is not "
                                   "there any more: pass the model folder (mcad-search query ... --model DIR).")
         self.encoder = TextQueryEncoder(model_dir, text_model, num_threads)
+        self.num_threads = num_threads
         self._check_model()
 
     def _check_model(self) -> None:
         index, encoder = self.index, self.encoder
         built_with = index.model.name if index.model.path is None else f"{index.model.name}, {index.model.path}"
-        rebuild = f"query with the model the index was built with ({built_with}), or {_rebuild_hint(index.path)}"
+        rebuild = f"query with the model the index was built with ({built_with}), or {rebuild_hint(index.path)}"
         probes, _ = encoder.encode(list(index.model.probe_texts))
         if probes.shape[1] != index.dimension:
             raise IndexModelMismatchError(
@@ -619,7 +231,7 @@ class GallerySearch:
         if not np.isfinite(probes).all():
             raise SearchError(f"{encoder.text_model} makes NaN or infinite embeddings (of the probe texts): the text "
                               "encoder is broken. Export the model again (train_mcad.py export).")
-        cosine = float((probes * index.model.probe_embeddings).sum(axis=1).min())
+        cosine = index.model.agreement(probes)
         if cosine < MIN_PROBE_COSINE:
             raise IndexModelMismatchError(
                 f"The index {index.path} was built by another model than {encoder.text_model}: their text embeddings "
@@ -630,7 +242,7 @@ class GallerySearch:
         if not isinstance(query, str):
             raise SearchError(f"The query must be a string, got {type(query).__name__}.")
         embeddings, truncated = self.encoder.encode([query])
-        indices, scores = self.index.search(embeddings[0], k)
+        indices, scores = self.index.search(embeddings[0], k, self.num_threads)
         hits = [SearchHit(self.index.ids[i], float(score)) for i, score in zip(indices, scores)]
         return SearchResult(query, hits, truncated[0])
 
@@ -671,16 +283,6 @@ def _gallery_items(images, image_column: str, id_column: str | None) -> tuple[li
     return ids, raw, f"the dataset split ({len(images)} rows)"
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def embed_gallery(
     images,
     model_dir: str | os.PathLike,
@@ -689,6 +291,8 @@ def embed_gallery(
     image_column: str = "image",
     id_column: str | None = None,
     skip_bad_images: bool = False,
+    skip_ids: Container[str] = (),
+    same_model_as: IndexModel | None = None,
 ) -> tuple[list[str], np.ndarray, IndexModel]:
     """
     Embed a gallery with the student's image encoder (torch, fp32): what [`build_index`] quantizes and saves.
@@ -703,6 +307,9 @@ def embed_gallery(
         image_column (`str`), id_column (`str`, *optional*): columns of a dataset split.
         skip_bad_images (`bool`, defaults to `False`): leave out images that cannot be decoded (logged) instead of
             raising [`SearchError`] listing them.
+        skip_ids (`Container[str]`, *optional*): ids not to embed (those an index already holds).
+        same_model_as ([`IndexModel`], *optional*): the model of the index the embeddings are for; another model is
+            refused ([`IndexModelMismatchError`]) before any image is embedded.
 
     Returns:
         `(ids, embeddings, model)`: the ids of the images embedded, their L2-normalised float32 embeddings
@@ -728,6 +335,9 @@ def embed_gallery(
                           f"({MCADModel.config_class.model_type!r}): pass a student folder, e.g. the export folder "
                           "outputs/demo/export.")
     ids, values, label = _gallery_items(images, image_column, id_column)
+    if skip_ids:
+        kept = [position for position, image_id in enumerate(ids) if image_id not in skip_ids]
+        ids, values = [ids[position] for position in kept], [values[position] for position in kept]
     try:
         model = MCADModel.from_pretrained(model_dir, dtype=torch.float32).eval()
         processor = MCADProcessor.from_pretrained(model_dir)
@@ -736,6 +346,12 @@ def embed_gallery(
                           "(MCADModel.save_pretrained with its processor), e.g. the export folder "
                           "outputs/demo/export.") from error
     index_model = IndexModel.from_model_dir(model_dir, model, processor)  # a broken text encoder fails before the work
+    if same_model_as is not None:
+        dimensions = (index_model.probe_embeddings.shape[1], same_model_as.probe_embeddings.shape[1])
+        if dimensions[0] != dimensions[1] or same_model_as.agreement(index_model.probe_embeddings) < MIN_PROBE_COSINE:
+            raise IndexModelMismatchError(f"{model_dir} is not the model the index was built with "
+                                          f"({same_model_as.name}): their text embeddings of fixed probe texts differ; "
+                                          "pass that model folder (--model), or build a new index.")
     vision = VisionEncoder(model).eval()
     kept_ids, embeddings, problems = [], [], []
     with torch.inference_mode():
@@ -758,6 +374,8 @@ def embed_gallery(
     if problems:
         logger.warning("Left out %d unreadable image(s) of %s; the first: %s", len(problems), label, problems[0])
     if not kept_ids:
+        if not ids:  # every image skipped: nothing new
+            return [], np.zeros((0, index_model.probe_embeddings.shape[1]), np.float32), index_model
         raise SearchError(f"No image of {label} could be read.")
     embeddings = np.concatenate(embeddings)
     if not np.isfinite(embeddings).all():
@@ -766,14 +384,7 @@ def embed_gallery(
     return kept_ids, embeddings, index_model
 
 
-def build_index(
-    images,
-    model_dir: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    quantization: str = DEFAULT_QUANTIZATION,
-    **embed_kwargs,
-) -> GalleryIndex:
+def build_index(images, model_dir: str | os.PathLike, output: str | os.PathLike, **embed_kwargs) -> GalleryIndex:
     """
     Embed a gallery ([`embed_gallery`]: a folder of images or a dataset split) and write its index to `output`
     atomically. Nothing is written if any step fails.
@@ -781,23 +392,69 @@ def build_index(
     Args:
         images, model_dir: see [`embed_gallery`].
         output (`str` or `os.PathLike`): the index file; an existing file is replaced only if it is an index.
-        quantization (`str`, defaults to `"int8"`): `"int8"` or `"fp16"`.
         embed_kwargs: `batch_size`, `image_column`, `id_column`, `skip_bad_images` (see [`embed_gallery`]).
 
     Returns:
         [`GalleryIndex`]: the index written.
     """
     model_dir, output = Path(model_dir), Path(output)
-    if quantization not in QUANTIZATIONS:
-        raise SearchError(f"quantization={quantization!r}; choose one of {sorted(QUANTIZATIONS)}.")
-    _check_index_destination(output)  # before the embedding work, which may take long
+    check_index_destination(output)  # before the embedding work, which may take long
     ids, embeddings, model = embed_gallery(images, model_dir, **embed_kwargs)
-    index = GalleryIndex.from_embeddings(embeddings, ids, model, quantization)
+    index = GalleryIndex.from_embeddings(embeddings, ids, model)
     index.save(output)
-    logger.info("Indexed %d images into %s (%s, dimension %d)", index.count, output, quantization, index.dimension)
+    logger.info("Indexed %d images into %s (dimension %d)", index.count, output, index.dimension)
     if not (model_dir / DEFAULT_TEXT_MODEL).is_file():
         logger.warning("%s holds no %s: queries will need this model's export folder "
                        "(modeling_mcad.export.export_variants), passed with --model.", model_dir, DEFAULT_TEXT_MODEL)
+    return index
+
+
+def _model_of(index: GalleryIndex, model_dir: str | os.PathLike | None) -> Path:
+    """The model folder that embeds for `index`: the one given, else the one the index records."""
+    if model_dir is not None:
+        return Path(model_dir)
+    if index.model.path is None or not Path(index.model.path).is_dir():
+        raise SearchError(f"The index {index.path} does not record a model folder that is still there (it was built "
+                          f"with {index.model.name!r}): pass that folder (--model DIR).")
+    return Path(index.model.path)
+
+
+def add_to_index(index_path: str | os.PathLike, images, model_dir: str | os.PathLike | None = None,
+                 **embed_kwargs) -> GalleryIndex:
+    """
+    Embed the images of `images` that the index does not hold yet (by id: a folder's relative paths, a split's
+    `id_column`) and write the grown index over `index_path`, atomically: an interrupted update leaves the previous
+    index whole. The entries already there are not re-embedded.
+
+    Args:
+        index_path (`str` or `os.PathLike`): an index file.
+        images: a folder or a dataset split, as for [`embed_gallery`].
+        model_dir (`str` or `os.PathLike`, *optional*): the model the index was built with (checked by its probe
+            embeddings); defaults to the folder the index records.
+        embed_kwargs: `batch_size`, `image_column`, `id_column`, `skip_bad_images` (see [`embed_gallery`]).
+
+    Returns:
+        [`GalleryIndex`]: the index written (or the one read, when there was nothing new).
+    """
+    index = GalleryIndex.load(index_path)
+    known = set(index.ids)
+    ids, embeddings, _ = embed_gallery(images, _model_of(index, model_dir), skip_ids=known,
+                                       same_model_as=index.model, **embed_kwargs)
+    if not ids:
+        logger.info("Nothing to add: the index %s holds all %d images already.", index.path, index.count)
+        return index
+    grown = index.add(embeddings, ids)
+    grown.save(index_path)
+    logger.info("Added %d images to %s (%d in all).", len(ids), index_path, grown.count)
+    return grown
+
+
+def remove_from_index(index_path: str | os.PathLike, ids: Sequence[str]) -> GalleryIndex:
+    """Remove the entries of `ids` from the index at `index_path`, atomically; unknown ids change nothing and raise
+    [`SearchError`] naming them."""
+    index = GalleryIndex.load(index_path).remove(ids)
+    index.save(index_path)
+    logger.info("Removed %d entries from %s (%d left).", len(set(ids)), index_path, index.count)
     return index
 
 
@@ -817,25 +474,42 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcad-search", description="Search a photo gallery by text with an MCAD "
                                      "student: `index` embeds the photos once (torch); `query` answers with the int8 "
-                                     "ONNX text encoder and the index only (no torch).")
+                                     "ONNX text encoder and the index only (no torch); `add` / `remove` update an "
+                                     "index; `export` writes it as Parquet for a vector database.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def embedding_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--batch-size", type=_positive_int, default=64,
+                             help="images per forward pass (default 64)")
+        command.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images")
+
     index = commands.add_parser("index", help="embed a folder of images into an index file")
     index.add_argument("images", metavar="IMAGES_DIR", help="folder of images (searched recursively)")
     index.add_argument("--model", required=True, metavar="DIR", help="the student's export folder")
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file to write")
-    index.add_argument("--quantization", choices=sorted(QUANTIZATIONS), default=DEFAULT_QUANTIZATION)
-    index.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
-    index.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images")
+    embedding_options(index)
     query = commands.add_parser("query", help="find the images that best match a text")
     query.add_argument("index", metavar="INDEX", help="an index file written by `mcad-search index`")
     query.add_argument("text", help="what to look for")
-    query.add_argument("-k", type=int, default=5, help="results to show (default 5)")
+    query.add_argument("-k", type=_positive_int, default=5, help="results to show (default 5)")
     query.add_argument("--json", action="store_true", help="print the results as one JSON object")
     query.add_argument("--model", metavar="DIR", help="the export folder (default: the one the index was built with, "
                        "if it lies in the index's folder)")
     query.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
                        help=f"the ONNX text encoder in the model folder (default {DEFAULT_TEXT_MODEL})")
-    query.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads (default 1)")
+    query.add_argument("--threads", type=_positive_int, default=1,
+                       help="threads of the text encoder and the scan (default 1)")
+    add = commands.add_parser("add", help="embed the images of a folder that an index does not hold yet into it")
+    add.add_argument("index", metavar="INDEX", help="the index file to grow")
+    add.add_argument("images", metavar="IMAGES_DIR", help="folder of images (ids: paths relative to it)")
+    add.add_argument("--model", metavar="DIR", help="the model the index was built with (default: the one it records)")
+    embedding_options(add)
+    remove = commands.add_parser("remove", help="remove entries from an index by id")
+    remove.add_argument("index", metavar="INDEX", help="the index file to shrink")
+    remove.add_argument("ids", metavar="ID", nargs="+", help="ids as `query` prints them")
+    export = commands.add_parser("export", help="write ids and float32 embeddings as Parquet")
+    export.add_argument("index", metavar="INDEX", help="an index file")
+    export.add_argument("--out", required=True, metavar="FILE", help="the Parquet file to write")
     return parser
 
 
@@ -851,15 +525,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `mcad-search` command. A user's mistake ([`UserError`]) prints one line on stderr and returns 2; any other
     exception is a bug and keeps its traceback."""
     arguments = _parser().parse_args(argv)
-    logging.basicConfig(format="mcad-search: %(message)s", level=logging.INFO if arguments.command == "index"
-                        else logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(format="mcad-search: %(message)s", level=logging.WARNING if arguments.command == "query"
+                        else logging.INFO, stream=sys.stderr)
     try:
         if arguments.command == "index":
-            build_index(arguments.images, arguments.model, arguments.out, quantization=arguments.quantization,
-                        batch_size=arguments.batch_size, skip_bad_images=arguments.skip_bad_images)
-        else:
+            build_index(arguments.images, arguments.model, arguments.out, batch_size=arguments.batch_size,
+                        skip_bad_images=arguments.skip_bad_images)
+        elif arguments.command == "query":
             engine = GallerySearch(arguments.index, arguments.model, arguments.text_model, arguments.threads)
             _print_result(engine.search(arguments.text, arguments.k), arguments.json)
+        elif arguments.command == "add":
+            add_to_index(arguments.index, arguments.images, arguments.model, batch_size=arguments.batch_size,
+                         skip_bad_images=arguments.skip_bad_images)
+        elif arguments.command == "remove":
+            remove_from_index(arguments.index, arguments.ids)
+        else:
+            path = GalleryIndex.load(arguments.index).to_parquet(arguments.out)
+            logger.info("Wrote %s", path)
     except UserError as error:
         print(f"mcad-search: error: {error}".replace("\n", " "), file=sys.stderr)
         return 2

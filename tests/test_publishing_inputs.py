@@ -8,25 +8,23 @@ import re
 import shutil
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+import safetensors
 import torch
 
 from modeling_mcad import MCADModel, MCADProcessor
 from modeling_mcad.errors import UserError
+from modeling_mcad.gallery_index import _serialize
 from modeling_mcad.search import (
-    _PREFIX,
-    INDEX_MAGIC,
     PROBE_TEXTS,
     CorruptIndexError,
     GalleryIndex,
     IndexModel,
     SearchError,
-    _layout,
     embed_gallery,
 )
 from modeling_mcad.search import main as mcad_search
@@ -35,8 +33,8 @@ from .conftest import REPO_ROOT, caption_split, random_images, snapshot
 
 BAD_INPUT_CASES = {
     "dry_run_into_a_model_folder": "`train_mcad.py push --dry_run DIR` where DIR holds other files (a trained student)",
-    "damaged_index_header_key": "an index whose header lacks a key (ids_bytes, ...), checksum recomputed",
-    "index_header_outside_checksum": "an index with a damaged header byte, or of the older format 1",
+    "damaged_index_header_key": "an index whose header lacks a key (block_rows, ...), checksum recomputed",
+    "index_header_outside_checksum": "an index with a damaged header byte, or of the older MCADIDX format",
     "empty_gallery": "`mcad-search index` of a folder without images; an index file of zero images",
     "nan_query_or_probe": "a model whose text encoder makes NaN; an index whose probe embeddings hold NaN",
     "batch_size_zero": "`mcad-search index --batch-size 0` (or negative)",
@@ -65,25 +63,16 @@ def small_index(folder: Path, name: str = "gallery.mcadidx") -> Path:
     return GalleryIndex.from_embeddings(np.eye(5, 8, dtype=np.float32), list("abcde"), model).save(folder / name)
 
 
-def read_index(path: Path) -> tuple[dict, dict[str, bytes], tuple[int, int, int, int]]:
-    """(header, the arrays' bytes, their sizes (count, dimension, code size, ids_bytes)) of a saved index."""
-    data = path.read_bytes()
-    _, header_length, _ = _PREFIX.unpack(data[: _PREFIX.size])
-    header = json.loads(data[_PREFIX.size : _PREFIX.size + header_length])
-    sizes = (header["count"], header["dimension"], 1 if header["quantization"] == "int8" else 2, header["ids_bytes"])
-    return header, {name: data[where] for name, where in _layout(header_length, *sizes).items()}, sizes
+def read_index(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the index's metadata record, its tensors) of a saved index."""
+    with safetensors.safe_open(path, "numpy") as reader:
+        return (json.loads(reader.metadata()["mcad_search_index"]),
+                {name: reader.get_tensor(name) for name in reader.keys()})
 
 
-def write_index(path: Path, header: dict, arrays: dict[str, bytes], sizes: tuple[int, int, int, int],
-                checksum_over_header: bool = True) -> None:
-    """An index file as `save` lays it out, from its parts; format 1's checksum left the header out."""
-    raw = json.dumps(header).encode("utf-8")
-    body, position = bytearray(raw), _PREFIX.size + len(raw)
-    for name, where in _layout(len(raw), *sizes).items():
-        body += bytes(where.start - position) + arrays[name]
-        position = where.stop
-    checksum = zlib.crc32(body if checksum_over_header else body[len(raw) :])
-    path.write_bytes(_PREFIX.pack(INDEX_MAGIC, len(raw), checksum) + bytes(body))
+def write_index(path: Path, record: dict, tensors: dict[str, np.ndarray]) -> None:
+    """An index file as `save` writes it (checksum included), from its parts."""
+    path.write_bytes(_serialize(tensors, record))
 
 
 def without_key(header: dict, key: str) -> dict:
@@ -95,7 +84,7 @@ def without_key(header: dict, key: str) -> dict:
     return header
 
 
-HEADER_KEYS = ["format_version", "dimension", "quantization", "count", "ids_bytes", "model", "model.name",
+HEADER_KEYS = ["format_version", "dimension", "count", "block_rows", "model", "model.name",
                "model.path", "model.weights_sha256", "model.probe_texts", "model.probe_embeddings"]
 
 
@@ -105,8 +94,8 @@ HEADER_KEYS = ["format_version", "dimension", "quantization", "count", "ids_byte
 @pytest.mark.parametrize("key", HEADER_KEYS)
 def test_damaged_index_header_key(key, tmp_path, capsys):
     path = small_index(tmp_path)
-    header, arrays, sizes = read_index(path)
-    write_index(path, without_key(header, key), arrays, sizes)  # a checksum that matches: only the key is wrong
+    header, tensors = read_index(path)
+    write_index(path, without_key(header, key), tensors)  # a checksum that matches: only the key is wrong
     before = snapshot(tmp_path)
     error = search_error(capsys, "query", path, "a red circle")
     assert re.search(rf"gallery\.mcadidx has a damaged header \(KeyError\('{key.split('.')[-1]}'\)\); {REBUILD}",
@@ -117,8 +106,8 @@ def test_damaged_index_header_key(key, tmp_path, capsys):
 @pytest.mark.parametrize("value", [-1, 2.5, "5", None, True])
 def test_a_header_size_of_the_wrong_type_is_a_damaged_header(value, tmp_path):
     path = small_index(tmp_path)
-    header, arrays, sizes = read_index(path)
-    write_index(path, {**header, "count": value}, arrays, sizes)
+    header, tensors = read_index(path)
+    write_index(path, {**header, "count": value}, tensors)
     with pytest.raises(CorruptIndexError, match=rf"damaged header .*expected non-negative integers, got "
                                                 rf"count={re.escape(repr(value))}.*{REBUILD}"):
         GalleryIndex.load(path)
@@ -130,7 +119,7 @@ def test_a_header_size_of_the_wrong_type_is_a_damaged_header(value, tmp_path):
 def test_index_header_outside_checksum(tmp_path, capsys):
     path = small_index(tmp_path)
     data = bytearray(path.read_bytes())
-    digit = data.index(b'"probe_embeddings": [[0.') + len(b'"probe_embeddings": [[0.')
+    digit = data.index(b'\\"probe_embeddings\\": [[0.') + len(b'\\"probe_embeddings\\": [[0.')
     data[digit] = ord("9") if data[digit] != ord("9") else ord("8")  # still valid JSON, another number
     path.write_bytes(bytes(data))
     before = snapshot(tmp_path)
@@ -142,8 +131,8 @@ def test_index_header_outside_checksum(tmp_path, capsys):
 def test_every_header_byte_is_checked(tmp_path):
     path = small_index(tmp_path)
     original = path.read_bytes()
-    _, header_length, _ = _PREFIX.unpack(original[: _PREFIX.size])
-    for position in range(_PREFIX.size + header_length):  # magic, header length, checksum, header
+    header_end = 8 + int.from_bytes(original[:8], "little")
+    for position in range(header_end):  # the header's length, and the header (safetensors' JSON, our metadata)
         data = bytearray(original)
         data[position] ^= 0x01
         path.write_bytes(bytes(data))
@@ -151,13 +140,12 @@ def test_every_header_byte_is_checked(tmp_path):
             GalleryIndex.load(path)
 
 
-def test_an_index_of_format_1_is_refused_with_a_rebuild_hint(tmp_path, capsys):
-    path = small_index(tmp_path)
-    header, arrays, sizes = read_index(path)
-    old = {**header, "format_version": 1, "model": {**header["model"], "path": "/home/someone/outputs/demo/export"}}
-    write_index(path, old, arrays, sizes, checksum_over_header=False)
+def test_an_index_of_the_older_format_is_refused_with_a_rebuild_hint(tmp_path, capsys):
+    path = tmp_path / "gallery.mcadidx"
+    path.write_bytes(b"MCADIDX\x00" + bytes(200))  # formats 1 and 2 began so
     error = search_error(capsys, "query", path, "a red circle")
-    assert re.search(rf"gallery\.mcadidx has index format 1, which this mcad no longer reads; {REBUILD}", error)
+    assert re.search(rf"gallery\.mcadidx has an index format \(MCADIDX\) this mcad no longer reads; {REBUILD}", error)
+    assert small_index(tmp_path) == path  # an index of ours, however old: replacing it is allowed
 
 
 # --- empty_gallery --------------------------------------------------------------------------------------------------
@@ -177,9 +165,9 @@ def test_empty_gallery(saved_tiny_student, tmp_path, capsys):
     with pytest.raises(UserError, match="An index needs at least one embedding"):
         GalleryIndex(np.zeros((0, 8), np.int8), np.zeros(0, np.float32), [], model)
     path = small_index(tmp_path)
-    header, _, (_, dimension, code_size, _) = read_index(path)
-    empty = {"codes": b"", "scales": b"", "offsets": bytes(8), "blob": b""}
-    write_index(path, {**header, "count": 0, "ids_bytes": 0}, empty, (0, dimension, code_size, 0))
+    header, _ = read_index(path)
+    empty = {"scales": np.zeros(0, np.float32), "id_offsets": np.zeros(1, np.int64), "id_bytes": np.zeros(0, np.uint8)}
+    write_index(path, {**header, "count": 0}, empty)
     error = search_error(capsys, "query", path, "a red circle")
     assert re.search(rf"gallery\.mcadidx is inconsistent \(An index needs at least one embedding.*; {REBUILD}", error)
 
@@ -211,9 +199,9 @@ def test_nan_query_or_probe(nan_text_student, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
     # An index whose probes hold NaN (a file written so), and a NaN query embedding (Python API).
-    header, arrays, sizes = read_index(output)
+    header, tensors = read_index(output)
     header["model"]["probe_embeddings"][0][0] = float("nan")
-    write_index(output, header, arrays, sizes)
+    write_index(output, header, tensors)
     error = search_error(capsys, "query", output, "a red circle")
     assert re.search(rf"gallery\.mcadidx is inconsistent \(The probe embeddings of the model student hold NaN or "
                      rf"infinite values.*rebuild the index\.\); {REBUILD}", error), error

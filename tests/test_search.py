@@ -8,10 +8,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import safetensors
 import torch
 
-from modeling_mcad import MCADModel, MCADProcessor
+from modeling_mcad import MCADModel, MCADProcessor, gallery_index
+from modeling_mcad.gallery_scan import QUERY_CODE_MAX, QUERY_ZERO_POINT, quantize_queries, scan_graph
 from modeling_mcad.search import (
     PROBE_TEXTS,
     CorruptIndexError,
@@ -21,8 +24,10 @@ from modeling_mcad.search import (
     IndexModelMismatchError,
     SearchError,
     TextQueryEncoder,
+    add_to_index,
     build_index,
     main,
+    remove_from_index,
 )
 
 from .conftest import REPO_ROOT, random_images
@@ -55,7 +60,7 @@ def gallery(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built_index(model_folder, gallery):
     """The gallery's index, beside the model folder: it records the model as `student`, and queries find it."""
-    path = model_folder.parent / "gallery.mcadidx"
+    path = model_folder.parent / "gallery.index.safetensors"
     return build_index(gallery, model_folder, path), path
 
 
@@ -84,7 +89,7 @@ def test_tokenizer_matches_the_transformers_tokenizer(model_folder):
 def test_index_from_a_folder_ranks_as_the_torch_model_does(model_folder, gallery, built_index):
     index, path = built_index
     files = sorted(p.relative_to(gallery).as_posix() for p in gallery.rglob("*.png"))
-    assert sorted(index.ids) == files and index.count == 12 and index.quantization == "int8"
+    assert sorted(index.ids) == files and index.count == 12
 
     model, processor = MCADModel.from_pretrained(model_folder).eval(), MCADProcessor.from_pretrained(model_folder)
     from PIL import Image
@@ -110,18 +115,78 @@ def test_search_finds_each_embedding_and_matches_exact_scores():
     embeddings = rng.standard_normal((500, 24)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     model = IndexModel("m", "/nowhere", probe_embeddings=np.zeros((len(PROBE_TEXTS), 24), np.float32))
-    for quantization, tolerance in (("int8", 0.02), ("fp16", 1e-3)):
-        index = GalleryIndex.from_embeddings(embeddings, [f"image {i}" for i in range(500)], model, quantization)
-        indices, scores = index.search(embeddings[:50], k=3)  # a batch of queries
-        assert (indices[:, 0] == np.arange(50)).all()
-        exact = embeddings[:50] @ embeddings.T
-        np.testing.assert_allclose(scores, np.take_along_axis(exact, indices, axis=1), atol=tolerance)
-        single_indices, single_scores = index.search(embeddings[7], k=600)  # k above the count: everything
-        assert len(single_indices) == 500 and single_indices[0] == 7 and (np.diff(single_scores) <= 0).all()
+    index = GalleryIndex.from_embeddings(embeddings, [f"image {i}" for i in range(500)], model)
+    indices, scores = index.search(embeddings[:50], k=3)  # a batch of queries
+    assert (indices[:, 0] == np.arange(50)).all()
+    exact = embeddings[:50] @ embeddings.T
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, indices, axis=1), atol=0.02)
+    # Against the codes' own float32 scores the int8 scan (a two-level int8 query) is within 1e-4.
+    dequantized = index.codes.astype(np.float32) * index.scales[:, None]
+    np.testing.assert_allclose(scores, np.take_along_axis(embeddings[:50] @ dequantized.T, indices, axis=1), atol=1e-4)
+    single_indices, single_scores = index.search(embeddings[7], k=600)  # k above the count: everything
+    assert len(single_indices) == 500 and single_indices[0] == 7 and (np.diff(single_scores) <= 0).all()
 
 
-@pytest.mark.parametrize("quantization", ["int8", "fp16"])
-def test_tied_scores_come_lower_index_first(quantization):
+@pytest.mark.parametrize("block_bytes", [1 << 24, 24 * 7])
+def test_blocks_of_an_index_search_as_one(monkeypatch, tmp_path, block_bytes):
+    """Galleries scanned in blocks (7 entries each here) rank as one block and as float32 search over the same
+    codes; an index read from its file ranks as the one in memory."""
+    rng = np.random.default_rng(5)
+    embeddings = rng.standard_normal((100, 24)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    monkeypatch.setattr(gallery_index, "SCAN_BLOCK_BYTES", block_bytes)
+    model = IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 24), np.float32))
+    index = GalleryIndex.from_embeddings(embeddings, [str(i) for i in range(100)], model)
+    assert len(index.blocks) == (1 if block_bytes > 2400 else 15)
+    loaded = GalleryIndex.load(index.save(tmp_path / "blocks.index.safetensors"))
+    assert len(loaded.blocks) == len(index.blocks)
+    queries = rng.standard_normal((30, 24)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    dequantized = index.codes.astype(np.float32) * index.scales[:, None]
+    reference = np.argsort(-(queries @ dequantized.T), axis=1, kind="stable")[:, :10]
+    for source in (index, loaded):
+        indices, _ = source.search(queries, k=10)
+        np.testing.assert_array_equal(indices, reference)
+        np.testing.assert_array_equal(source.search(queries, k=10, num_threads=2)[0], reference)
+
+
+def test_query_codes_cannot_saturate_and_rebuild_the_query():
+    """The int8 kernels of CPUs without VNNI add pairs of u8 x s8 products in saturating int16: query codes stay
+    within 7 bits of the zero point, and two levels of them give the query back to about 1e-4 of its largest value."""
+    queries = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32)
+    queries[0] = 0  # no division by zero
+    codes, scales = quantize_queries(queries)
+    assert codes.shape == (80, 96) and scales.shape == (40, 80)
+    centred = codes.astype(np.int32) - QUERY_ZERO_POINT
+    assert np.abs(centred).max() <= QUERY_CODE_MAX and 2 * QUERY_CODE_MAX * 127 < 2**15
+    rebuilt = scales @ centred.astype(np.float32)
+    assert np.abs(rebuilt - queries).max() <= 1e-4 * np.abs(queries).max()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_the_scan_graph_is_valid_onnx(tmp_path, external):
+    """The graph is written as protobuf bytes without onnx (a query process does not import it): onnx's checker
+    reads it as the model it means."""
+    import onnx
+
+    codes, scales = np.arange(-6, 6, dtype=np.int8).reshape(3, 4), np.ones(4, np.float32)
+    if external:
+        (tmp_path / "data.bin").write_bytes(codes.tobytes() + scales.tobytes())
+        blocks = [{"rows": 4, "codes": ("data.bin", 0, 12), "row_scales": ("data.bin", 12, 16)}]
+    else:
+        blocks = [{"rows": 4, "codes": codes.tobytes(), "row_scales": scales.tobytes()}]
+    model = onnx.load_from_string(scan_graph(3, blocks * 2))  # two blocks
+    if external:
+        onnx.load_external_data_for_model(model, str(tmp_path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [node.op_type for node in model.graph.node] == (
+        ["MatMulInteger", "Cast", "MatMul", "Mul", "Min", "TopK", "Add"] * 2 + ["Concat", "Concat", "TopK",
+                                                                              "GatherElements"])
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), codes)
+    assert onnx.numpy_helper.to_array(model.graph.initializer[7]) == 4  # the second block starts at entry 4
+
+
+def test_tied_scores_come_lower_index_first():
     # Six embeddings with four entries of 0.5, overlapping by 0 to 4 entries: every score is computed exactly, so
     # copies of one embedding tie, and so do embeddings at the same overlap.
     distinct = np.zeros((6, 16), np.float32)
@@ -129,7 +194,7 @@ def test_tied_scores_come_lower_index_first(quantization):
         distinct[row, 2 * row : 2 * row + 4] = 0.5
     copies = np.random.default_rng(3).integers(0, 6, 40)  # 40 entries, each a copy of one of the six
     model = IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 16), np.float32))
-    index = GalleryIndex.from_embeddings(distinct[copies], [str(i) for i in range(40)], model, quantization)
+    index = GalleryIndex.from_embeddings(distinct[copies], [str(i) for i in range(40)], model)
     exact = distinct @ distinct[copies].T
     for query in range(6):
         expected = sorted(range(40), key=lambda i: (-exact[query, i], i))
@@ -144,7 +209,7 @@ def test_index_round_trip_and_refusals(tmp_path):
     model = IndexModel("m", "/nowhere", probe_embeddings=np.ones((len(PROBE_TEXTS), 4), np.float32) / 2)
     ids = ["a/b.png", "été\nnewline.jpg", "3"]
     index = GalleryIndex.from_embeddings(np.eye(3, 4, dtype=np.float32), ids, model)
-    path = index.save(tmp_path / "x.mcadidx")
+    path = index.save(tmp_path / "x.index.safetensors")
     loaded = GalleryIndex.load(path)
     assert list(loaded.ids) == ids and loaded.ids[-1] == "3" and loaded.ids[1:] == ids[1:]
     assert (loaded.count, loaded.dimension, loaded.path) == (3, 4, path)
@@ -153,13 +218,17 @@ def test_index_round_trip_and_refusals(tmp_path):
     np.testing.assert_array_equal(loaded.codes, index.codes)
     np.testing.assert_array_equal(loaded.scales, index.scales)
     np.testing.assert_array_equal(loaded.model.probe_embeddings, model.probe_embeddings)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mcadidx"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index.safetensors"]  # no temporary left behind
+    with safetensors.safe_open(path, "numpy") as reader:  # a plain safetensors file to other tools
+        assert sorted(reader.keys()) == ["codes.00000", "id_bytes", "id_offsets", "scales"]
+        np.testing.assert_array_equal(reader.get_tensor("codes.00000").T, index.codes)
+        assert json.loads(reader.metadata()["mcad_search_index"])["count"] == 3
     inside = IndexModel("m", str(tmp_path / "models" / "m"), probe_embeddings=model.probe_embeddings)
     moved = tmp_path / "moved"
-    GalleryIndex(index.codes, index.scales, index.ids, inside).save(tmp_path / "y.mcadidx")
-    assert str(tmp_path).encode() not in (tmp_path / "y.mcadidx").read_bytes()
+    GalleryIndex(index.codes, index.scales, index.ids, inside).save(tmp_path / "y.index.safetensors")
+    assert str(tmp_path).encode() not in (tmp_path / "y.index.safetensors").read_bytes()
     shutil.copytree(tmp_path, moved)  # the index and its model folder, moved together
-    assert GalleryIndex.load(moved / "y.mcadidx").model.path == str(moved.resolve() / "models" / "m")
+    assert GalleryIndex.load(moved / "y.index.safetensors").model.path == str(moved.resolve() / "models" / "m")
 
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"precious")
@@ -195,16 +264,16 @@ def test_index_from_another_model_is_refused(model_folder, built_index, tmp_path
     rng = np.random.default_rng(1)
     other = IndexModel("other", str(model_folder), probe_embeddings=rng.standard_normal((3, index.dimension)))
     other.probe_embeddings[:] /= np.linalg.norm(other.probe_embeddings, axis=1, keepdims=True)
-    foreign = GalleryIndex(index.codes, index.scales, index.ids, other, tmp_path / "foreign.mcadidx")
-    with pytest.raises(IndexModelMismatchError, match=r"foreign\.mcadidx was built by another model.*cosine"):
+    foreign = GalleryIndex(index.codes, index.scales, index.ids, other, tmp_path / "foreign.index.safetensors")
+    with pytest.raises(IndexModelMismatchError, match=r"foreign\.index.safetensors was built by another model.*cosine"):
         GallerySearch(foreign, model_folder)
 
     moved = IndexModel("moved", "/nowhere/student", probe_embeddings=index.model.probe_embeddings)
     with pytest.raises(SearchError, match=r"/nowhere/student, which is not there any more.*--model"):
-        GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, moved, tmp_path / "moved.mcadidx"))
+        GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, moved, tmp_path / "moved.index.safetensors"))
     unrecorded = IndexModel("student", None, probe_embeddings=index.model.probe_embeddings)
     with pytest.raises(SearchError, match=r"does not record where its model is.*'student'.*--model DIR"):
-        GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, unrecorded, tmp_path / "far.mcadidx"))
+        GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, unrecorded, tmp_path / "far.idx"))
     GallerySearch(GalleryIndex(index.codes, index.scales, index.ids, unrecorded), model_folder)  # given: it works
 
     narrow = IndexModel("narrow", str(model_folder), probe_embeddings=np.zeros((3, 16), np.float32))
@@ -233,20 +302,20 @@ def test_bad_images_are_listed_and_nothing_is_written(model_folder, gallery, bui
     photos = tmp_path / "photos"
     shutil.copytree(gallery, photos)
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    output = tmp_path / "index.mcadidx"
+    output = tmp_path / "index.index.safetensors"
     shutil.copy(good_index, output)
     before = output.read_bytes()
     with pytest.raises(SearchError, match=r"(?s)1 image\(s\).*broken\.png.*skip_bad_images"):
         build_index(photos, model_folder, output)
     assert output.read_bytes() == before
 
-    index = build_index(photos, model_folder, output, skip_bad_images=True, quantization="fp16")
-    assert index.count == 12 and "broken.png" not in index.ids and index.quantization == "fp16"
-    assert GalleryIndex.load(output).quantization == "fp16"
+    index = build_index(photos, model_folder, output, skip_bad_images=True)
+    assert index.count == 12 and "broken.png" not in index.ids
+    assert sorted(GalleryIndex.load(output).ids) == sorted(index.ids)
 
 
 def test_an_index_names_no_folder_of_this_machine(model_folder, gallery, tmp_path, tmp_path_factory):
-    path = tmp_path / "shared" / "gallery.mcadidx"
+    path = tmp_path / "shared" / "gallery.index.safetensors"
     index = build_index(gallery, model_folder, path)
     content = path.read_bytes()
     for needle in {str(model_folder), str(gallery), str(tmp_path), str(tmp_path_factory.getbasetemp()),
@@ -264,11 +333,11 @@ def test_index_from_a_dataset_split(model_folder, tmp_path):
 
     split = datasets.Dataset.from_dict({"image": random_images(5, seed=4), "name": [f"n{i}" for i in range(5)]})
     split = split.cast_column("image", datasets.Image())
-    index = build_index(split, model_folder, tmp_path / "split.mcadidx", id_column="name")
+    index = build_index(split, model_folder, tmp_path / "split.index.safetensors", id_column="name")
     assert list(index.ids) == [f"n{i}" for i in range(5)]
     with pytest.raises(SearchError, match="no column 'caption'"):
-        build_index(split, model_folder, tmp_path / "other.mcadidx", id_column="caption")
-    assert not (tmp_path / "other.mcadidx").exists()
+        build_index(split, model_folder, tmp_path / "other.index.safetensors", id_column="caption")
+    assert not (tmp_path / "other.index.safetensors").exists()
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
@@ -314,12 +383,12 @@ def test_cli_errors_are_one_line_with_status_2(built_index, tmp_path):
     plain = run_cli("query", str(path), "a red circle", "-k", "2")
     assert plain.returncode == 0 and len(plain.stdout.strip().splitlines()) == 2
 
-    damaged = tmp_path / "damaged.mcadidx"
+    damaged = tmp_path / "damaged.index.safetensors"
     damaged.write_bytes(path.read_bytes()[:-10])
     for arguments, message in (
-        (("query", str(damaged), "a red circle"), "damaged.mcadidx is truncated or damaged"),
+        (("query", str(damaged), "a red circle"), "damaged.index.safetensors is truncated or damaged"),
         (("query", str(path), "   "), "empty or only whitespace"),
-        (("query", str(tmp_path / "missing.mcadidx"), "a red circle"), "No index file"),
+        (("query", str(tmp_path / "missing.index.safetensors"), "a red circle"), "No index file"),
         (("query", str(path), "a red circle", "--model", str(tmp_path)), "holds no tokenizer.json"),
         (("index", str(tmp_path / "no_such_dir"), "--model", str(tmp_path), "--out", str(tmp_path / "o")),
          "holds no config.json"),
@@ -333,3 +402,98 @@ def test_cli_errors_are_one_line_with_status_2(built_index, tmp_path):
     long_query = run_cli("query", str(path), LONG_QUERY, "--json")
     assert long_query.returncode == 0 and "truncated" in long_query.stderr
     assert json.loads(long_query.stdout)["truncated"] is True
+
+
+def test_a_gallery_grows_and_shrinks_without_re_embedding(model_folder, gallery, built_index, tmp_path, monkeypatch,
+                                                          caplog):
+    from modeling_mcad import data
+
+    _, original = built_index
+    path = tmp_path / "photos.index.safetensors"
+    shutil.copy(original, path)
+    photos = tmp_path / "photos"
+    shutil.copytree(gallery, photos)
+    for number, image in enumerate(random_images(3, seed=8)):
+        image.save(photos / f"new {number}.png")
+    opened, open_image = [], data.open_image
+
+    def counting_open_image(value, *args, **kwargs):
+        if isinstance(value, (str, os.PathLike)):  # the gallery's files (the processor opens decoded images too)
+            opened.append(value)
+        return open_image(value, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open_image", counting_open_image)
+    before = GalleryIndex.load(path)
+    old_codes = dict(zip(before.ids, np.array(before.codes)))
+
+    grown = add_to_index(path, photos, model_folder)
+    assert sorted(Path(value).name for value in opened) == ["new 0.png", "new 1.png", "new 2.png"]  # only the new
+    assert grown.count == 15 and len(set(grown.ids)) == 15
+    loaded = GalleryIndex.load(path)
+    assert all((loaded.codes[i] == old_codes[value]).all() for i, value in enumerate(loaded.ids) if value in old_codes)
+    assert GallerySearch(path, model_folder).search("a red circle", k=15).hits[-1].id in loaded.ids
+    content, opened[:] = path.read_bytes(), []
+    with caplog.at_level(logging.INFO, logger="modeling_mcad.search"):
+        add_to_index(path, photos, model_folder)  # nothing new: nothing embedded, nothing written
+    assert opened == [] and path.read_bytes() == content and "Nothing to add" in caplog.text
+    with pytest.raises(SearchError, match=r"1 id\(s\) are already in the index .*\['new 0.png'\].*remove them first"):
+        loaded.add(np.eye(1, loaded.dimension, dtype=np.float32), ["new 0.png"])
+
+    shrunk = remove_from_index(path, ["new 1.png", "trip/photo 01.png"])
+    assert shrunk.count == 13 and "new 1.png" not in GalleryIndex.load(path).ids
+    content = path.read_bytes()
+    with pytest.raises(SearchError, match=r"1 id\(s\) are not in the index .*\['no such photo'\]"):
+        remove_from_index(path, ["new 0.png", "no such photo"])
+    assert path.read_bytes() == content
+
+    # Embeddings of another model are refused before any image is embedded.
+    rng = np.random.default_rng(4)
+    probes = rng.standard_normal(loaded.model.probe_embeddings.shape).astype(np.float32)
+    other = IndexModel("other", None, probe_embeddings=probes / np.linalg.norm(probes, axis=1, keepdims=True))
+    GalleryIndex(loaded.codes, loaded.scales, loaded.ids, other).save(path)
+    (photos / "new 3.png").write_bytes((photos / "new 0.png").read_bytes())
+    with pytest.raises(IndexModelMismatchError, match="not the model the index was built with"):
+        add_to_index(path, photos, model_folder)
+    assert opened == []
+
+
+def test_an_interrupted_update_leaves_the_previous_index(built_index, tmp_path, monkeypatch):
+    from modeling_mcad import utils
+
+    _, original = built_index
+    path = tmp_path / "photos.index.safetensors"
+    shutil.copy(original, path)
+    content = path.read_bytes()
+
+    def interrupted(source, destination):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        remove_from_index(path, [GalleryIndex.load(path).ids[0]])
+    assert path.read_bytes() == content and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_cli_updates_and_exports_an_index(model_folder, gallery, built_index, tmp_path, capsys):
+    _, original = built_index
+    path = tmp_path / "photos.index.safetensors"
+    shutil.copy(original, path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    random_images(1, seed=9)[0].save(photos / "extra.png")
+    assert main(["add", str(path), str(photos), "--model", str(model_folder)]) == 0
+    assert main(["remove", str(path), "trip/photo 03.png"]) == 0
+    assert main(["remove", str(path), "trip/photo 03.png"]) == 2
+    assert "are not in the index" in capsys.readouterr().err
+
+    index = GalleryIndex.load(path)
+    assert index.count == 12 and "extra.png" in index.ids and "trip/photo 03.png" not in index.ids
+    assert main(["export", str(path), "--out", str(tmp_path / "photos.parquet")]) == 0
+    table = pq.read_table(tmp_path / "photos.parquet")
+    assert table.column("id").to_pylist() == list(index.ids)
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist(), np.float32), index.embeddings())
+    assert json.loads(table.schema.metadata[b"mcad_search_index"])["model"] == "student"
+    note = tmp_path / "notes.txt"
+    note.write_text("precious")
+    assert main(["export", str(path), "--out", str(note)]) == 2
+    assert "is not a Parquet file, so it is not replaced" in capsys.readouterr().err and note.read_text() == "precious"
