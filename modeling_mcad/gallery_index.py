@@ -27,6 +27,7 @@ a request to rebuild.
 
 import json
 import os
+import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def rebuild_hint(path) -> str:
 
 def block_rows(dimension: int) -> int:
     """Entries per block of codes for embeddings of `dimension`."""
-    return max(1, SCAN_BLOCK_BYTES // dimension)
+    return max(1, SCAN_BLOCK_BYTES // max(dimension, 1))
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare numpy arrays with ==
@@ -100,13 +101,16 @@ class IndexModel:
                 "probe_texts": list(self.probe_texts), "probe_embeddings": self.probe_embeddings.tolist()}
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | os.PathLike, model=None, processor=None) -> "IndexModel":
+    def from_model_dir(cls, model_dir: str | os.PathLike, model=None, processor=None,
+                       probe_texts: Sequence[str] = PROBE_TEXTS) -> "IndexModel":
         """
         Describe a saved student (torch): its folder, weights hash and fp32 embeddings of the probe texts.
 
         Args:
             model_dir (`str` or `os.PathLike`): the student folder.
             model ([`MCADModel`], *optional*), processor ([`MCADProcessor`], *optional*): already loaded from it.
+            probe_texts (`Sequence[str]`, defaults to `PROBE_TEXTS`): the texts to embed (an index's own, to compare
+                a model with the one that built it).
         """
         import torch
 
@@ -116,13 +120,13 @@ class IndexModel:
         model_dir = Path(model_dir).resolve()
         model = model if model is not None else MCADModel.from_pretrained(model_dir, dtype=torch.float32)
         processor = processor if processor is not None else MCADProcessor.from_pretrained(model_dir)
-        tokens = processor(text=list(PROBE_TEXTS), padding=True, truncation=True, return_tensors="pt")
+        tokens = processor(text=list(probe_texts), padding=True, truncation=True, return_tensors="pt")
         with torch.inference_mode():
             probes = TextEncoder(model).eval()(tokens["input_ids"], tokens["attention_mask"]).numpy()
         if not np.isfinite(probes).all():
             raise SearchError(f"The text encoder of {model_dir} makes NaN or infinite embeddings (of the probe texts "
-                              f"{list(PROBE_TEXTS)}): its weights are broken. Train or export the model again.")
-        return cls(name=model_dir.name, path=str(model_dir), probe_embeddings=probes,
+                              f"{list(probe_texts)}): its weights are broken. Train or export the model again.")
+        return cls(name=model_dir.name, path=str(model_dir), probe_embeddings=probes, probe_texts=tuple(probe_texts),
                    weights_sha256=sha256_of_file(model_dir / "model.safetensors"))
 
     @classmethod
@@ -230,6 +234,8 @@ class GalleryIndex:
         dimension = blocks[0].shape[0] if blocks else model.probe_embeddings.shape[-1]
         if count == 0:
             raise SearchError("An index needs at least one embedding: index a gallery holding at least one image.")
+        if dimension == 0:
+            raise SearchError("Embeddings of dimension 0 cannot be searched; pass the model's embeddings.")
         if scales.shape != (count,) or len(ids) != count:
             raise SearchError(f"{count} codes need as many scales and ids, got {scales.shape[0]} scales and "
                               f"{len(ids)} ids.")
@@ -244,6 +250,7 @@ class GalleryIndex:
         if dimension > MAX_DIMENSION:
             raise SearchError(f"Embeddings of dimension {dimension} are above the {MAX_DIMENSION} the int8 search adds "
                               "up exactly; use a student with a smaller projection_dim.")
+        scales = np.ascontiguousarray(scales, np.float32)  # a view of float32 scales, a copy of others
         self.blocks, self.scales, self.ids, self.model, self.path = blocks, scales, ids, model, path
         self._file_identity = file_identity  # (path, stat identity, block locations) when read from a file
         self._scanners = {}
@@ -293,6 +300,9 @@ class GalleryIndex:
         This index with more entries after its own (a new object; [`save`] it). The entries already there are not
         re-embedded. Ids must be new: an id already in the index raises [`SearchError`] naming it.
         """
+        if np.ndim(embeddings) != 2 or np.shape(embeddings)[1] != self.dimension:
+            raise SearchError(f"The index holds {self.dimension}-dimensional embeddings; the ones to add have shape "
+                              f"{np.shape(embeddings)}: embed them with the index's model.")
         new = GalleryIndex.from_embeddings(embeddings, ids, self.model)
         clashes = sorted(set(new.ids) & set(self.ids))
         if clashes:
@@ -303,6 +313,9 @@ class GalleryIndex:
 
     def remove(self, ids: Iterable[str]) -> "GalleryIndex":
         """This index without the entries of `ids` (a new object; [`save`] it). Unknown ids raise [`SearchError`]."""
+        if isinstance(ids, str):
+            raise SearchError(f"remove takes a list of ids, not the string {ids!r} (which would be read as its "
+                              f"characters): pass [{ids!r}].")
         doomed = set(ids)
         keep = np.array([value not in doomed for value in self.ids], bool)
         unknown = sorted(doomed - {value for value, kept in zip(self.ids, keep) if not kept})
@@ -316,8 +329,9 @@ class GalleryIndex:
 
     def search(self, queries: np.ndarray, k: int = 5, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """
-        The `k` best entries for each query, best first (ties: lower index first), with their scores (the
-        embeddings' dot products with the query, within 1e-4).
+        The `k` best entries for each query, best first (ties: lower index first), with their scores: the dot
+        products of the query with the dequantized codes, within 1e-4 (the codes are within 0.5 / 127 of each
+        embedding's largest value, so scores are within about 0.003 of the float embeddings').
 
         Args:
             queries (`np.ndarray` of shape `(dimension,)` or `(batch, dimension)`): L2-normalised query embeddings.
@@ -330,8 +344,8 @@ class GalleryIndex:
         queries = np.asarray(queries, dtype=np.float32)
         single = queries.ndim == 1
         queries = np.atleast_2d(queries)
-        if queries.ndim != 2 or queries.shape[1] != self.dimension:
-            raise SearchError(f"queries must have shape (dimension,) or (batch, dimension) with dimension "
+        if queries.ndim != 2 or queries.shape[1] != self.dimension or len(queries) == 0:
+            raise SearchError(f"queries must have shape (dimension,) or (batch >= 1, dimension) with dimension "
                               f"{self.dimension}, got {queries.shape}.")
         if not np.isfinite(queries).all():
             raise SearchError("The query embeddings hold NaN or infinite values: the text encoder that made them is "
@@ -342,21 +356,28 @@ class GalleryIndex:
         return (indices[0], scores[0]) if single else (indices, scores)
 
     def _scanner(self, num_threads: int):
+        """The scan session: onnxruntime reads the codes from a file (the index's own, or a temporary one for an index
+        in memory) as external data, so that only its packed copy stays in memory."""
         from .gallery_scan import GalleryScan
 
-        if num_threads not in self._scanners:
-            if self._file_identity is None:  # in memory: the codes travel inside the graphs
-                blocks = [{"rows": block.shape[1], "codes": block.tobytes(), "row_scales": scales.tobytes()}
-                          for block, scales in zip(self.blocks, np.split(self.scales, self._block_starts()[1:]))]
-                self._scanners[num_threads] = GalleryScan(blocks, self.dimension, num_threads=num_threads)
-            else:  # onnxruntime reads the codes from the file itself, so that only its packed copy stays in memory
-                path, identity, blocks = self._file_identity
+        if num_threads in self._scanners:
+            return self._scanners[num_threads]
+        if self._file_identity is None:
+            with tempfile.TemporaryDirectory(prefix="mcad-scan-", ignore_cleanup_errors=True) as folder:
+                blocks = _write_blocks(Path(folder) / "codes.bin", self.blocks, self.scales)
+                scanner = GalleryScan(blocks, self.dimension, folder, num_threads)
+        else:
+            path, identity, blocks = self._file_identity
+            try:
                 scanner = GalleryScan(blocks, self.dimension, path.parent, num_threads)
-                if _stat_identity(path) != identity:
-                    raise SearchError(f"The index {path} changed while it was being read (another process replaced "
-                                      "it); load it again.")
-                self._scanners[num_threads] = scanner
-        return self._scanners[num_threads]
+            except Exception as error:  # onnxruntime's own exception types: the file moved, vanished, or is unreadable
+                raise SearchError(f"onnxruntime cannot read the codes of the index {self.path} ({error}); check that "
+                                  f"the file is still there and readable, or {rebuild_hint(self.path)}.") from error
+            if _stat_identity(path) != identity:
+                raise SearchError(f"The index {self.path} changed while it was being read (another process replaced "
+                                  "it); load it again.")
+        self._scanners[num_threads] = scanner
+        return scanner
 
     def _block_starts(self) -> list[int]:
         return [0, *np.cumsum([block.shape[1] for block in self.blocks])[:-1].tolist()]
@@ -365,6 +386,7 @@ class GalleryIndex:
         """Write the index to `path` atomically, replacing only an earlier index (see the module docstring)."""
         path = Path(path)
         check_index_destination(path)
+        target = path.resolve() if path.is_symlink() else path  # replace what a link points to, not the link
         header = {"format_version": INDEX_FORMAT_VERSION, "dimension": self.dimension, "count": self.count,
                   "block_rows": self.blocks[0].shape[1], "model": self.model.to_json(path.parent)}
         tensors = {f"codes.{number:05d}": np.ascontiguousarray(block) for number, block in enumerate(self.blocks)}
@@ -372,7 +394,7 @@ class GalleryIndex:
                     "id_offsets": np.ascontiguousarray(self.ids.offsets, "<i8"),
                     "id_bytes": np.ascontiguousarray(self.ids.blob, np.uint8)}
         try:
-            with atomic_file(path) as handle:
+            with atomic_file(target) as handle:
                 handle.write(_serialize(tensors, header))
         except OSError as error:
             raise SearchError(f"Cannot write the index {path} ({error.strerror or error}); choose a folder you can "
@@ -392,7 +414,8 @@ class GalleryIndex:
         """
         path = Path(path)
         header, data_start = _read_index_header(path)
-        identity = _stat_identity(path)
+        file = path.resolve()  # onnxruntime reads the codes from the file itself, wherever links and cwd go
+        identity = _stat_identity(file)
         metadata = header.pop("__metadata__")
         stored = metadata.pop("checksum", None)
         try:
@@ -412,19 +435,20 @@ class GalleryIndex:
             starts = range(0, count, rows)
             names = [f"codes.{number:05d}" for number in range(len(starts))]
             expected = {name: (np.int8, (dimension, min(rows, count - start))) for name, start in zip(names, starts)}
-            expected |= {"scales": (np.float32, (count,)), "id_offsets": (np.int64, (count + 1,))}
+            expected |= {"scales": (np.float32, (count,)), "id_offsets": (np.int64, (count + 1,)),
+                         "id_bytes": (np.uint8, arrays["id_bytes"].shape if "id_bytes" in arrays else (-1,))}
             for name, (dtype, shape) in expected.items():
                 if name not in arrays or arrays[name].dtype != dtype or arrays[name].shape != shape:
                     raise ValueError(f"the tensor {name} is missing or not {np.dtype(dtype).name} {shape}")
             scales_start = data_start + header["scales"]["data_offsets"][0]
             locations = [{"rows": arrays[name].shape[1],
-                          "codes": (path.name, data_start + header[name]["data_offsets"][0], arrays[name].nbytes),
-                          "row_scales": (path.name, scales_start + 4 * start, 4 * arrays[name].shape[1])}
+                          "codes": (file.name, data_start + header[name]["data_offsets"][0], arrays[name].nbytes),
+                          "row_scales": (file.name, scales_start + 4 * start, 4 * arrays[name].shape[1])}
                          for name, start in zip(names, starts)]
             index = cls.__new__(cls)
             index._init([arrays[name] for name in names], arrays["scales"],
-                        IdTable(arrays["id_offsets"], arrays.get("id_bytes", np.zeros(0, np.uint8))), model, path,
-                        (path, identity, locations))
+                        IdTable(arrays["id_offsets"], arrays["id_bytes"]), model, path,
+                        (file, identity, locations))
             return index
         except (ValueError, KeyError) as error:  # SearchError included
             raise CorruptIndexError(f"{path} is inconsistent ({error}); {rebuild_hint(path)}.") from error
@@ -455,6 +479,20 @@ class GalleryIndex:
                     [pa.array(self.ids[start:stop], pa.string()),
                      pa.FixedSizeListArray.from_arrays(values, self.dimension)], schema=schema))
         return path
+
+
+def _write_blocks(path: Path, blocks: list[np.ndarray], scales: np.ndarray) -> list[dict]:
+    """Write the blocks' codes and scales one after the other; their locations, as `gallery_scan` takes them."""
+    locations, offset, start = [], 0, 0
+    with path.open("wb") as handle:
+        for block in blocks:
+            rows = block.shape[1]
+            codes, row_scales = np.ascontiguousarray(block).tobytes(), scales[start : start + rows].tobytes()
+            handle.write(codes + row_scales)
+            locations.append({"rows": rows, "codes": (path.name, offset, len(codes)),
+                              "row_scales": (path.name, offset + len(codes), len(row_scales))})
+            offset, start = offset + len(codes) + len(row_scales), start + rows
+    return locations
 
 
 def _checksum(header: bytes, data: Iterable[bytes]) -> str:
@@ -557,13 +595,16 @@ def _mapped(path: Path, data_start: int, entry: dict) -> np.ndarray:
 
 
 def check_index_destination(path: Path) -> None:
-    """Refuse to replace anything but an earlier index (of any format, even damaged): `--out` pointing at a photo
-    must not destroy it."""
+    """Refuse to replace anything but an earlier index (of either format, even one whose data is damaged): `--out`
+    pointing at a photo, a note or an export must not destroy it."""
     if path.is_dir():
         raise SearchError(f"The index destination {path} is a folder; pass a file path such as "
                           f"{path}/gallery.index.safetensors.")
     if path.exists():
-        start = _read_prefix(path, 1 << 16)
-        if not (start.startswith(_LEGACY_MAGIC) or METADATA_KEY.encode() in start):
+        prefix = _read_prefix(path, 8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        header = _read_prefix(path, 8 + length)[8:] if 0 < length <= _MAX_HEADER_BYTES else b""
+        ours = header.startswith(b'{"__metadata__":{') and f'"{METADATA_KEY}"'.encode() in header
+        if not (prefix == _LEGACY_MAGIC or ours):
             raise SearchError(f"{path} exists and is not an mcad-search index, so it is not replaced; choose "
                               "another output path, or remove the file first.")

@@ -8,7 +8,7 @@ FAISS and usearch.
 One graph scans every block of gallery entries and merges their best:
 
     per block: dots   = MatMulInteger(query_codes, codes, 64)   # (2Q, D) uint8 x (D, rows) int8 -> (2Q, rows) int32
-               scores = MatMul(query_scales, Cast(dots)) * row_scales                        # (Q, rows) float32
+               scores = MatMul(query_scales, Reshape(Cast(dots), (Q, 2, rows))) * row_scales    # (Q, rows) float32
                TopK(scores, min(k, rows)), positions + the block's start
     then:      TopK over the blocks' best; ties: the lower index first
 
@@ -40,6 +40,8 @@ _ATTRIBUTE_INT, _EXTERNAL = 2, 1
 
 
 def _varint(value: int) -> bytes:
+    if value < 0:  # int64 fields: ten bytes of two's complement
+        value += 1 << 64
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -60,6 +62,11 @@ def _message(*fields: tuple[int, "int | str | bytes | None"]) -> bytes:
             value = value.encode("utf-8") if isinstance(value, str) else value
             out += _varint(number << 3 | 2) + _varint(len(value)) + value
     return bytes(out)
+
+
+def _int64s(*values: int) -> bytes:
+    """Raw data of an int64 tensor (little-endian, as ONNX stores it)."""
+    return np.array(values, "<i8").tobytes()
 
 
 def _value_info(name: str, elem_type: int, dims: list) -> bytes:
@@ -102,12 +109,16 @@ def scan_graph(dimension: int, blocks: list[dict]) -> bytes:
         rows = block["rows"]
         initializers += [_tensor("codes" + suffix, _INT8, [dimension, rows], block["codes"]),
                          _tensor("row_scales" + suffix, _FLOAT, [rows], block["row_scales"]),
-                         _tensor("rows" + suffix, _INT64, [1], rows.to_bytes(8, "little")),
-                         _tensor("start" + suffix, _INT64, [], start.to_bytes(8, "little"))]
+                         _tensor("rows" + suffix, _INT64, [1], _int64s(rows)),
+                         _tensor("levels_shape" + suffix, _INT64, [3], _int64s(-1, QUERY_LEVELS, rows)),
+                         _tensor("scores_shape" + suffix, _INT64, [2], _int64s(-1, rows)),
+                         _tensor("start" + suffix, _INT64, [], _int64s(start))]
         nodes += [
             _node("MatMulInteger", ["query_codes", "codes" + suffix, "query_zero_point"], ["dots" + suffix]),
             _node("Cast", ["dots" + suffix], ["float_dots" + suffix], to=_FLOAT),
-            _node("MatMul", ["query_scales", "float_dots" + suffix], ["query_scores" + suffix]),
+            _node("Reshape", ["float_dots" + suffix, "levels_shape" + suffix], ["levels" + suffix]),  # (Q, 2, rows)
+            _node("MatMul", ["query_scales", "levels" + suffix], ["level_sums" + suffix]),  # (Q, 1, rows)
+            _node("Reshape", ["level_sums" + suffix, "scores_shape" + suffix], ["query_scores" + suffix]),
             _node("Mul", ["query_scores" + suffix, "row_scales" + suffix], ["scores" + suffix]),
             _node("Min", ["k", "rows" + suffix], ["k" + suffix]),
             _node("TopK", ["scores" + suffix, "k" + suffix], ["values" + suffix, "positions" + suffix], axis=1),
@@ -122,7 +133,7 @@ def scan_graph(dimension: int, blocks: list[dict]) -> bytes:
               _node("GatherElements", ["block_indices", "best"], ["indices"], axis=1)]
     initializers.append(_tensor("query_zero_point", _UINT8, [], bytes([QUERY_ZERO_POINT])))
     inputs = [_value_info("query_codes", _UINT8, ["query_rows", dimension]),
-              _value_info("query_scales", _FLOAT, ["queries", "query_rows"]),
+              _value_info("query_scales", _FLOAT, ["queries", 1, QUERY_LEVELS]),
               _value_info("k", _INT64, [1])]
     outputs = [_value_info("values", _FLOAT, ["queries", "k"]), _value_info("indices", _INT64, ["queries", "k"])]
     graph = _message(*[(1, node) for node in nodes], (2, "mcad_gallery_scan"),
@@ -137,20 +148,18 @@ def quantize_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         `query_codes`: uint8 `(2Q, D)`, the codes plus the zero point, query b's in rows 2b and 2b + 1.
-        `query_scales`: float32 `(Q, 2Q)`, `s1` and `s2` of query b in row b, columns 2b and 2b + 1.
+        `query_scales`: float32 `(Q, 1, 2)`, `s1` and `s2` of each query.
     """
     count = len(queries)
     codes = np.empty((count, QUERY_LEVELS, queries.shape[1]), np.float32)
-    scales = np.zeros((count, count, QUERY_LEVELS), np.float32)
+    scales = np.empty((count, 1, QUERY_LEVELS), np.float32)
     remainder = queries.astype(np.float32)
     for level in range(QUERY_LEVELS):
         largest = np.abs(remainder).max(axis=1)
-        scale = np.where(largest > 0, largest / QUERY_CODE_MAX, 1).astype(np.float32)
-        codes[:, level] = np.rint(remainder / scale[:, None])
-        scales[np.arange(count), np.arange(count), level] = scale
-        remainder = remainder - codes[:, level] * scale[:, None]
-    query_codes = (codes + QUERY_ZERO_POINT).astype(np.uint8).reshape(count * QUERY_LEVELS, -1)
-    return query_codes, scales.reshape(count, count * QUERY_LEVELS)
+        scales[:, 0, level] = np.where(largest > 0, largest / QUERY_CODE_MAX, 1)
+        codes[:, level] = np.rint(remainder / scales[:, :, level])
+        remainder = remainder - codes[:, level] * scales[:, :, level]
+    return (codes + QUERY_ZERO_POINT).astype(np.uint8).reshape(count * QUERY_LEVELS, -1), scales
 
 
 class GalleryScan:

@@ -105,7 +105,8 @@ class TextQueryEncoder:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-        # A worker thread spinning after its run would hold the core the gallery scan's threads need next.
+        # A worker thread spinning after its run would hold a core the gallery scan's threads need next (the scan's
+        # threads may spin: the text encoder of the next query runs on the calling thread first).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(str(self.text_model), options,
@@ -345,7 +346,9 @@ def embed_gallery(
         raise SearchError(f"{model_dir} cannot be loaded as an MCAD student ({error}); pass a complete student folder "
                           "(MCADModel.save_pretrained with its processor), e.g. the export folder "
                           "outputs/demo/export.") from error
-    index_model = IndexModel.from_model_dir(model_dir, model, processor)  # a broken text encoder fails before the work
+    # A broken text encoder fails here, before the work; another index's model is compared on that index's probes.
+    probe_texts = PROBE_TEXTS if same_model_as is None else same_model_as.probe_texts
+    index_model = IndexModel.from_model_dir(model_dir, model, processor, probe_texts)
     if same_model_as is not None:
         dimensions = (index_model.probe_embeddings.shape[1], same_model_as.probe_embeddings.shape[1])
         if dimensions[0] != dimensions[1] or same_model_as.agreement(index_model.probe_embeddings) < MIN_PROBE_COSINE:
@@ -436,6 +439,9 @@ def add_to_index(index_path: str | os.PathLike, images, model_dir: str | os.Path
     Returns:
         [`GalleryIndex`]: the index written (or the one read, when there was nothing new).
     """
+    if not isinstance(images, (str, os.PathLike)) and embed_kwargs.get("id_column") is None:
+        raise SearchError("add_to_index tells new images from indexed ones by id: pass id_column= naming a column of "
+                          "unique ids (row numbers would match other images).")
     index = GalleryIndex.load(index_path)
     known = set(index.ids)
     ids, embeddings, _ = embed_gallery(images, _model_of(index, model_dir), skip_ids=known,

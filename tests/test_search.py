@@ -156,10 +156,10 @@ def test_query_codes_cannot_saturate_and_rebuild_the_query():
     queries = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32)
     queries[0] = 0  # no division by zero
     codes, scales = quantize_queries(queries)
-    assert codes.shape == (80, 96) and scales.shape == (40, 80)
+    assert codes.shape == (80, 96) and scales.shape == (40, 1, 2)  # linear in the batch
     centred = codes.astype(np.int32) - QUERY_ZERO_POINT
     assert np.abs(centred).max() <= QUERY_CODE_MAX and 2 * QUERY_CODE_MAX * 127 < 2**15
-    rebuilt = scales @ centred.astype(np.float32)
+    rebuilt = (scales @ centred.reshape(40, 2, 96))[:, 0]
     assert np.abs(rebuilt - queries).max() <= 1e-4 * np.abs(queries).max()
 
 
@@ -180,10 +180,11 @@ def test_the_scan_graph_is_valid_onnx(tmp_path, external):
         onnx.load_external_data_for_model(model, str(tmp_path))
     onnx.checker.check_model(model, full_check=True)
     assert [node.op_type for node in model.graph.node] == (
-        ["MatMulInteger", "Cast", "MatMul", "Mul", "Min", "TopK", "Add"] * 2 + ["Concat", "Concat", "TopK",
-                                                                              "GatherElements"])
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), codes)
-    assert onnx.numpy_helper.to_array(model.graph.initializer[7]) == 4  # the second block starts at entry 4
+        ["MatMulInteger", "Cast", "Reshape", "MatMul", "Reshape", "Mul", "Min", "TopK", "Add"] * 2
+        + ["Concat", "Concat", "TopK", "GatherElements"])
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    np.testing.assert_array_equal(initializers["codes_0"], codes)
+    assert initializers["start_1"] == 4 and list(initializers["levels_shape_1"]) == [-1, 2, 4]  # negative int64s
 
 
 def test_tied_scores_come_lower_index_first():
@@ -497,3 +498,62 @@ def test_cli_updates_and_exports_an_index(model_folder, gallery, built_index, tm
     note.write_text("precious")
     assert main(["export", str(path), "--out", str(note)]) == 2
     assert "is not a Parquet file, so it is not replaced" in capsys.readouterr().err and note.read_text() == "precious"
+
+
+def test_index_files_others_and_odd_inputs(tmp_path, monkeypatch):
+    """Files that are not indexes are never replaced; links, a changed working folder, float64 scales, a string of
+    ids, empty and mis-shaped inputs are handled or refused by name."""
+    model = IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 8), np.float32))
+    embeddings = np.eye(12, 8, dtype=np.float32)[[*range(8), 0, 1, 2, 3]] + 0.01
+    index = GalleryIndex.from_embeddings(embeddings, [str(i) for i in range(12)], model)
+    small = tmp_path / "small.parquet"
+    index.to_parquet(small)  # its footer names mcad_search_index
+    note = tmp_path / "note.md"
+    note.write_text("an index header starts with mcad_search_index, and this is a note")
+    for other in (small, note):
+        before = other.read_bytes()
+        with pytest.raises(SearchError, match="exists and is not an mcad-search index, so it is not replaced"):
+            index.save(other)
+        assert other.read_bytes() == before
+
+    real = index.save(tmp_path / "real" / "gallery.index.safetensors")
+    link = tmp_path / "link.index.safetensors"
+    link.symlink_to(real)
+    monkeypatch.chdir(tmp_path / "real")
+    relative = GalleryIndex.load("gallery.index.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for loaded in (GalleryIndex.load(link), relative):  # a link elsewhere; a relative path, then another cwd
+        assert list(loaded.search(embeddings[3], k=2)[0]) == [3, 11]
+    index.remove(["0"]).save(link)  # through the link: the file it points to is replaced, the link stays
+    assert link.is_symlink() and GalleryIndex.load(real).count == 11
+
+    wide = GalleryIndex(index.codes, index.scales.astype(np.float64), index.ids, model)
+    assert list(wide.search(embeddings[5], k=1)[0]) == [5]
+    with pytest.raises(SearchError, match=r"remove takes a list of ids, not the string '11'.*pass \['11'\]"):
+        index.remove("11")
+    with pytest.raises(SearchError, match=r"shape \(dimension,\) or \(batch >= 1, dimension\).*got \(0, 8\)"):
+        index.search(np.zeros((0, 8), np.float32))
+    with pytest.raises(SearchError, match=r"holds 8-dimensional embeddings; the ones to add have shape \(1, 4\)"):
+        index.add(np.ones((1, 4), np.float32), ["new"])
+    with pytest.raises(SearchError, match="dimension 0"):
+        GalleryIndex(np.zeros((3, 0), np.int8), np.ones(3, np.float32), list("abc"),
+                     IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 0), np.float32)))
+    # A batch of queries costs what its queries cost one by one (the query scales grow with the batch, not its square).
+    batch = np.repeat(embeddings, 100, axis=0)
+    np.testing.assert_array_equal(index.search(batch, k=3)[0][::100], index.search(embeddings, k=3)[0])
+
+
+def test_adding_to_an_index_of_other_probe_texts_and_from_a_split(model_folder, built_index, tmp_path):
+    """An index records its own probe texts; a model is compared with it on those. A split needs ids to add."""
+    import datasets
+
+    index, _ = built_index
+    texts = ("a photo", "three blue circles")
+    probes = IndexModel.from_model_dir(model_folder, probe_texts=texts)
+    assert probes.probe_texts == texts and probes.probe_embeddings.shape == (2, index.dimension)
+    path = GalleryIndex(index.codes, index.scales, index.ids, probes).save(tmp_path / "other.index.safetensors")
+    split = datasets.Dataset.from_dict({"image": random_images(2, seed=12), "name": ["x", "y"]})
+    split = split.cast_column("image", datasets.Image())
+    with pytest.raises(SearchError, match="pass id_column= naming a column of unique ids"):
+        add_to_index(path, split, model_folder)
+    assert add_to_index(path, split, model_folder, id_column="name").count == index.count + 2
