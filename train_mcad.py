@@ -20,6 +20,7 @@ Every option is a field of `TrainConfig` below, with its default; a YAML file (`
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -61,12 +62,24 @@ class TrainConfig:
     log_every_steps: int = 10
     # --- data: "mcad-shapes" (generated), a Hub dataset name, an imagefolder or a save_to_disk folder ---
     dataset: str = "mcad-shapes"
+    # Passed to datasets.load_dataset: e.g. {revision: refs/convert/parquet, data_dir: TEST} (a Hub dataset's Parquet
+    # export), {name: CONFIG}, {data_files: ...}.
+    dataset_options: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=lambda: {"train": 8000, "validation": 500, "test": 1000, "image_size": 64})
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
-    image_column: str = "image"
-    caption_column: str = "captions"
+    # The images: a column of images or file paths, or columns whose values joined by "/" make a file path.
+    image_column: str | list = "image"
+    # The folder relative image paths are read from (e.g. where COCO's train2014/ and val2014/ are).
+    image_root: str | None = None
+    # The captions: one column (a list per row, or one string per row), or a list of columns of one caption each.
+    caption_column: str | list = "captions"
+    # Rows of a split kept by their columns' values, e.g. {split: train} where one Hub split holds Karpathy's splits
+    # in a column (a list value: any of its items, {split: [train, restval]}).
+    train_where: dict | None = None
+    eval_where: dict | None = None
+    test_where: dict | None = None
     skip_bad_examples: bool = False
     # The largest image accepted, in pixels (null: PIL's decompression-bomb limit, about 89M). A batch decodes all its
     # images at once: 64 photos of 80 megapixels are 15 GB of pixels, so lower it for datasets of very large photos.
@@ -216,13 +229,19 @@ def command_line_value(annotation):
     """
     How a flag's text becomes a value: YAML (numbers, booleans, lists and {json: objects}), except for a string
     option, whose text is taken as it is (`--output_dir 20240101` is a folder, `--mixed_precision no` the string)
-    and "null" is None where the option may be.
+    and "null" is None where the option may be; a string-or-list option reads `[a, b]` as a list.
     """
     wanted = option_types(annotation)
     if str not in wanted:
         return yaml.safe_load
-    optional = type(None) in wanted
-    return lambda text: None if optional and text in ("null", "~") else text
+    optional, listable = type(None) in wanted, list in wanted
+
+    def value(text: str):
+        if optional and text in ("null", "~"):
+            return None
+        return yaml.safe_load(text) if listable and text.lstrip().startswith("[") else text
+
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,28 +281,49 @@ def make_accelerator(config: TrainConfig):
     return accelerator
 
 
-def load_splits(config: TrainConfig, accelerator) -> "datasets.DatasetDict":
-    """The train, evaluation and test splits, each grouped by image (`image`, `captions`)."""
-    import datasets
+SPLIT_ROLES = ("train", "eval", "test")
 
+
+def split_label(config: TrainConfig, role: str) -> str:
+    """How reports name a split: its name, and its row filter if it has one."""
+    where = getattr(config, f"{role}_where")
+    return getattr(config, f"{role}_split") + (f" {where}" if where else "")
+
+
+def load_splits(config: TrainConfig, accelerator) -> dict:
+    """The training, evaluation and test splits by role (`SPLIT_ROLES`), each grouped by image (`image`,
+    `captions`)."""
     from modeling_mcad.data import load_image_text_dataset
 
-    names = (config.train_split, config.eval_split, config.test_split)
+    names = {role: getattr(config, f"{role}_split") for role in SPLIT_ROLES}
     if config.dataset != "mcad-shapes":
-        return datasets.DatasetDict({
-            name: load_image_text_dataset(config.dataset, split=name, image_column=config.image_column,
-                                          caption_column=config.caption_column,
-                                          skip_bad_examples=config.skip_bad_examples,
-                                          max_image_pixels=config.max_image_pixels)
-            for name in names
-        })
+        taken = sorted(set(config.dataset_options) & set(inspect.signature(load_image_text_dataset).parameters))
+        if taken:
+            raise UserError(f"dataset_options {taken} are options of their own: set them as --{taken[0]} (or in the "
+                            "config file), not inside dataset_options.")
+        return {role: load_image_text_dataset(config.dataset, split=name, image_column=config.image_column,
+                                              caption_column=config.caption_column,
+                                              skip_bad_examples=config.skip_bad_examples,
+                                              max_image_pixels=config.max_image_pixels,
+                                              where=getattr(config, f"{role}_where"), image_root=config.image_root,
+                                              **config.dataset_options)
+                for role, name in names.items()}
+    filtered = [f"{role}_where" for role in SPLIT_ROLES if getattr(config, f"{role}_where")]
+    if filtered:
+        raise UserError(f"{', '.join(filtered)} select rows by a dataset's columns; mcad-shapes is generated with its "
+                        "splits: leave them out, or pass --dataset.")
     from modeling_mcad.shapes import make_shapes, shapes_splits
 
     # Generated once (main process first) and kept under the output folder, keyed by the generator's settings (the
     # run's seed unless `shapes` names its own).
     with accelerator.main_process_first():
         settings = known_keys(make_shapes, "shapes", config.shapes)
-        return shapes_splits(Path(config.output_dir) / "data", **{"seed": config.seed, **settings})
+        generated = shapes_splits(Path(config.output_dir) / "data", **{"seed": config.seed, **settings})
+    missing = sorted({name for name in names.values() if name not in generated})
+    if missing:
+        raise UserError(f"mcad-shapes has the splits {list(generated)}, not {missing}; pass --train_split / "
+                        "--eval_split / --test_split among them.")
+    return {role: generated[name] for role, name in names.items()}
 
 
 def teacher_folder(config: TrainConfig) -> Path:
@@ -401,7 +441,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     settings = run_objective(config)
     splits = load_splits(config, accelerator)
     if accelerator.is_main_process:
-        train = splits[config.train_split]
+        train = splits["train"]
         if shapes:
             models = shapes_world.shapes_teachers(seed=config.seed, **sizes)
         else:
@@ -446,14 +486,14 @@ def teachers(config: TrainConfig, accelerator) -> Path:
         with atomic_directory(teacher_folder(config)) as temporary:
             teacher.save_pretrained(temporary)
 
-        evaluation = splits[config.eval_split]
+        evaluation = splits["eval"]
         if {"swapped_captions", "flipped_captions", "scene"} <= set(evaluation.column_names):
             from modeling_mcad.shapes import teacher_gates
 
             gates = teacher_gates(teacher, evaluation)
-            report["gates"] = {config.eval_split: gates["gates"]}
+            report["gates"] = {split_label(config, "eval"): gates["gates"]}
             report["validation_rows"] = gates["rows"]
-            print(f"\nTeachers on the {config.eval_split} split:\n\n{results_table(gates['rows'])}\n")
+            print(f"\nTeachers on the {split_label(config, 'eval')} split:\n\n{results_table(gates['rows'])}\n")
             print("gates: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in gates["gates"].items()))
         atomic_write_text(Path(config.output_dir) / "teacher_report.json", json.dumps(report, indent=2))
     accelerator.wait_for_everyone()
@@ -469,7 +509,7 @@ def cache(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_cache import build_teacher_cache
 
     teacher = load_teacher(config, accelerator.device)
-    train = load_splits(config, accelerator)[config.train_split]
+    train = load_splits(config, accelerator)["train"]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
                                batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir)
 
@@ -505,7 +545,7 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     from modeling_mcad.teacher_cache import TeacherCache
 
     settings = run_objective(config)
-    train = load_splits(config, accelerator)[config.train_split]
+    train = load_splits(config, accelerator)["train"]
     pairs = flatten_pairs(train)
 
     # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise.
@@ -758,7 +798,7 @@ def evaluate(config: TrainConfig, accelerator) -> Path:
     splits = load_splits(config, accelerator)
     results = {}
     if accelerator.is_main_process:
-        test = splits[config.test_split]
+        test = splits["test"]
         output_dir = Path(config.output_dir)
         if teacher_folder(config).exists():
             teacher = load_teacher(config)  # in its own precision, as the cache ran it; the student in float32
@@ -802,7 +842,7 @@ def export(config: TrainConfig, accelerator) -> Path:
     splits = load_splits(config, accelerator)
     if accelerator.is_main_process:
         output_dir = Path(config.output_dir)
-        report = export_variants(output_dir / "student", output_dir / "export", eval_split=splits[config.eval_split],
+        report = export_variants(output_dir / "student", output_dir / "export", eval_split=splits["eval"],
                                  max_r1_drop=config.max_r1_drop, executorch=config.executorch)
         summary = ("size_bytes", "r1_drop", "r1_drop_se", "passed")
         print(json.dumps({name: {key: variant[key] for key in summary}
@@ -837,8 +877,8 @@ def push(config: TrainConfig, accelerator) -> str | None:
             datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists() else [],
             eval_dataset_name=config.dataset,
             eval_dataset_id=config.dataset,
-            eval_split_name=config.test_split,
-            widget_examples=widget_examples_from_split(splits[config.test_split]),
+            eval_split_name=split_label(config, "test"),
+            widget_examples=widget_examples_from_split(splits["test"]),
         )
         pushed = push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
     accelerator.wait_for_everyone()

@@ -163,11 +163,13 @@ def _image_key(value) -> str:
 def load_image_text_dataset(
     name_or_path: str | os.PathLike,
     split: str = "train",
-    image_column: str = "image",
-    caption_column: str = "captions",
+    image_column: str | Sequence[str] = "image",
+    caption_column: str | Sequence[str] = "captions",
     skip_bad_examples: bool = False,
     max_image_pixels: int | None = None,
     check_images: bool = True,
+    where: Mapping[str, Any] | None = None,
+    image_root: str | os.PathLike | None = None,
     **load_kwargs,
 ) -> datasets.Dataset:
     """
@@ -175,9 +177,11 @@ def load_image_text_dataset(
     (`list[str]`).
 
     The source is a Hub dataset name or a local folder that `datasets.load_dataset` reads (e.g. an `imagefolder`
-    with `<split>/metadata.jsonl`), or a folder written by `save_to_disk`. Captions may be a list per row, or one
-    string per row: rows are then grouped by image (by the image's bytes, or for images kept on disk by their
-    path), in order of first appearance.
+    with `<split>/metadata.jsonl`, or parquet shards with a README `configs:` block), or a folder written by
+    `save_to_disk`. Captions may be a list per row (a column of any name), several string columns (`caption_0` ...
+    `caption_4`), or one string per row: rows are then grouped by image (by the image's bytes, or for images kept on
+    disk by their path), in order of first appearance. A split held in a column of a single split, as Karpathy's
+    splits often are, is selected with `where` (e.g. `split="test", where={"split": "val"}`).
 
     Every row is checked up front, so that training never meets a bad example half-way through an epoch: a missing,
     empty, truncated or non-image file, an image over `max_image_pixels`, an empty or non-string caption. By default
@@ -190,28 +194,44 @@ def load_image_text_dataset(
         name_or_path (`str` or `os.PathLike`): a Hub dataset name, a local folder `datasets.load_dataset` reads, or a
             `save_to_disk` folder (a `DatasetDict`, or a single `Dataset` which is then the split).
         split (`str`): the split to load.
-        image_column (`str`): the column holding images (`datasets.Image`, or file paths).
-        caption_column (`str`): the column holding captions (`list[str]` or `str` per row).
+        image_column (`str` or `list[str]`): the column holding images (`datasets.Image`, or file paths), or columns
+            whose values joined by "/" make a file path (e.g. `["filepath", "filename"]` of COCO's Karpathy split).
+        caption_column (`str` or `list[str]`): the column holding captions (`list[str]` or `str` per row), or several
+            columns of one caption each, gathered in order (a null is left out).
         skip_bad_examples (`bool`): leave bad examples out (logged) instead of raising.
         max_image_pixels (`int`, *optional*): the largest image accepted, in pixels (default: PIL's
             `Image.MAX_IMAGE_PIXELS`, about 89M).
         check_images (`bool`): decode every image at load. False is faster on a large trusted dataset, but a bad
             file then only shows when its batch is made.
-        load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `data_files`).
+        where (`dict`, *optional*): keep only the rows whose columns equal these values (a list: any of them), e.g.
+            `{"split": "train"}` or `{"split": ["train", "restval"]}`.
+        image_root (`str` or `os.PathLike`, *optional*): the folder relative image paths are read from (e.g. where
+            COCO's `train2014/` and `val2014/` are).
+        load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `data_files`, `name`).
     """
     source = _load_source(name_or_path, split, **load_kwargs)
-    label = f"{name_or_path} (split {split!r})"
-    missing = [column for column in (image_column, caption_column) if column not in source.column_names]
-    if missing:
-        raise UserError(f"{label} has no column {missing}; its columns are {source.column_names}. Pass "
-                        "image_column= and caption_column= naming the image and caption columns.")
-    source = source.select_columns([image_column, caption_column])
-    caption_feature = source.features[caption_column]
-    one_per_row = _is_string(caption_feature)
-    if not one_per_row and not (isinstance(caption_feature, (datasets.Sequence, datasets.LargeList))
-                                and _is_string(caption_feature.feature)):
-        raise UserError(f"{label}: column {caption_column!r} holds {caption_feature}, not captions; it must hold a "
-                        "string or a list of strings per row.")
+    label = f"{name_or_path} (split {split!r}{f', where {dict(where)}' if where else ''})"
+    caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
+    path_columns = [image_column] if isinstance(image_column, str) else list(image_column)
+    missing = [column for column in (*path_columns, *caption_columns, *(where or {}))
+               if column not in source.column_names]
+    if missing or not caption_columns:
+        raise UserError(f"{label} has no column {missing or 'of captions'}; its columns are {source.column_names}. "
+                        "Pass image_column= and caption_column= (a column, or a list of them) naming the image and "
+                        "caption columns, and where= keys naming columns.")
+    if where:
+        source = _rows_where(source, where, label)
+    if len(path_columns) > 1 or image_root is not None:
+        image_column = "mcad_image_file"  # renamed `image` at the end
+        source = source.add_column(image_column, _image_paths(source, path_columns, image_root, label))
+    source = source.select_columns([image_column, *caption_columns])
+    one_per_row = len(caption_columns) == 1 and _is_string(source.features[caption_columns[0]])
+    for column in caption_columns:
+        feature = source.features[column]
+        if not _is_string(feature) and not (isinstance(feature, (datasets.Sequence, datasets.LargeList))
+                                            and _is_string(feature.feature)):
+            raise UserError(f"{label}: column {column!r} holds {feature}, not captions; it must hold a string or a "
+                            "list of strings per row.")
     if not isinstance(source.features[image_column], datasets.Image):
         try:
             source = source.cast_column(image_column, datasets.Image())
@@ -226,7 +246,7 @@ def load_image_text_dataset(
     bad_image_rows = bad_captions = captionless_images = 0
     for start in range(0, len(source), 1000):
         chunk = raw_images[start : start + 1000]
-        for offset, (image, row_captions) in enumerate(zip(chunk[image_column], chunk[caption_column])):
+        for offset, (image, row_captions) in enumerate(zip(chunk[image_column], _row_captions(chunk, caption_columns))):
             where = f"row {start + offset} ({_image_label(image)})"
             key = _image_key(image)
             if key not in image_problem:
@@ -263,6 +283,47 @@ def load_image_text_dataset(
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
     return dataset.add_column("captions", captions, feature=datasets.List(datasets.Value("string")))
+
+
+def _row_captions(chunk: dict, columns: list[str]) -> Iterator:
+    """Each row's captions: the one column's value, or the values of several columns gathered in a list (a column
+    holding lists contributes its items; nulls are left out)."""
+    if len(columns) == 1:
+        return iter(chunk[columns[0]])
+    rows = zip(*(chunk[column] for column in columns))
+    return ([caption for value in values if value is not None
+             for caption in (value if isinstance(value, list) else [value])] for values in rows)
+
+
+def _image_paths(source: datasets.Dataset, columns: list[str], root: str | os.PathLike | None, label: str) -> list[str]:
+    """Each row's image file: its path columns' values joined by "/", under `root` when given."""
+    table = source.select_columns(columns).with_format("arrow")[:]
+    if not all(pa.types.is_string(table.column(column).type) or pa.types.is_large_string(table.column(column).type)
+               for column in columns):
+        raise UserError(f"{label}: image columns {columns} must hold file paths (strings) to be joined into a path "
+                        f"under image_root; they hold {[str(table.column(column).type) for column in columns]}.")
+    parts = zip(*(table.column(column).to_pylist() for column in columns))
+    return [os.path.join(root or "", *(part or "" for part in row)) for row in parts]
+
+
+def _rows_where(source: datasets.Dataset, where: Mapping[str, Any], label: str) -> datasets.Dataset:
+    """The rows of `source` whose columns equal `where`'s values (a list value: any of its items)."""
+    allowed = {}
+    for column, value in where.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(item, (str, int, float, bool)) for item in values):
+            raise UserError(f"{label}: where[{column!r}] must be a value or a non-empty list of values (strings or "
+                            f"numbers) the column's rows are compared with, got {value!r}.")
+        allowed[column] = set(values)
+    columns = source.select_columns(list(allowed)).with_format("arrow")[:]  # only these columns are read
+    keep = np.ones(len(source), bool)
+    for column, values in allowed.items():
+        keep &= np.array([item in values for item in columns.column(column).to_pylist()], bool)
+    if not keep.any():
+        present = {column: sorted({str(item) for item in columns.column(column).to_pylist()})[:20]
+                   for column in allowed}
+        raise UserError(f"{label}: no row matches where={dict(where)}; the columns hold {present}.")
+    return source.select(np.flatnonzero(keep))
 
 
 def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
