@@ -1,0 +1,169 @@
+"""Loading at real scale: `load_image_text_dataset` + `flatten_pairs` on replicas of Flickr30K and COCO in the
+layouts of their Hub copies -> markdown for BENCHMARKS.md.
+
+    python benchmarks/data_scale.py                      # Flickr30K size
+    python benchmarks/data_scale.py --replicas flickr30k coco
+
+- `flickr30k`: nlphuji/flickr30k's Parquet export — one split of 31,783 JPEG images (500 x 375) embedded in Parquet
+  shards, 5 captions each in `caption`, Karpathy's split in a `split` column (29,000 train).
+- `coco`: yerevann/coco-karpathy's layout — Parquet metadata (`sentences`, `filepath`, `filename`) with the images as
+  JPEG files (640 x 480) under COCO's folders on disk: 82,783 train + 30,504 restval + 5,000 + 5,000.
+
+Replicas are generated once into `--work_dir` (smooth random images, about the JPEG size of photos). Each
+measurement runs in a fresh process: the training split as `train_mcad.py` loads it (configs/flickr30k_clip_blip.yaml
+and configs/coco_karpathy_clip_blip.yaml: `where`, `image_column`, `image_root`), with every image checked
+(`check_images=True`, the default) and without, then `flatten_pairs`; wall time and peak RSS (VmHWM).
+"""
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPLICAS = {
+    "flickr30k": {"splits": {"train": 29000, "val": 1014, "test": 1769}, "size": (500, 375), "captions": 5},
+    "coco": {"splits": {"train": 82783, "restval": 30504, "validation": 5000, "test": 5000}, "size": (640, 480),
+             "captions": 5},
+}
+ROWS_PER_SHARD = 2000
+
+
+def jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A smooth random picture (a few colours, bicubically upscaled): about a photo's JPEG size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def flickr30k_shard(args: tuple) -> None:
+    import datasets
+
+    path, start, stop, splits, size, captions = args
+    features = datasets.Features({
+        "image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
+        "sentids": datasets.List(datasets.Value("string")), "split": datasets.Value("string"),
+        "img_id": datasets.Value("string"), "filename": datasets.Value("string")})
+    rows = range(start, stop)
+    datasets.Dataset.from_dict({
+        "image": [{"bytes": jpeg(row, size), "path": None} for row in rows],
+        "caption": [[f"a picture {row} described the {j}th way" for j in range(captions)] for row in rows],
+        "sentids": [[str(captions * row + j) for j in range(captions)] for row in rows],
+        "split": [splits[row] for row in rows], "img_id": [str(row) for row in rows],
+        "filename": [f"{row}.jpg" for row in rows]}, features=features).to_parquet(path)
+
+
+def coco_files(args: tuple) -> None:
+    folder, names, seeds, size = args
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, seed in zip(names, seeds):
+        (folder / name).write_bytes(jpeg(seed, size))
+
+
+def make_replica(name: str, folder: Path) -> Path:
+    """The replica's folder (generated once; a `complete` marker says it is whole)."""
+    spec = REPLICAS[name]
+    if (folder / "complete").exists():
+        return folder
+    import datasets
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        if name == "flickr30k":
+            splits = [split for split, count in spec["splits"].items() for _ in range(count)]
+            order = np.random.default_rng(0).permutation(len(splits))
+            splits = [splits[i] for i in order]
+            jobs = [(str(folder / "TEST" / "test" / f"{start // ROWS_PER_SHARD:04d}.parquet"), start,
+                     min(start + ROWS_PER_SHARD, len(splits)), splits, spec["size"], spec["captions"])
+                    for start in range(0, len(splits), ROWS_PER_SHARD)]
+            (folder / "TEST" / "test").mkdir(parents=True, exist_ok=True)
+            list(pool.map(flickr30k_shard, jobs))
+        else:
+            number, features = 0, datasets.Features({
+                "filepath": datasets.Value("string"), "filename": datasets.Value("string"),
+                "split": datasets.Value("string"), "sentences": datasets.List(datasets.Value("string")),
+                "cocoid": datasets.Value("int64")})
+            jobs, cards = [], []
+            for split, count in spec["splits"].items():
+                source = "train2014" if split == "train" else "val2014"
+                names = [f"COCO_{source}_{number + i:012d}.jpg" for i in range(count)]
+                datasets.Dataset.from_dict({
+                    "filepath": [source] * count, "filename": names, "split": [split] * count,
+                    "sentences": [[f"a picture {number + i} described the {j}th way" for j in range(spec["captions"])]
+                                  for i in range(count)],
+                    "cocoid": list(range(number, number + count))}, features=features).to_parquet(
+                    str(folder / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+                cards.append(f"  - split: {split}\n    path: data/{split}-*")
+                jobs += [(folder / "images" / source, names[i : i + 1000], range(number + i, number + i + 1000),
+                          spec["size"]) for i in range(0, count, 1000)]
+                number += count
+            (folder / "hub" / "README.md").write_text(
+                "---\nconfigs:\n- config_name: default\n  data_files:\n" + "\n".join(cards) + "\n---\n")
+            list(pool.map(coco_files, jobs))
+    (folder / "complete").write_text(f"{time.perf_counter() - started:.0f} s to generate\n")
+    return folder
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def load_worker(name: str, folder: Path, check_images: bool) -> dict:
+    from modeling_mcad.data import flatten_pairs, load_image_text_dataset
+
+    options = ({"split": "test", "where": {"split": "train"}, "caption_column": "caption", "data_dir": "TEST"}
+               if name == "flickr30k" else
+               {"split": "train+restval", "image_column": ["filepath", "filename"], "image_root": folder / "images",
+                "caption_column": "sentences"})
+    source = folder if name == "flickr30k" else folder / "hub"
+    started = time.perf_counter()
+    split = load_image_text_dataset(source, check_images=check_images,
+                                    cache_dir=str(folder / f"cache-{time.time_ns()}"), **options)
+    loaded = time.perf_counter()
+    pairs = flatten_pairs(split)
+    done = time.perf_counter()
+    return {"images": len(split), "pairs": len(pairs), "load_s": loaded - started, "flatten_s": done - loaded,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replicas", nargs="+", choices=sorted(REPLICAS), default=["flickr30k"])
+    parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_data"))
+    parser.add_argument("--worker", nargs=3, metavar=("NAME", "FOLDER", "CHECK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        name, folder, check = args.worker
+        print(json.dumps(load_worker(name, Path(folder), check == "True")))
+        return
+    rows = []
+    for name in args.replicas:
+        folder = make_replica(name, args.work_dir / name)
+        print(f"{name}: {(folder / 'complete').read_text().strip()}", file=sys.stderr)
+        for check in (True, False):
+            completed = subprocess.run([sys.executable, __file__, "--worker", name, str(folder), str(check)],
+                                       capture_output=True, text=True, check=True)
+            row = json.loads(completed.stdout.strip().splitlines()[-1])
+            rows.append((name, check, row))
+            print(name, check, row, file=sys.stderr)
+    print("| replica | check_images | images | pairs | load + check (s) | flatten_pairs (s) | total (s) "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, check, row in rows:
+        print(f"| {name} | {check} | {row['images']:,} | {row['pairs']:,} | {row['load_s']:.1f} | "
+              f"{row['flatten_s']:.1f} | {row['load_s'] + row['flatten_s']:.1f} | {row['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
