@@ -232,14 +232,21 @@ def command_line_value(annotation):
     and "null" is None where the option may be; a string-or-list option reads `[a, b]` as a list.
     """
     wanted = option_types(annotation)
-    if str not in wanted:
-        return yaml.safe_load
     optional, listable = type(None) in wanted, list in wanted
 
+    def parsed(text: str):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:  # argparse names the flag
+            raise argparse.ArgumentTypeError(f"{text!r} is not a YAML value ({str(error).splitlines()[0]}); e.g. "
+                                             "\"{split: train}\" or \"[a, b]\"") from None
+
     def value(text: str):
+        if str not in wanted:
+            return parsed(text)
         if optional and text in ("null", "~"):
             return None
-        return yaml.safe_load(text) if listable and text.lstrip().startswith("[") else text
+        return parsed(text) if listable and text.lstrip().startswith("[") else text
 
     return value
 
@@ -285,9 +292,9 @@ SPLIT_ROLES = ("train", "eval", "test")
 
 
 def split_label(config: TrainConfig, role: str) -> str:
-    """How reports name a split: its name, and its row filter if it has one."""
-    where = getattr(config, f"{role}_where")
-    return getattr(config, f"{role}_split") + (f" {where}" if where else "")
+    """How reports name a split: its name, and its row filter if it has one (`test[split=val]`)."""
+    where = getattr(config, f"{role}_where") or {}
+    return getattr(config, f"{role}_split") + (f"[{', '.join(f'{k}={v}' for k, v in where.items())}]" if where else "")
 
 
 def load_splits(config: TrainConfig, accelerator) -> dict:
@@ -297,10 +304,16 @@ def load_splits(config: TrainConfig, accelerator) -> dict:
 
     names = {role: getattr(config, f"{role}_split") for role in SPLIT_ROLES}
     if config.dataset != "mcad-shapes":
-        taken = sorted(set(config.dataset_options) & set(inspect.signature(load_image_text_dataset).parameters))
+        own = {"path": "--dataset", "name_or_path": "--dataset", "split": "--train_split / --eval_split / --test_split",
+               "where": "--train_where / --eval_where / --test_where", "check_images": None, "streaming": None}
+        own |= {name: f"--{name}" for name in inspect.signature(load_image_text_dataset).parameters if name not in own
+                and name != "load_kwargs"}
+        taken = [name for name in config.dataset_options if name in own]
         if taken:
-            raise UserError(f"dataset_options {taken} are options of their own: set them as --{taken[0]} (or in the "
-                            "config file), not inside dataset_options.")
+            flags = [own[name] for name in taken if own[name]]
+            raise UserError(f"dataset_options {taken} cannot go to datasets.load_dataset here: "
+                            + (f"set them with {', '.join(flags)}." if flags else "the split is read whole, "
+                               "every image checked.") + " Leave them out of dataset_options.")
         return {role: load_image_text_dataset(config.dataset, split=name, image_column=config.image_column,
                                               caption_column=config.caption_column,
                                               skip_bad_examples=config.skip_bad_examples,
@@ -309,9 +322,10 @@ def load_splits(config: TrainConfig, accelerator) -> dict:
                                               **config.dataset_options)
                 for role, name in names.items()}
     filtered = [f"{role}_where" for role in SPLIT_ROLES if getattr(config, f"{role}_where")]
+    filtered += [name for name in ("dataset_options", "image_root") if getattr(config, name)]
     if filtered:
-        raise UserError(f"{', '.join(filtered)} select rows by a dataset's columns; mcad-shapes is generated with its "
-                        "splits: leave them out, or pass --dataset.")
+        raise UserError(f"{', '.join(filtered)} apply to a dataset that is read (its columns, files and loading); "
+                        "mcad-shapes is generated: leave them out, or pass --dataset.")
     from modeling_mcad.shapes import make_shapes, shapes_splits
 
     # Generated once (main process first) and kept under the output folder, keyed by the generator's settings (the

@@ -150,7 +150,9 @@ def check_image(image, max_image_pixels: int | None = None) -> str | None:
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """This process's share of the machine's cores (`accelerate launch` runs one process per device)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _image_label(value) -> str:
@@ -213,7 +215,8 @@ def load_image_text_dataset(
         check_images (`bool`): decode every image at load. False is faster on a large trusted dataset, but a bad
             file then only shows when its batch is made.
         where (`dict`, *optional*): keep only the rows whose columns equal these values (a list: any of them), e.g.
-            `{"split": "train"}` or `{"split": ["train", "restval"]}`.
+            `{"split": "train"}` or `{"split": ["train", "restval"]}`; values of the column's type. Rows named in
+            messages are counted after the filter.
         image_root (`str` or `os.PathLike`, *optional*): the folder relative image paths are read from (e.g. where
             COCO's `train2014/` and `val2014/` are).
         load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `data_files`, `name`).
@@ -222,17 +225,23 @@ def load_image_text_dataset(
     label = f"{name_or_path} (split {split!r}{f', where {dict(where)}' if where else ''})"
     caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
     path_columns = [image_column] if isinstance(image_column, str) else list(image_column)
+    for option, columns in (("image_column", path_columns), ("caption_column", caption_columns)):
+        if not columns or len(set(columns)) != len(columns):
+            raise UserError(f"{label}: {option}={columns} must name one column or a list of distinct columns.")
     missing = [column for column in (*path_columns, *caption_columns, *(where or {}))
                if column not in source.column_names]
-    if missing or not caption_columns:
-        raise UserError(f"{label} has no column {missing or 'of captions'}; its columns are {source.column_names}. "
+    if missing:
+        raise UserError(f"{label} has no column {missing}; its columns are {source.column_names}. "
                         "Pass image_column= and caption_column= (a column, or a list of them) naming the image and "
                         "caption columns, and where= keys naming columns.")
     if where:
         source = _rows_where(source, where, label)
+    source = source.select_columns(list(dict.fromkeys([*path_columns, *caption_columns])))
     if len(path_columns) > 1 or image_root is not None:
         image_column = "mcad_image_file"  # renamed `image` at the end
         source = source.add_column(image_column, _image_paths(source, path_columns, image_root, label))
+    else:
+        image_column = path_columns[0]
     source = source.select_columns([image_column, *caption_columns])
     one_per_row = len(caption_columns) == 1 and _is_string(source.features[caption_columns[0]])
     for column in caption_columns:
@@ -266,13 +275,13 @@ def load_image_text_dataset(
                                  else dict.fromkeys(unchecked))
             for offset, (key, image, row_captions) in enumerate(zip(keys, chunk[image_column],
                                                                     _row_captions(chunk, caption_columns))):
-                where = f"row {start + offset} ({_image_label(image)})"
+                place = f"row {start + offset} ({_image_label(image)})"
                 if image_problem[key] is not None:
-                    problems.append(f"{where}: {image_problem[key]}")
+                    problems.append(f"{place}: {image_problem[key]}")
                     bad_image_rows += 1
                     continue
                 good, caption_problems = _check_captions(row_captions, one_per_row)
-                problems += [f"{where}: {problem}" for problem in caption_problems]
+                problems += [f"{place}: {problem}" for problem in caption_problems]
                 bad_captions += len(caption_problems)
                 if one_per_row and key in group_of:
                     captions[group_of[key]] += good
@@ -323,14 +332,23 @@ def _image_paths(source: datasets.Dataset, columns: list[str], root: str | os.Pa
 
 def _rows_where(source: datasets.Dataset, where: Mapping[str, Any], label: str) -> datasets.Dataset:
     """The rows of `source` whose columns equal `where`'s values (a list value: any of its items)."""
+    columns = source.select_columns(list(where)).with_format("arrow")[:]  # only these columns are read
     allowed = {}
     for column, value in where.items():
         values = value if isinstance(value, (list, tuple)) else [value]
-        if not values or not all(isinstance(item, (str, int, float, bool)) for item in values):
-            raise UserError(f"{label}: where[{column!r}] must be a value or a non-empty list of values (strings or "
-                            f"numbers) the column's rows are compared with, got {value!r}.")
+        kind = columns.column(column).type
+        wanted = (str if pa.types.is_string(kind) or pa.types.is_large_string(kind) else
+                  bool if pa.types.is_boolean(kind) else int if pa.types.is_integer(kind) else
+                  (int, float) if pa.types.is_floating(kind) else None)
+        if wanted is None:
+            raise UserError(f"{label}: where[{column!r}]: the column holds {kind}, not plain values a row can be "
+                            "selected by; name a column of strings, numbers or booleans.")
+        if not values or not all(isinstance(item, wanted) and (wanted is bool or not isinstance(item, bool))
+                                 for item in values):
+            advice = " (in YAML, quote a number or yes / no meant as text)" if wanted is str else ""
+            raise UserError(f"{label}: where[{column!r}] must be a value or a non-empty list of values of the column's "
+                            f"type ({kind}), got {value!r}{advice}.")
         allowed[column] = set(values)
-    columns = source.select_columns(list(allowed)).with_format("arrow")[:]  # only these columns are read
     keep = np.ones(len(source), bool)
     for column, values in allowed.items():
         keep &= np.array([item in values for item in columns.column(column).to_pylist()], bool)
@@ -366,9 +384,11 @@ def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
         raise UserError(f"No dataset {name_or_path} ({error}); pass a Hub dataset name, a folder datasets.load_dataset "
                         "reads (an imagefolder) or a save_to_disk folder.") from error
     except ValueError as error:
-        if "split" not in str(error).lower():  # datasets' refusal of a split names the splits there are
-            raise
-        raise UserError(f"{name_or_path} has no split {split!r} ({error}); pass one of its splits.") from error
+        if "Unknown split" in str(error):  # datasets' refusal of a split names the splits there are
+            raise UserError(f"{name_or_path} has no split {split!r} ({error}); pass one of its splits.") from error
+        options = f" with {load_kwargs}" if load_kwargs else ""
+        raise UserError(f"datasets could not load {name_or_path}{options} ({error}); check the dataset's name and "
+                        "the options passed to datasets.load_dataset (dataset_options).") from error
 
 
 def _undecodable_metadata(folder: Path) -> str | None:

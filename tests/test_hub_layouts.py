@@ -65,7 +65,7 @@ def test_flickr30k_config_reads_karpathy_splits_from_a_column(flickr30k):
     assert {role: len(split) for role, split in splits.items()} == {"train": 5, "eval": 2, "test": 3}
     assert splits["eval"]["captions"][0] == [f"image 5 caption {j}" for j in range(5)]
     assert splits["test"].column_names == ["image", "captions"]
-    assert train_mcad.split_label(train_mcad.TrainConfig.from_sources(None, values), "eval") == "test {'split': 'val'}"
+    assert train_mcad.split_label(train_mcad.TrainConfig.from_sources(None, values), "eval") == "test[split=val]"
 
 
 def test_a_where_that_matches_nothing_or_names_no_column(flickr30k):
@@ -168,8 +168,36 @@ def test_layouts_that_already_worked(tmp_path):
 
 def test_dataset_options_may_not_repeat_an_option(tmp_path):
     config = train_mcad.TrainConfig.from_sources(None, {"dataset": str(tmp_path), "dataset_options": {"split": "x"}})
-    with pytest.raises(UserError, match=r"dataset_options \['split'\] are options of their own: set them as --split"):
+    with pytest.raises(UserError, match=r"dataset_options \['split'\] cannot go to datasets.load_dataset here: set "
+                                        r"them with --train_split / --eval_split / --test_split\."):
         train_mcad.load_splits(config, accelerator=None)
-    shapes = train_mcad.TrainConfig.from_sources(None, {"train_where": {"split": "train"}})
-    with pytest.raises(UserError, match="train_where select rows by a dataset's columns; mcad-shapes"):
+    shapes = train_mcad.TrainConfig.from_sources(None, {"train_where": {"split": "train"}, "image_root": "x"})
+    with pytest.raises(UserError, match="train_where, image_root apply to a dataset that is read"):
         train_mcad.load_splits(shapes, accelerator=None)
+
+
+def test_odd_layout_options_are_refused_by_name(flickr30k, tmp_path, capsys):
+    """Review cases: a one-item image_column list, where values of another type than the column's, where on a list
+    column, a caption column listed twice, streaming or a misspelt load_dataset option, malformed YAML on a flag."""
+    common = {"split": "test", "caption_column": "caption", "data_dir": "TEST"}
+    assert len(load_image_text_dataset(flickr30k, image_column=["image"], where={"split": "val"}, **common)) == 2
+    for where, message in (({"img_id": 5}, r"where\['img_id'\] must be .* of the column's type \(string\), got 5 "
+                                           r"\(in YAML, quote a number"),
+                           ({"split": True}, r"where\['split'\] must be"),
+                           ({"sentids": "1"}, r"where\['sentids'\]: the column holds list<.*>, not plain values")):
+        with pytest.raises(UserError, match=message):
+            load_image_text_dataset(flickr30k, where=where, **common)
+    with pytest.raises(UserError, match=r"caption_column=\['caption', 'caption'\] must name one column or a list of "
+                                        r"distinct columns"):
+        load_image_text_dataset(flickr30k, **{**common, "caption_column": ["caption", "caption"]})
+    with pytest.raises(UserError, match=r"datasets could not load .* with \{'revison': 'main', 'data_dir': 'TEST'\} "
+                                        r"\(.*doesn't have a 'revison' key"):
+        load_image_text_dataset(flickr30k, revison="main", **common)
+    streaming = train_mcad.TrainConfig.from_sources(None, {"dataset": str(flickr30k),
+                                                           "dataset_options": {"streaming": True}})
+    with pytest.raises(UserError, match=r"dataset_options \['streaming'\] cannot go .*the split is read whole"):
+        train_mcad.load_splits(streaming, accelerator=None)
+    with pytest.raises(SystemExit) as exit:
+        train_mcad.parse_args(["--train_where", "{split: train"])
+    assert exit.value.code == 2
+    assert "argument --train_where: '{split: train' is not a YAML value" in capsys.readouterr().err
