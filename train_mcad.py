@@ -638,7 +638,10 @@ def distill(config: TrainConfig, accelerator) -> Path:
             remove_directory(checkpoints.folder)  # "latest" and the pruning must see this run's checkpoints alone
     if accelerator.is_main_process:  # rows of the steps after the checkpoint would appear twice
         truncate_jsonl(output_dir / "distill_log.jsonl", state["global_step"])
-    accelerator.init_trackers("distill", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    # A resumed run's TensorBoard drops what the earlier run logged after the checkpoint, as the log file above.
+    tracker_options = {"tensorboard": {"purge_step": state["global_step"] + 1}} if state["global_step"] else {}
+    accelerator.init_trackers("distill", config={k: str(v) for k, v in dataclasses.asdict(config).items()},
+                              init_kwargs=tracker_options)
     progress = tqdm(total=run.total_steps, initial=state["global_step"], desc=f"distill ({config.objective})",
                     disable=not accelerator.is_local_main_process)
 

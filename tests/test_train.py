@@ -225,6 +225,12 @@ def test_killed_run_resumes_to_the_same_student(tmp_path):
     result = run_script("distill", "--config", interrupted, "--resume_from_checkpoint", "latest")
     assert f"resumed from {checkpoints / f'step_{kept[-1]}'} " in result.stderr
     assert losses(tmp_path / "interrupted") == pytest.approx(losses(tmp_path / "reference"), rel=1e-5)
+    # TensorBoard, too, shows each step once: the resumed run purges what the killed one logged after its checkpoint.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "interrupted" / "logs" / "distill")).Reload()
+    steps_logged = [event.step for event in events.Scalars("loss")]
+    assert steps_logged == sorted(set(steps_logged)) and len(steps_logged) == len(losses(tmp_path / "reference"))
     expected = load_file(tmp_path / "reference" / "student" / "model.safetensors")
     resumed = load_file(tmp_path / "interrupted" / "student" / "model.safetensors")
     assert expected.keys() == resumed.keys()
