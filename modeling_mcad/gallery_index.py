@@ -417,6 +417,7 @@ class GalleryIndex:
         file = path.resolve()  # onnxruntime reads the codes from the file itself, wherever links and cwd go
         identity = _stat_identity(file)
         metadata = header.pop("__metadata__")
+        _check_format_version(metadata[METADATA_KEY], path)  # a newer format may check itself another way
         stored = metadata.pop("checksum", None)
         try:
             with path.open("rb") as handle:
@@ -562,12 +563,7 @@ def _read_index_record(raw: str, path: Path) -> tuple[int, int, int, IndexModel]
     missing or of the wrong type is a damaged header."""
     try:
         record = json.loads(raw)
-        version = record["format_version"]
-        if isinstance(version, int) and version != INDEX_FORMAT_VERSION:
-            newer = version > INDEX_FORMAT_VERSION
-            raise CorruptIndexError(f"{path} has index format {version}, {'newer' if newer else 'older'} than the "
-                                    f"one this mcad reads ({INDEX_FORMAT_VERSION}): "
-                                    f"{'upgrade mcad, or ' if newer else ''}{rebuild_hint(path)}.")
+        _check_format_version(raw, path)
         sizes = {key: record[key] for key in ("format_version", "count", "dimension", "block_rows")}
         bad = [f"{key}={value!r}" for key, value in sizes.items() if type(value) is not int or value < 0]  # no bool
         if bad:
@@ -580,6 +576,20 @@ def _read_index_record(raw: str, path: Path) -> tuple[int, int, int, IndexModel]
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON and UTF-8 errors are ValueErrors
         raise CorruptIndexError(f"{path} has a damaged header ({error!r}); {rebuild_hint(path)}.") from error
     return sizes["count"], sizes["dimension"], sizes["block_rows"], model
+
+
+def _check_format_version(raw: str, path: Path) -> None:
+    """Refuse an index of another format version, named as such; a record that cannot be read passes (the checksum
+    and the header's checks name it)."""
+    try:
+        version = json.loads(raw).get("format_version")
+    except (ValueError, AttributeError):
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version != INDEX_FORMAT_VERSION:
+        newer = version > INDEX_FORMAT_VERSION
+        raise CorruptIndexError(f"{path} has index format {version}, {'newer' if newer else 'older'} than the one "
+                                f"this mcad reads ({INDEX_FORMAT_VERSION}): {'upgrade mcad, or ' if newer else ''}"
+                                f"{rebuild_hint(path)}.")
 
 
 def _mapped(path: Path, data_start: int, entry: dict) -> np.ndarray:

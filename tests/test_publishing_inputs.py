@@ -140,6 +140,18 @@ def test_every_header_byte_is_checked(tmp_path):
             GalleryIndex.load(path)
 
 
+def test_an_index_of_a_newer_format_is_named_so_whatever_its_checksum(tmp_path, capsys):
+    path = small_index(tmp_path)
+    header, tensors = read_index(path)
+    write_index(path, {**header, "format_version": 4}, tensors)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a newer format may checksum otherwise: its version is read first
+    path.write_bytes(bytes(data))
+    error = search_error(capsys, "query", path, "a red circle")
+    assert re.search(rf"gallery\.mcadidx has index format 4, newer than the one this mcad reads \(3\): upgrade mcad, "
+                     rf"or {REBUILD}", error), error
+
+
 def test_an_index_of_the_older_format_is_refused_with_a_rebuild_hint(tmp_path, capsys):
     path = tmp_path / "gallery.mcadidx"
     path.write_bytes(b"MCADIDX\x00" + bytes(200))  # formats 1 and 2 began so
