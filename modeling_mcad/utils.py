@@ -1,6 +1,7 @@
 """Small shared helpers: atomic and durable writes of files and folders, progress bars."""
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -97,11 +98,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     Yield a temporary folder beside `path`; when the block ends without error it replaces `path`
     (`replace_directory`), so a reader sees the old folder or the new one, never a half-written one. On error the
     temporary folder is removed and `path` is left as it was. An earlier replacement of `path` that a crash cut short
-    is finished first, so the block sees the old folder.
+    is finished first, so the block sees the old folder, and the half-written or half-removed folders such crashes
+    leave beside it (`.NAME.tmp-*`, `.NAME.removing-*`) are removed. Call it from one process only.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
+    for leftover in (*path.parent.glob(f".{glob.escape(path.name)}.tmp-*"),
+                     *path.parent.glob(f".{glob.escape(path.name)}.removing-*")):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield temporary

@@ -76,6 +76,18 @@ def test_a_damaged_state_file_is_passed_over_for_latest_and_named_for_an_explici
         load_checkpoint(tmp_path, str(tmp_path / "step_4"))
 
 
+def test_a_write_removes_what_crashed_writes_of_the_same_folder_left(tmp_path):
+    for leftover in (".out.tmp-k1lled", ".out.removing-x", ".other.tmp-1"):
+        (tmp_path / leftover).mkdir()
+    (tmp_path / ".out.tmp-k1lled" / "half.bin").write_bytes(b"12")
+    (tmp_path / ".out.tmp-file").write_text("a file, not a folder this writes")
+    with atomic_directory(tmp_path / "out") as temporary:
+        (temporary / "whole.bin").write_bytes(b"1234")
+    # Another folder's leftovers and files stay; the new write is whole.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".other.tmp-1", ".out.tmp-file", "out"]
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["whole.bin"]
+
+
 def test_atomic_directory_syncs_every_file_and_the_renames(tmp_path, monkeypatch):
     import os
 
