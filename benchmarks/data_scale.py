@@ -2,12 +2,14 @@
 layouts of their Hub copies -> markdown for BENCHMARKS.md.
 
     python benchmarks/data_scale.py                      # Flickr30K size
-    python benchmarks/data_scale.py --replicas flickr30k coco
+    python benchmarks/data_scale.py --replicas flickr30k coco web
 
 - `flickr30k`: nlphuji/flickr30k's Parquet export — one split of 31,783 JPEG images (500 x 375) embedded in Parquet
   shards, 5 captions each in `caption`, Karpathy's split in a `split` column (29,000 train).
 - `coco`: yerevann/coco-karpathy's layout — Parquet metadata (`sentences`, `filepath`, `filename`) with the images as
   JPEG files (640 x 480) under COCO's folders on disk: 82,783 train + 30,504 restval + 5,000 + 5,000.
+- `web`: a web-style set of 3,000,000 rows, one alt text per row and an image path each (the files are not written:
+  it is loaded with `check_images=False` only, as such a set would be).
 
 Replicas are generated once into `--work_dir` (smooth random images, about the JPEG size of photos). Each
 measurement runs in a fresh process: the training split as `train_mcad.py` loads it (configs/flickr30k_clip_blip.yaml
@@ -31,6 +33,7 @@ REPLICAS = {
     "flickr30k": {"splits": {"train": 29000, "val": 1014, "test": 1769}, "size": (500, 375), "captions": 5},
     "coco": {"splits": {"train": 82783, "restval": 30504, "validation": 5000, "test": 5000}, "size": (640, 480),
              "captions": 5},
+    "web": {"rows": 3_000_000},
 }
 ROWS_PER_SHARD = 2000
 
@@ -78,6 +81,19 @@ def make_replica(name: str, folder: Path) -> Path:
     import datasets
 
     started = time.perf_counter()
+    if name == "web":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = spec["rows"]
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": [f"images/{i // 1000:04d}/{i:08d}.jpg" for i in range(rows)],
+                                 "caption": [f"alt text of web image {i}" for i in range(rows)]}),
+                       folder / "data" / "train-00000-of-00001.parquet")
+        (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: data/train-*\n---\n")
+        (folder / "complete").write_text(f"{time.perf_counter() - started:.0f} s to generate\n")
+        return folder
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         if name == "flickr30k":
             splits = [split for split, count in spec["splits"].items() for _ in range(count)]
@@ -122,11 +138,12 @@ def peak_rss_mib() -> float:
 def load_worker(name: str, folder: Path, check_images: bool) -> dict:
     from modeling_mcad.data import flatten_pairs, load_image_text_dataset
 
-    options = ({"split": "test", "where": {"split": "train"}, "caption_column": "caption", "data_dir": "TEST"}
-               if name == "flickr30k" else
-               {"split": "train+restval", "image_column": ["filepath", "filename"], "image_root": folder / "images",
-                "caption_column": "sentences"})
-    source = folder if name == "flickr30k" else folder / "hub"
+    options = {"flickr30k": {"split": "test", "where": {"split": "train"}, "caption_column": "caption",
+                             "data_dir": "TEST"},
+               "coco": {"split": "train+restval", "image_column": ["filepath", "filename"],
+                        "image_root": folder / "images", "caption_column": "sentences"},
+               "web": {"caption_column": "caption"}}[name]
+    source = folder / "hub" if name == "coco" else folder
     started = time.perf_counter()
     split = load_image_text_dataset(source, check_images=check_images,
                                     cache_dir=str(folder / f"cache-{time.time_ns()}"), **options)
@@ -151,7 +168,7 @@ def main() -> None:
     for name in args.replicas:
         folder = make_replica(name, args.work_dir / name)
         print(f"{name}: {(folder / 'complete').read_text().strip()}", file=sys.stderr)
-        for check in (True, False):
+        for check in (True, False) if name != "web" else (False,):
             completed = subprocess.run([sys.executable, __file__, "--worker", name, str(folder), str(check)],
                                        capture_output=True, text=True, check=True)
             row = json.loads(completed.stdout.strip().splitlines()[-1])
