@@ -149,12 +149,6 @@ def check_image(image, max_image_pixels: int | None = None) -> str | None:
     return None
 
 
-def _cores() -> int:
-    """This process's share of the machine's cores (`accelerate launch` runs one process per device)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
 def _image_label(value) -> str:
     if isinstance(value, Mapping) and value.get("path"):
         return str(value["path"])
@@ -262,8 +256,9 @@ def load_image_text_dataset(
     group_of: dict[str, int] = {}  # image key -> its position in `rows`
     image_problem: dict[str, str | None] = {}  # image key -> what is wrong with it, each image checked once
     bad_image_rows = bad_captions = captionless_images = 0
-    # PIL decodes without the GIL: the checks of a chunk's images run on every core.
-    with ThreadPoolExecutor(_cores()) as checker:
+    # PIL decodes without the GIL: the checks of a chunk's images run on this process's threads (torch's count,
+    # which train_mcad.py sets to the process's share of the cores).
+    with ThreadPoolExecutor(torch.get_num_threads()) as checker:
         for start in range(0, len(source), _CHUNK_ROWS):
             chunk = raw_images[start : start + _CHUNK_ROWS]
             # Rows with captions of their own are their own images; one caption per row groups rows by image.

@@ -379,9 +379,6 @@ class GalleryIndex:
         self._scanners[num_threads] = scanner
         return scanner
 
-    def _block_starts(self) -> list[int]:
-        return [0, *np.cumsum([block.shape[1] for block in self.blocks])[:-1].tolist()]
-
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to `path` atomically, replacing only an earlier index (see the module docstring)."""
         path = Path(path)
@@ -534,16 +531,14 @@ def _read_index_header(path: Path) -> tuple[dict, int]:
     """The safetensors header of an index file and where its data starts; refuses other files with the reason."""
     if not path.is_file():
         raise SearchError(f"No index file {path}: {rebuild_hint(path)}.")
-    prefix = _read_prefix(path, 8)
+    prefix, raw = _header_bytes(path)
     if prefix == _LEGACY_MAGIC:
         raise CorruptIndexError(f"{path} has an index format (MCADIDX) this mcad no longer reads; "
                                 f"{rebuild_hint(path)}.")
     not_an_index = (f"{path} is not an mcad-search index (a safetensors file written by `mcad-search index`); pass "
                     f"such a file, or {rebuild_hint(path)}.")
-    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-    if not 0 < length <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
+    if raw is None:
         raise CorruptIndexError(not_an_index)
-    raw = _read_prefix(path, 8 + length)[8:]
     try:
         header = json.loads(raw.decode("utf-8"))
         metadata = header["__metadata__"]
@@ -551,11 +546,25 @@ def _read_index_header(path: Path) -> tuple[dict, int]:
     except (ValueError, KeyError, TypeError):  # not JSON, or JSON of another kind
         is_index = False
     if not is_index:
-        if raw.lstrip()[:1] == b"{" and METADATA_KEY.encode() in raw:  # ours, damaged
+        if _names_the_index(raw):  # ours, damaged
             raise CorruptIndexError(f"{path} is truncated or damaged (its header is not readable JSON); "
                                     f"{rebuild_hint(path)}.")
         raise CorruptIndexError(not_an_index)
-    return header, 8 + length
+    return header, 8 + len(raw)
+
+
+def _header_bytes(path: Path) -> tuple[bytes, bytes | None]:
+    """A file's first 8 bytes and, when they give a length a safetensors header can have there, its header."""
+    prefix = _read_prefix(path, 8)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    if not 0 < length <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
+        return prefix, None
+    return prefix, _read_prefix(path, 8 + length)[8:]
+
+
+def _names_the_index(raw: bytes | None) -> bool:
+    """Whether a safetensors header is an index's, as `save` writes it (its metadata first), readable or not."""
+    return raw is not None and raw.startswith(b'{"__metadata__":{') and f'"{METADATA_KEY}"'.encode() in raw
 
 
 def _read_index_record(raw: str, path: Path) -> tuple[int, int, int, IndexModel]:
@@ -611,10 +620,7 @@ def check_index_destination(path: Path) -> None:
         raise SearchError(f"The index destination {path} is a folder; pass a file path such as "
                           f"{path}/gallery.index.safetensors.")
     if path.exists():
-        prefix = _read_prefix(path, 8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-        header = _read_prefix(path, 8 + length)[8:] if 0 < length <= _MAX_HEADER_BYTES else b""
-        ours = header.startswith(b'{"__metadata__":{') and f'"{METADATA_KEY}"'.encode() in header
-        if not (prefix == _LEGACY_MAGIC or ours):
+        prefix, raw = _header_bytes(path)
+        if not (prefix == _LEGACY_MAGIC or _names_the_index(raw)):
             raise SearchError(f"{path} exists and is not an mcad-search index, so it is not replaced; choose "
                               "another output path, or remove the file first.")

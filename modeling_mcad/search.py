@@ -188,6 +188,20 @@ class SearchResult:
                 "results": [{"id": hit.id, "score": hit.score} for hit in self.hits]}
 
 
+def _model_of(index: GalleryIndex, model_dir: str | os.PathLike | None) -> Path:
+    """The model folder for `index`: the one given, else the one the index records (when it lies in the index's
+    folder and is still there)."""
+    if model_dir is not None:
+        return Path(model_dir)
+    if index.model.path is None:
+        raise SearchError(f"The index {index.path} does not record where its model is (it was built with the model "
+                          f"folder {index.model.name!r}, outside the index's folder): pass that folder (--model DIR).")
+    if not Path(index.model.path).is_dir():
+        raise SearchError(f"The index {index.path} was built with the model in {index.model.path}, which is not there "
+                          "any more: pass the model folder (--model DIR).")
+    return Path(index.model.path)
+
+
 class GallerySearch:
     """
     Answers text queries over an index with the model's ONNX text encoder. Imports no torch and no transformers.
@@ -207,16 +221,7 @@ class GallerySearch:
     def __init__(self, index: "str | os.PathLike | GalleryIndex", model_dir: str | os.PathLike | None = None,
                  text_model: str | os.PathLike = DEFAULT_TEXT_MODEL, num_threads: int = 1):
         self.index = index if isinstance(index, GalleryIndex) else GalleryIndex.load(index)
-        if model_dir is None:
-            model_dir = self.index.model.path
-            if model_dir is None:
-                raise SearchError(f"The index {self.index.path} does not record where its model is (it was built with "
-                                  f"the model folder {self.index.model.name!r}, outside the index's folder): pass "
-                                  "that folder (mcad-search query ... --model DIR).")
-            if not Path(model_dir).is_dir():
-                raise SearchError(f"The index {self.index.path} was built with the model in {model_dir}, which is not "
-                                  "there any more: pass the model folder (mcad-search query ... --model DIR).")
-        self.encoder = TextQueryEncoder(model_dir, text_model, num_threads)
+        self.encoder = TextQueryEncoder(_model_of(self.index, model_dir), text_model, num_threads)
         self.num_threads = num_threads
         self._check_model()
 
@@ -410,16 +415,6 @@ def build_index(images, model_dir: str | os.PathLike, output: str | os.PathLike,
         logger.warning("%s holds no %s: queries will need this model's export folder "
                        "(modeling_mcad.export.export_variants), passed with --model.", model_dir, DEFAULT_TEXT_MODEL)
     return index
-
-
-def _model_of(index: GalleryIndex, model_dir: str | os.PathLike | None) -> Path:
-    """The model folder that embeds for `index`: the one given, else the one the index records."""
-    if model_dir is not None:
-        return Path(model_dir)
-    if index.model.path is None or not Path(index.model.path).is_dir():
-        raise SearchError(f"The index {index.path} does not record a model folder that is still there (it was built "
-                          f"with {index.model.name!r}): pass that folder (--model DIR).")
-    return Path(index.model.path)
 
 
 def add_to_index(index_path: str | os.PathLike, images, model_dir: str | os.PathLike | None = None,

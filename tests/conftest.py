@@ -20,13 +20,15 @@ def snapshot(folder: Path) -> dict[str, str]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def train_script_error(arguments: list, capsys) -> str:
+def train_script_error(arguments: list, capsys, leaves_unchanged: Path | None = None) -> str:
     """
     The message `train_mcad.cli(arguments)` prints for a user's mistake (after "error: ", the program's name being
-    pytest's here), run in this process; the run must end with status 2 and no traceback.
+    pytest's here), run in this process; the run must end with status 2 and no traceback, and change no file under
+    `leaves_unchanged` when given.
     """
     import train_mcad
 
+    before = snapshot(leaves_unchanged) if leaves_unchanged is not None else None
     threads = torch.get_num_threads()
     capsys.readouterr()
     try:
@@ -36,6 +38,8 @@ def train_script_error(arguments: list, capsys) -> str:
         torch.set_flush_denormal(False)
     error = capsys.readouterr().err
     assert status == 2 and "Traceback" not in error, error[-3000:]
+    if before is not None:
+        assert snapshot(leaves_unchanged) == before
     lines = error.strip().splitlines()
     start = max(i for i, line in enumerate(lines) if ": error: " in line)
     return "\n".join(lines[start:]).split(": error: ", 1)[1]
