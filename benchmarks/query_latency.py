@@ -103,7 +103,7 @@ def torch_worker(args) -> dict:
     @torch.inference_mode()
     def encode(query: str) -> torch.Tensor:
         tokens = processor(text=[query], truncation=True, return_tensors="pt")
-        text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         return torch.nn.functional.normalize(text, dim=-1)[0]
 
     @torch.inference_mode()
@@ -185,7 +185,7 @@ def quantization_recall(model_dir: Path, test, threads: int) -> tuple[dict, np.n
     with torch.inference_mode():
         torch_texts = np.concatenate([
             torch.nn.functional.normalize(model.get_text_features(**processor(
-                text=captions[i : i + 256], padding=True, truncation=True, return_tensors="pt")), dim=-1).numpy()
+                text=captions[i : i + 256], padding=True, truncation=True, return_tensors="pt")).pooler_output, dim=-1).numpy()
             for i in range(0, len(captions), 256)])
 
     def recall(ranked: np.ndarray, exact: np.ndarray, scores: np.ndarray | None = None) -> dict:

@@ -289,12 +289,12 @@ def student_encoders(student, processor, device="cpu") -> tuple[Callable, Callab
     @torch.no_grad()
     def encode_images(images):
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        return student.get_image_features(pixel_values)
+        return student.get_image_features(pixel_values).pooler_output
 
     @torch.no_grad()
     def encode_texts(texts):
         inputs = processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(device)
-        return student.get_text_features(**inputs)
+        return student.get_text_features(**inputs).pooler_output
 
     return encode_images, encode_texts
 

@@ -14,6 +14,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_mcad import MCADConfig
 
@@ -24,6 +25,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_mcad.MCADModel",
     "AutoModelForZeroShotImageClassification": "modeling_mcad.MCADModel",
 }
+# Image towers whose forward takes `interpolate_pos_encoding` (images of another size than `image_size`).
+INTERPOLATING_VISION_TYPES = ("vit", "deit", "clip_vision_model")
 
 
 @dataclass
@@ -76,10 +79,17 @@ def _pooled_dim(config) -> int:
     return config.dim if config.model_type == "distilbert" else config.hidden_size
 
 
-def _pool(outputs: BaseModelOutputWithPooling) -> torch.Tensor:
-    """The tower's pooled vector, or its first ([CLS]) token where it has no pooler (DistilBERT)."""
+def _projected(outputs: ModelOutput, projection: nn.Linear) -> BaseModelOutputWithPooling:
+    """A tower's output with its pooled vector projected as `pooler_output`: the tower's pooler, or its first
+    ([CLS]) token where it has none (DistilBERT)."""
     pooled = getattr(outputs, "pooler_output", None)
-    return pooled if pooled is not None else outputs.last_hidden_state[:, 0]
+    pooled = pooled if pooled is not None else outputs.last_hidden_state[:, 0]
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=projection(pooled),
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
 
 
 def _is_exporting() -> bool:
@@ -91,6 +101,8 @@ class MCADPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mcad"
     input_modalities = ("image", "text")
     _supports_sdpa = True
+    # The towers' encoders checkpoint their layers (`gradient_checkpointing_enable`).
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -145,11 +157,13 @@ class MCADModel(MCADPreTrainedModel):
         """
         A randomly initialised student of a named preset, built offline.
 
-        - `tiny`: a few hundred thousand parameters, for tests.
-        - `shapes`: the mcad-shapes student (32 px images, 4 px patches, a CLIP text tower): 0.63M parameters.
-        - `mobile`: 224 px, deployable: a ViT-192/32 (6 layers) image tower and a BERT-256 (4 layers) text
-          tower, about 6.8M parameters with the preset vocabulary (CLIP ViT-B/32: 151M) — chosen for CPU and
-          phone latency: at 224 px it encodes an image 12-20x faster than ViT-B/32 on 2 CPU cores.
+        - `tiny`: about 55k parameters, for tests.
+        - `shapes`: the mcad-shapes student (32 px images, 4 px patches): 0.62M parameters.
+        - `mobile`: 224 px, deployable: a CLIP image tower of width 192 with 32 px patches (6 layers) and a CLIP
+          text tower of width 256 (4 layers), 6.65M parameters with the preset vocabulary (CLIP ViT-B/32: 151M) —
+          chosen for CPU and phone latency.
+
+        Every preset's towers are CLIP's, so the saved student loads as a plain `CLIPModel` too.
 
         Args:
             name (`str`): `tiny`, `shapes` or `mobile`.
@@ -157,40 +171,55 @@ class MCADModel(MCADPreTrainedModel):
         """
         return cls(MCADConfig.from_preset(name, **config_overrides))
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.FloatTensor:
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
         """
-        Projected text embeddings (not normalised), as `CLIPModel.get_text_features` in transformers 4.x.
+        The text tower's output with the projected text embedding (not normalised) as its `pooler_output`, as
+        `CLIPModel.get_text_features` in transformers 5.x.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids from the processor.
             attention_mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding.
-            token_type_ids (`torch.Tensor`, *optional*): passed to towers that take them (BERT).
             position_ids (`torch.Tensor`, *optional*): passed to the text tower.
+            token_type_ids (`torch.Tensor`, *optional*): passed to towers that take them (BERT).
+            kwargs: passed to the text tower (`output_hidden_states`, `output_attentions`, ...).
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+            `BaseModelOutputWithPooling`: `pooler_output` of shape `(batch_size, projection_dim)`, and the tower's
+            `last_hidden_state`, `hidden_states`, `attentions`.
         """
-        return self.text_projection(_pool(self._text_tower(input_ids, attention_mask, token_type_ids, position_ids)))
+        outputs = self._text_tower(input_ids, attention_mask, position_ids, token_type_ids, **kwargs)
+        return _projected(outputs, self.text_projection)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
         """
-        Projected image embeddings (not normalised).
+        The image tower's output with the projected image embedding (not normalised) as its `pooler_output`.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images as
                 prepared by the processor.
+            interpolate_pos_encoding (`bool`, defaults to `False`): take images of another size than the tower's
+                `image_size`, interpolating its position embeddings (ViT, DeiT and CLIP image towers).
+            kwargs: passed to the image tower (`output_hidden_states`, `output_attentions`, ...).
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+            `BaseModelOutputWithPooling`: `pooler_output` of shape `(batch_size, projection_dim)`, and the tower's
+            `last_hidden_state`, `hidden_states`, `attentions`.
         """
-        return self.visual_projection(_pool(self._vision_tower(pixel_values)))
+        outputs = self._vision_tower(pixel_values, interpolate_pos_encoding, **kwargs)
+        return _projected(outputs, self.visual_projection)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -199,9 +228,9 @@ class MCADModel(MCADPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
-        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs,
-    ) -> MCADOutput | tuple:
+    ) -> MCADOutput:
         """
         Embed images and/or texts; with both, score every image against every text.
 
@@ -215,7 +244,9 @@ class MCADModel(MCADPreTrainedModel):
             token_type_ids (`torch.LongTensor`, *optional*): passed to towers that take them.
             return_loss (`bool`, *optional*): also return the symmetric contrastive loss (needs both inputs and
                 equal batch sizes: the i-th text is the i-th image's caption).
-            return_dict (`bool`, *optional*): return an [`MCADOutput`] (default) or a tuple.
+            interpolate_pos_encoding (`bool`, defaults to `False`): see `get_image_features`.
+            kwargs: passed to both towers (`output_hidden_states`, `output_attentions`); `return_dict=False`
+                returns a tuple.
 
         Returns:
             [`MCADOutput`]. With a single modality only its embedding is set, so it is the output's first field
@@ -223,15 +254,14 @@ class MCADModel(MCADPreTrainedModel):
         """
         if input_ids is None and pixel_values is None:
             raise ValueError("MCADModel needs `input_ids`, `pixel_values` or both; build them with MCADProcessor.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         text_embeds = image_embeds = text_outputs = vision_outputs = None
         if input_ids is not None:
-            text_outputs = self._text_tower(input_ids, attention_mask, token_type_ids, position_ids)
-            text_embeds = F.normalize(self.text_projection(_pool(text_outputs)), dim=-1)
+            text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, token_type_ids, **kwargs)
+            text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
         if pixel_values is not None:
-            vision_outputs = self._vision_tower(pixel_values)
-            image_embeds = F.normalize(self.visual_projection(_pool(vision_outputs)), dim=-1)
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs)
+            image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
 
         logits_per_text = logits_per_image = loss = None
         if text_embeds is not None and image_embeds is not None:
@@ -242,7 +272,7 @@ class MCADModel(MCADPreTrainedModel):
         elif return_loss:
             raise ValueError("return_loss=True needs both `input_ids` and `pixel_values` (matching pairs).")
 
-        output = MCADOutput(
+        return MCADOutput(
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
@@ -251,9 +281,8 @@ class MCADModel(MCADPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        return output if return_dict else output.to_tuple()
 
-    def _text_tower(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+    def _text_tower(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None, **kwargs):
         if not _is_exporting():
             self._check_input_ids(input_ids)
         optional = {"token_type_ids": token_type_ids, "position_ids": position_ids}
@@ -261,13 +290,22 @@ class MCADModel(MCADPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             **{name: value for name, value in optional.items() if value is not None},
+            **kwargs,
             return_dict=True,
         )
 
-    def _vision_tower(self, pixel_values):
+    def _vision_tower(self, pixel_values, interpolate_pos_encoding=False, **kwargs):
+        if interpolate_pos_encoding:
+            if self.config.vision_config.model_type not in INTERPOLATING_VISION_TYPES:
+                raise ValueError(
+                    f"interpolate_pos_encoding=True needs an image tower with position embeddings to interpolate "
+                    f"({', '.join(INTERPOLATING_VISION_TYPES)}); this one is "
+                    f"{self.config.vision_config.model_type!r}: resize images to its image_size instead."
+                )
+            kwargs["interpolate_pos_encoding"] = True
         if not _is_exporting():
-            self._check_pixel_values(pixel_values)
-        return self.vision_model(pixel_values=pixel_values, return_dict=True)
+            self._check_pixel_values(pixel_values, any_size=interpolate_pos_encoding)
+        return self.vision_model(pixel_values=pixel_values, **kwargs, return_dict=True)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         text_config = self.config.text_config
@@ -287,11 +325,12 @@ class MCADModel(MCADPreTrainedModel):
                 "not match this model: use the processor saved with it."
             )
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor, any_size: bool = False) -> None:
         vision_config = self.config.vision_config
         size = vision_config.image_size
         expected = (vision_config.num_channels, size, size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        shape = tuple(pixel_values.shape[1:2] if any_size else pixel_values.shape[1:])
+        if pixel_values.ndim != 4 or shape != expected[:len(shape)]:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but this model expects "
                 f"(batch_size, {', '.join(map(str, expected))}); prepare images with the model's processor "

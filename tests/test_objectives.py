@@ -262,8 +262,8 @@ def test_gradients_reach_only_the_student_and_w(tiny_student):
     assert all(p.grad is None for p in teacher.parameters())
     assert objective.feature_loss.image_projection.weight.grad.abs().sum() > 0
     assert student.logit_scale.grad is not None
-    assert student.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
-    assert student.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert student.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert student.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
 
 
 def test_the_targets_are_constants_of_the_loss_even_when_the_teacher_outputs_carry_a_graph():

@@ -69,7 +69,7 @@ def torch_scores(model_folder, texts, image_embeddings):
     model, processor = MCADModel.from_pretrained(model_folder).eval(), MCADProcessor.from_pretrained(model_folder)
     with torch.no_grad():
         tokens = processor(text=texts, padding=True, truncation=True, return_tensors="pt")
-        text = torch.nn.functional.normalize(model.get_text_features(**tokens), dim=-1).numpy()
+        text = torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1).numpy()
     return text @ image_embeddings.T
 
 
@@ -96,7 +96,7 @@ def test_index_from_a_folder_ranks_as_the_torch_model_does(model_folder, gallery
 
     with torch.no_grad():
         pixels = processor(images=[Image.open(gallery / file) for file in index.ids], return_tensors="pt")
-        exact = torch.nn.functional.normalize(model.get_image_features(**pixels), dim=-1).numpy()
+        exact = torch.nn.functional.normalize(model.get_image_features(**pixels).pooler_output, dim=-1).numpy()
     dequantized = index.codes.astype(np.float32) * index.scales[:, None]
     assert np.abs(dequantized - exact).max() <= 0.5 * index.scales.max() + 1e-6  # int8 rounding, nothing more
 

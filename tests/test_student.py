@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from modeling_mcad import MCADConfig, MCADModel, MCADProcessor, PRESETS
+from modeling_mcad import PRESETS, MCADConfig, MCADModel, MCADProcessor
 from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
 
 from .conftest import random_images
@@ -53,8 +54,9 @@ def test_every_tower_combination_embeds_scores_and_trains(vision_type, text_type
     assert out.logits_per_image.shape == (4, 4) and out.image_embeds.shape == (4, 16)
     torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(4))
     # Logits are the scaled cosine similarities of the get_*_features embeddings.
-    image_features = F.normalize(model.get_image_features(pixel_values), dim=-1)
-    text_features = F.normalize(model.get_text_features(input_ids, attention_mask=attention_mask), dim=-1)
+    image_features = F.normalize(model.get_image_features(pixel_values).pooler_output, dim=-1)
+    text_features = F.normalize(model.get_text_features(input_ids, attention_mask=attention_mask).pooler_output,
+                                dim=-1)
     torch.testing.assert_close(out.logits_per_image, model.logit_scale.exp() * image_features @ text_features.t())
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
 
@@ -182,3 +184,78 @@ def test_processor_converts_image_modes_to_three_channels(mode):
     processor = MCADProcessor.from_preset("tiny")
     pixel_values = processor(images=random_images(1, mode=mode), return_tensors="pt")["pixel_values"]
     assert pixel_values.shape == (1, 3, 32, 32)
+
+
+# --- the transformers 5 CLIP API ------------------------------------------------------------------------------------
+
+
+def test_get_features_return_tower_outputs_with_the_projection_as_pooler_output():
+    torch.manual_seed(0)
+    model, processor = MCADModel.from_preset("tiny").eval(), MCADProcessor.from_preset("tiny")
+    model.set_attn_implementation("eager")  # SDPA computes no attention weights to return
+    inputs = processor(images=random_images(2), text=["a red circle", "a blue square left of a star"],
+                       return_tensors="pt", padding=True)
+    layers = model.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"], output_hidden_states=True,
+                                       output_attentions=True)
+        image = model.get_image_features(inputs["pixel_values"], output_hidden_states=True)
+        joint = model(**inputs, output_hidden_states=True)
+        as_tuple = model.get_image_features(inputs["pixel_values"], return_dict=False)
+    assert text.pooler_output.shape == image.pooler_output.shape == (2, model.config.projection_dim)
+    assert len(text.hidden_states) == layers + 1 and len(text.attentions) == layers
+    assert len(image.hidden_states) == model.config.vision_config.num_hidden_layers + 1 and not image.attentions
+    torch.testing.assert_close(joint.text_embeds, F.normalize(text.pooler_output, dim=-1))
+    torch.testing.assert_close(joint.image_embeds, F.normalize(image.pooler_output, dim=-1))
+    assert len(joint.vision_model_output.hidden_states) == len(image.hidden_states)
+    torch.testing.assert_close(as_tuple[1], image.pooler_output)  # (last_hidden_state, pooler_output, ...)
+
+
+def test_interpolate_pos_encoding_takes_images_of_another_size():
+    torch.manual_seed(0)
+    model = MCADModel.from_preset("tiny").eval()
+    native, larger = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"expects \(batch_size, 3, 32, 32\)"):
+            model.get_image_features(larger)
+        assert model.get_image_features(larger, interpolate_pos_encoding=True).pooler_output.shape == (2, 32)
+        torch.testing.assert_close(model.get_image_features(native, interpolate_pos_encoding=True).pooler_output,
+                                   model.get_image_features(native).pooler_output)
+    convolutional = MCADModel(tiny_config("mobilevit", "bert"))
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True needs .* this one is 'mobilevit'"):
+        convolutional.get_image_features(torch.randn(1, 3, 64, 64), interpolate_pos_encoding=True)
+
+
+@pytest.mark.parametrize("vision_type,text_type", [("clip_vision_model", "clip_text_model"), ("vit", "bert")])
+def test_gradient_checkpointing_trains_exactly_as_without(vision_type, text_type):
+    """With checkpointing every layer runs its forward again in the backward pass; the weights end up the same."""
+    torch.manual_seed(0)
+    reference = MCADModel(tiny_config(vision_type, text_type))
+    checkpointed = MCADModel(tiny_config(vision_type, text_type))
+    checkpointed.load_state_dict(reference.state_dict())
+    checkpointed.activation_checkpointing_enable()  # transformers 5's name for gradient_checkpointing_enable
+    assert checkpointed.is_activation_checkpointing and not reference.is_activation_checkpointing
+    size = reference.config.vision_config.image_size
+    pixel_values, input_ids = torch.randn(4, 3, size, size), torch.randint(5, VOCAB, (4, 7))
+    layer_runs = {"reference": 0, "checkpointed": 0}
+    for name, model in (("reference", reference), ("checkpointed", checkpointed)):
+        # Hooks on a checkpointed layer stay outside the checkpoint: count runs of a module inside it.
+        first_layer = next(module for module in model.text_model.modules()
+                           if isinstance(module, GradientCheckpointingLayer))
+
+        def count(*_, name=name):
+            layer_runs[name] += 1
+
+        next(first_layer.children()).register_forward_hook(count)
+        # Plain SGD: Adam turns rounding-level gradient differences of near-zero gradients into whole steps.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks (BERT's): the recomputation replays the forward's
+        for _ in range(3):
+            loss = model(input_ids=input_ids, pixel_values=pixel_values, return_loss=True).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert layer_runs == {"reference": 3, "checkpointed": 6}
+    for (name, expected), actual in zip(reference.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0, msg=name)

@@ -67,14 +67,14 @@ def test_epoch_batches_draw_canonical_captions_when_asked_and_whole_families(pai
 
 def test_one_recipe_decays_matrices_only_and_clamps_the_logit_scale():
     student = MCADModel.from_preset("tiny")
-    student.text_model.embeddings.word_embeddings.requires_grad_(False)
+    student.text_model.embeddings.token_embedding.requires_grad_(False)
     decay, no_decay = parameter_groups(student, weight_decay=0.1)
     names = {id(p): name for name, p in student.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
     assert "logit_scale" in {names[id(p)] for p in no_decay["params"]}
-    assert "text_model.embeddings.LayerNorm.weight" in {names[id(p)] for p in no_decay["params"]}
-    assert "text_model.embeddings.word_embeddings.weight" not in {names[id(p)] for p in decay["params"]}
+    assert "text_model.final_layer_norm.weight" in {names[id(p)] for p in no_decay["params"]}
+    assert "text_model.embeddings.token_embedding.weight" not in {names[id(p)] for p in decay["params"]}
     # A step that would push the logit scale past ln 100 leaves it at ln 100; the schedule warms up then decays.
     optimizer, scheduler = adamw_with_cosine(student, lr=1.0, total_steps=10, warmup_steps=2)
     step = TrainingStep(student, optimizer, scheduler, max_grad_norm=None)

@@ -251,13 +251,26 @@ def test_dual_embeddings_are_the_models_normalised_features(teacher_folders, dua
     torch.testing.assert_close(images.norm(dim=-1), torch.ones(3))
 
 
+class _TensorFeaturesStudent(MCADModel):
+    """A dual model whose get_*_features return the projected tensor itself, as transformers 4.x's CLIPModel did."""
+
+    def get_text_features(self, *args, **kwargs):
+        return super().get_text_features(*args, **kwargs).pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return super().get_image_features(*args, **kwargs).pooler_output
+
+
 def test_a_dual_teacher_returning_plain_tensors_works_too(teacher_folders):
-    """Models whose get_*_features return tensors (transformers 4.x style, or the MCAD student) are dual teachers."""
+    """Models whose get_*_features return tensors (transformers 4.x style) are dual teachers as well."""
     student, student_processor = MCADModel.from_preset("tiny"), MCADProcessor.from_preset("tiny")
-    wrapped = MCADTeacher.from_teachers(student, teacher_folders["blip"], dual_processor=student_processor)
+    plain = _TensorFeaturesStudent(student.config)
+    plain.load_state_dict(student.state_dict())
+    wrapped = MCADTeacher.from_teachers(plain, teacher_folders["blip"], dual_processor=student_processor)
     inputs = student_processor(images=random_images(2), text=CAPTIONS[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
-        expected = F.normalize(student.get_text_features(inputs["input_ids"], inputs["attention_mask"]), dim=-1)
+        expected = F.normalize(student.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output,
+                               dim=-1)
     torch.testing.assert_close(wrapped.encode_texts(inputs["input_ids"], inputs["attention_mask"]), expected)
     assert wrapped.config.teacher_dim == student.config.projection_dim
 
