@@ -42,6 +42,8 @@ setup(
     extras_require={
         # Phone programs; pinned to the release that installs beside torch 2.13 without replacing it.
         "executorch": ["executorch==1.5.1"],
-        "dev": ["pytest>=8.0", "hypothesis>=6.100"],
+        # The tests also load exported students the way CLIP users do: sentence-transformers, and transformers.js
+        # in Node (tests/js, installed by the tests themselves with npm).
+        "dev": ["pytest>=8.0", "hypothesis>=6.100", "sentence-transformers>=6.0,<7"],
     },
 )

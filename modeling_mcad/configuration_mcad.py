@@ -39,55 +39,68 @@ PRESET_SPECIAL_TOKEN_IDS = {"pad_token_id": PRESET_VOCABULARY.index("[PAD]"),
                              "bos_token_id": PRESET_VOCABULARY.index("[CLS]"),
                              "eos_token_id": PRESET_VOCABULARY.index("[SEP]")}
 
+# Every preset's towers are CLIP's (pre-norm; the image pooled at its class token, the text at its end-of-text token,
+# [SEP] for the preset tokenizer): a student of two CLIP towers holds exactly `CLIPModel`'s weights, so it loads as
+# one with no custom code (`MCADConfig.plain_model_type`). A ViT image tower and a BERT text tower of the same sizes
+# remain configurable (docs/experiments/2026-12-01-student-and-ablation.md: a BERT text tower of the `shapes` size
+# never bound a colour to its shape).
+_CLIP_TEXT = {"model_type": "clip_text_model", **PRESET_SPECIAL_TOKEN_IDS}
 PRESETS = {
-    # A few thousand parameters: for unit tests only.
+    # A few hundred thousand parameters: for unit tests only.
     "tiny": {
         "vision_config": {
-            "model_type": "vit", "image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "num_channels": 3,
+            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         },
         "text_config": {
-            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 64, "max_position_embeddings": 32,
+            **_CLIP_TEXT, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "max_position_embeddings": 32,
         },
         "projection_dim": 32,
     },
-    # The mcad-shapes student: 32 px scenes need fine patches (4 px) more than width. The text tower is CLIP's
-    # (pre-norm, causal, pooled at the end-of-text token): a BERT of the same size, trained alone to regress the dual
-    # teacher's text embeddings, never bound a colour to its shape (colour-swap accuracy 49%, against 94% for this
-    # tower; docs/experiments/2026-12-01-student-and-ablation.md). [SEP] ends the preset tokenizer's captions, so it
-    # is the end-of-text token.
+    # The mcad-shapes student: 32 px scenes need fine patches (4 px) more than width.
     "shapes": {
         "vision_config": {
-            "model_type": "vit", "image_size": 32, "patch_size": 4, "num_channels": 3, "hidden_size": 96,
-            "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 384,
+            "model_type": "clip_vision_model", "image_size": 32, "patch_size": 4, "num_channels": 3,
+            "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 384,
         },
         "text_config": {
-            "model_type": "clip_text_model", "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3,
-            "intermediate_size": 384, "max_position_embeddings": 32, **PRESET_SPECIAL_TOKEN_IDS,
+            **_CLIP_TEXT, "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "intermediate_size": 384, "max_position_embeddings": 32,
         },
         "projection_dim": 96,
     },
-    # 224 px, deployable. A ViT with 32 px patches rather than MobileViT: on a 2-core CPU MobileViT-XXS took
-    # 786 ms for 32 images against 81 ms for this tower (ViT-B/32: 1848 ms), its unfold ops being slow.
+    # 224 px, deployable. Patches of 32 px rather than MobileViT: on a 2-core CPU MobileViT-XXS took 786 ms for 32
+    # images against 81 ms for a ViT of this size (ViT-B/32: 1848 ms), its unfold ops being slow.
     "mobile": {
         "vision_config": {
-            "model_type": "vit", "image_size": 224, "patch_size": 32, "num_channels": 3, "hidden_size": 192,
-            "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768,
+            "model_type": "clip_vision_model", "image_size": 224, "patch_size": 32, "num_channels": 3,
+            "hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768,
         },
         "text_config": {
-            "model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+            **_CLIP_TEXT, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
             "intermediate_size": 1024, "max_position_embeddings": 77,
         },
         "projection_dim": 256,
     },
 }
 
+# Standard transformers classes that hold a student's weights under the same names (both build their towers with
+# `AutoModel.from_config`, as `MCADModel` does, and project the towers' `pooler_output`): a saved student names the
+# first that fits as its `model_type`, so it loads with no custom code. The vision-text dual encoder projects
+# `hidden_size` wide pooled outputs, which MobileViT lacks (and DistilBERT has no pooled output at all).
+PLAIN_MODEL_CLASSES = {"clip": "CLIPModel", "vision-text-dual-encoder": "VisionTextDualEncoderModel"}
+_DUAL_ENCODER_VISION_TYPES = ("vit", "deit", "clip_vision_model")
+_DUAL_ENCODER_TEXT_TYPES = ("bert", "roberta", "clip_text_model")
+
 
 class MCADConfig(PreTrainedConfig):
     r"""
     Configuration of [`MCADModel`], the MCAD student: an image tower and a text tower (any supported
     transformers model type), a linear projection of each to `projection_dim`, and a learnable logit scale.
+
+    Saved, it names the standard class that holds the same weights (`plain_model_type`: `CLIPModel` for two CLIP
+    towers, as every preset has), so the folder loads without custom code too.
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -135,6 +148,41 @@ class MCADConfig(PreTrainedConfig):
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    def plain_model_type(self) -> str | None:
+        """
+        The `model_type` of the standard transformers class that loads this student's weights with no custom code
+        (`PLAIN_MODEL_CLASSES`): `clip` when both towers are CLIP's, `vision-text-dual-encoder` when both towers give
+        a pooled output `hidden_size` wide, `None` otherwise (the student then loads only with its own code).
+        """
+        vision, text = self.vision_config.model_type, self.text_config.model_type
+        if (vision, text) == ("clip_vision_model", "clip_text_model"):
+            return "clip"
+        if vision in _DUAL_ENCODER_VISION_TYPES and text in _DUAL_ENCODER_TEXT_TYPES:
+            return "vision-text-dual-encoder"
+        return None
+
+    def to_dict(self) -> dict:
+        """
+        The config as saved: where a standard class holds the same weights (`plain_model_type`), `model_type` and
+        `architectures` name that class, so that `CLIPModel`, `AutoModel`, the pipelines and transformers.js load
+        the folder without its code, while `auto_map` still leads `trust_remote_code=True` to `MCADModel`.
+        """
+        output = super().to_dict()
+        plain = self.plain_model_type()
+        if plain is not None:
+            output["model_type"] = plain
+            output["architectures"] = [PLAIN_MODEL_CLASSES[plain]]
+        return output
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """Read a config as transformers does; a student saved under a standard class's `model_type` (`to_dict`),
+        or that class's own checkpoint, is read as an `MCADConfig`."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") in PLAIN_MODEL_CLASSES:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
 
 def _check_tower_type(key: str, model_type: str, supported: tuple[str, ...]) -> None:
     if model_type not in supported:
@@ -144,4 +192,6 @@ def _check_tower_type(key: str, model_type: str, supported: tuple[str, ...]) -> 
         )
 
 
-__all__ = ["MCADConfig", "PRESETS", "PRESET_VOCABULARY", "SUPPORTED_TEXT_TYPES", "SUPPORTED_VISION_TYPES"]
+__all__ = [
+    "MCADConfig", "PLAIN_MODEL_CLASSES", "PRESETS", "PRESET_VOCABULARY", "SUPPORTED_TEXT_TYPES", "SUPPORTED_VISION_TYPES",
+]

@@ -6,12 +6,16 @@
     model.fp16.safetensors         fp16 (`variant="fp16"`)
     onnx/text_model.onnx           text encoder:  input_ids, attention_mask (int64) -> text_embeds
     onnx/vision_model.onnx         image encoder: pixel_values (float32)           -> image_embeds
+    onnx/model.onnx                both encoders and the scaled similarities in one graph, with CLIPModel's
+                                   input and output names: what transformers.js's CLIP pipelines run
     onnx/*_quantized.onnx          int8 MatMul weights, per channel (onnxruntime dynamic quantization;
                                    transformers.js naming)
     executorch/*.pte               both encoders lowered to XNNPACK (optional: `pip install executorch`)
     parity.json                    every variant against fp32 torch on an evaluation split
+    modules.json, sentence_bert_config.json, config_sentence_transformers.json
+                                   `SentenceTransformer(folder)` embeds texts and images (its CLIP route)
 
-Every graph outputs the *L2-normalised* projected embedding, so a torch-free query runtime only needs a dot
+Every encoder graph outputs the *L2-normalised* projected embedding, so a torch-free query runtime only needs a dot
 product. Batch and sequence axes are dynamic (ExecuTorch programs: batch at most `EXECUTORCH_MAX_BATCH`).
 
 Why not torch's own int8 (`torch.ao` dynamic quantization, torchao) or optimum (DESIGN §8.3): barely faster here,
@@ -54,14 +58,36 @@ VARIANT_FILES = {
     "torch-fp16": (f"model.{FP16_VARIANT}.safetensors",),
     "onnx-fp32": (f"{ONNX_DIR}/text_model.onnx", f"{ONNX_DIR}/vision_model.onnx"),
     "onnx-int8": (f"{ONNX_DIR}/text_model_quantized.onnx", f"{ONNX_DIR}/vision_model_quantized.onnx"),
+    "onnx-joint-fp32": (f"{ONNX_DIR}/model.onnx",),
+    "onnx-joint-int8": (f"{ONNX_DIR}/model_quantized.onnx",),
     "executorch-xnnpack": (f"{EXECUTORCH_DIR}/text_model.pte", f"{EXECUTORCH_DIR}/vision_model.pte"),
 }
 REFERENCE_VARIANT = "torch-fp32"
 # Files of the model card (`hub.render_model_card`), which describes the variants.
 CARD_FILES = ("README.md", "recall.png", "examples")
+# sentence-transformers' files for a CLIP-style model: one Transformer module at the folder's root, embedding texts and
+# images with get_text_features / get_image_features (their `pooler_output`), compared by cosine.
+SENTENCE_TRANSFORMERS_FILES = {
+    "modules.json": [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+    ],
+    "sentence_bert_config.json": {
+        "transformer_task": "feature-extraction",
+        "modality_config": {
+            "text": {"method": "get_text_features", "method_output_name": "pooler_output"},
+            "image": {"method": "get_image_features", "method_output_name": "pooler_output"},
+        },
+        "module_output_name": "sentence_embedding",
+    },
+    "config_sentence_transformers.json": {
+        "model_type": "SentenceTransformer", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    },
+}
 # Outputs of an earlier export that must not survive into a new one: variants would ship unchecked, and a card
 # would describe the old ones.
-_EXPORT_OUTPUTS = (ONNX_DIR, EXECUTORCH_DIR, PARITY_FILE, f"model.{FP16_VARIANT}.safetensors", *CARD_FILES)
+_EXPORT_OUTPUTS = (ONNX_DIR, EXECUTORCH_DIR, PARITY_FILE, f"model.{FP16_VARIANT}.safetensors", *CARD_FILES,
+                   *SENTENCE_TRANSFORMERS_FILES)
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # How `quantize_dynamic` makes the int8 graphs (docs/experiments/2026-12-01-int8-recipe.md). MatMul only:
 # onnxruntime's CPU ConvInteger runs the patch convolution slower than fp32 Conv (the `mobile` image encoder: 5.7
@@ -98,7 +124,8 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask), dim=-1)
+        return F.normalize(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+                           .pooler_output, dim=-1)
 
 
 class VisionEncoder(nn.Module):
@@ -109,7 +136,22 @@ class VisionEncoder(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.get_image_features(pixel_values=pixel_values), dim=-1)
+        return F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+
+class JointModel(nn.Module):
+    """Both encoders and the scaled similarities, as `CLIPModel`'s forward: inputs `input_ids`, `pixel_values`,
+    `attention_mask`; outputs `logits_per_image`, `logits_per_text`, `text_embeds`, `image_embeds` (normalised)."""
+
+    output_names = ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds")
+
+    def __init__(self, model: MCADModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor):
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+        return tuple(outputs[name] for name in self.output_names)
 
 
 def _example_inputs(model: MCADModel, processor: MCADProcessor) -> tuple[dict, dict]:
@@ -130,18 +172,19 @@ def _dynamic_shapes(model: MCADModel, max_batch: int | None = None) -> tuple[dic
 
 def export_onnx(model: MCADModel, processor: MCADProcessor, output_dir: str | os.PathLike) -> dict[str, Path]:
     """
-    Export the text and the image encoder as two ONNX graphs (torch.export-based exporter, one self-contained
-    file each) and their int8 versions.
+    Export the text and the image encoder as two ONNX graphs, and both in one graph with `CLIPModel`'s names
+    (`JointModel`, for transformers.js), with the torch.export-based exporter (one self-contained file each), and
+    their int8 versions.
 
     Args:
         model ([`MCADModel`]): the fp32 student.
         processor ([`MCADProcessor`]): its processor (example inputs are made with it).
-        output_dir (`str` or `os.PathLike`): where `text_model.onnx`, `vision_model.onnx` and their
+        output_dir (`str` or `os.PathLike`): where `text_model.onnx`, `vision_model.onnx`, `model.onnx` and their
             `*_quantized.onnx` versions are written.
 
     Returns:
-        `dict[str, Path]`: `{"text_model": ..., "vision_model": ..., "text_model_quantized": ...,
-        "vision_model_quantized": ...}`.
+        `dict[str, Path]`: `{"text_model": ..., "vision_model": ..., "model": ...}` and each one's
+        `"*_quantized"` version.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -149,18 +192,26 @@ def export_onnx(model: MCADModel, processor: MCADProcessor, output_dir: str | os
     output_dir.mkdir(parents=True, exist_ok=True)
     text_inputs, vision_inputs = _example_inputs(model, processor)
     text_shapes, vision_shapes = _dynamic_shapes(model)
+    # The joint graph's two batch axes are distinct: its example has 3 images against 2 texts, since the exporter
+    # gives axes of equal example size one symbol. Its shapes are listed in the order of its inputs: the exporter
+    # names the axes by position, and in another order it named the image axis after the texts'.
+    joint_inputs = {"input_ids": text_inputs["input_ids"], "pixel_values": vision_inputs["pixel_values"][[0, 1, 1]],
+                    "attention_mask": text_inputs["attention_mask"]}
+    joint_shapes = {"input_ids": text_shapes["input_ids"], "pixel_values": {0: torch.export.Dim("image_batch", min=1)},
+                    "attention_mask": text_shapes["attention_mask"]}
     graphs = {
-        "text_model": (TextEncoder(model), text_inputs, text_shapes, "text_embeds"),
-        "vision_model": (VisionEncoder(model), vision_inputs, vision_shapes, "image_embeds"),
+        "text_model": (TextEncoder(model), text_inputs, text_shapes, ["text_embeds"]),
+        "vision_model": (VisionEncoder(model), vision_inputs, vision_shapes, ["image_embeds"]),
+        "model": (JointModel(model), joint_inputs, joint_shapes, list(JointModel.output_names)),
     }
     paths = {}
-    for name, (encoder, inputs, shapes, output_name) in graphs.items():
+    for name, (encoder, inputs, shapes, output_names) in graphs.items():
         paths[name] = output_dir / f"{name}.onnx"
         program = torch.onnx.export(
             encoder.eval(),  # the exporter keeps the wrapper's mode: in train mode dropout would be exported
             kwargs=inputs,
             input_names=list(inputs),
-            output_names=[output_name],
+            output_names=output_names,
             dynamic_shapes=shapes,
             dynamo=True,
             verbose=False,
@@ -253,6 +304,33 @@ class OnnxEncoders:
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision.run(None, {"pixel_values": pixel_values})[0]
+
+
+class JointOnnxEncoders:
+    """Runs the joint graph (`JointModel`) with onnxruntime on the CPU, one modality at a time: the other input is a
+    single placeholder (one black image, or one empty text) whose embedding is discarded."""
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        image_shape = [dimension if isinstance(dimension, int) else 1
+                       for dimension in self.session.get_inputs()[1].shape]
+        self.placeholder_image = np.zeros(image_shape, dtype=np.float32)
+        self.placeholder_text = np.ones((1, 1), dtype=np.int64)
+
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._run("text_embeds", input_ids, self.placeholder_image, attention_mask)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run("image_embeds", self.placeholder_text, pixel_values, self.placeholder_text)
+
+    def _run(self, output: str, input_ids, pixel_values, attention_mask) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask}
+        return self.session.run([output], feeds)[0]
 
 
 class ExecutorchEncoders:
@@ -518,9 +596,9 @@ def export_variants(
     that loses retrieval quality.
 
     The output folder gets the fp32 student (save_pretrained, with its processor and code), `model.fp16.safetensors`,
-    `onnx/{text,vision}_model.onnx` and their `*_quantized.onnx` int8 versions, `executorch/*.pte` when asked, and
-    `parity.json` (this function's return value). Other files already in `model_dir` are kept, except the
-    outputs of an earlier export and its model card, which would describe other variants. The output folder is
+    `onnx/{text,vision}_model.onnx`, the joint `onnx/model.onnx` and their `*_quantized.onnx` int8 versions,
+    `executorch/*.pte` when asked, and `parity.json` (this function's return value). Other files already in
+    `model_dir` are kept, except the outputs of an earlier export and its model card, which would describe other variants. The output folder is
     replaced as a whole and atomically: if any step fails — including a variant losing more than `max_r1_drop`
     Recall@1 beyond the split's noise (`measure_parity`) — it is left exactly as it was. So it must be
     `model_dir`, a new or empty folder, or an earlier export (it holds `parity.json`).
@@ -580,6 +658,8 @@ def export_variants(
                 (staging / stale).unlink(missing_ok=True)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        for name, content in SENTENCE_TRANSFORMERS_FILES.items():
+            atomic_write_text(staging / name, json.dumps(content, indent=2) + "\n")
         # Saved with a copy: save_pretrained also rewrites config.json, whose dtype must stay float32, so the fp32
         # save above comes first and the config is restored after.
         config_text = (staging / "config.json").read_text()
@@ -600,6 +680,8 @@ def export_variants(
             "torch-fp16": TorchEncoders(fp16_model),
             "onnx-fp32": OnnxEncoders(*variant_paths(staging, "onnx-fp32"), num_threads=num_threads),
             "onnx-int8": OnnxEncoders(*variant_paths(staging, "onnx-int8"), num_threads=num_threads),
+            "onnx-joint-fp32": JointOnnxEncoders(*variant_paths(staging, "onnx-joint-fp32"), num_threads=num_threads),
+            "onnx-joint-int8": JointOnnxEncoders(*variant_paths(staging, "onnx-joint-int8"), num_threads=num_threads),
         }
         if executorch:
             candidates["executorch-xnnpack"] = ExecutorchEncoders(*variant_paths(staging, "executorch-xnnpack"))
@@ -657,6 +739,8 @@ __all__ = [
     "EXECUTORCH_MAX_BATCH",
     "EvalInputs",
     "ExecutorchEncoders",
+    "JointModel",
+    "JointOnnxEncoders",
     "OnnxEncoders",
     "ParityError",
     "TextEncoder",

@@ -5,10 +5,15 @@ siblings, relatively.
 """
 
 from transformers import BertTokenizer, ProcessorMixin
-from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+from transformers.image_utils import PILImageResampling
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .configuration_mcad import PRESET_VOCABULARY, MCADConfig
 
+# The standard processor with the same parts (an image processor and a tokenizer), named in saved folders.
+STANDARD_PROCESSOR_CLASS = "CLIPProcessor"
+# Text towers with a token type embedding.
+TOKEN_TYPE_TEXT_TYPES = ("bert", "roberta")
 # 16-bit grayscale PIL modes: transformers' RGB conversion clips their values at 255 (mid-gray turns white).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -57,24 +62,44 @@ class MCADProcessor(ProcessorMixin):
     @classmethod
     def from_config(cls, config: MCADConfig, tokenizer=None) -> "MCADProcessor":
         """
-        A processor that fits a student config, built offline: a ViT image processor at the image tower's size
-        (mean = std = 0.5, any image mode converted to RGB) and, unless `tokenizer` is given, a lower-casing
+        A processor that fits a student config, built offline: an image processor that resizes to the image tower's
+        size (bilinear, no crop, mean = std = 0.5, any image mode converted to RGB) and, unless `tokenizer` is given, a lower-casing
         WordPiece tokenizer over `PRESET_VOCABULARY` (special tokens, single characters as a fallback, a few hundred
         caption words) limited to the text tower's positions.
         """
-        size = config.vision_config.image_size
-        image_processor = ViTImageProcessorPil(
-            size={"height": size, "width": size},
+        size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
+        # CLIP's image processor made to resize to the square as ViT's does (no centre crop): CLIPProcessor in
+        # transformers 4.x and transformers.js then read the saved file as it is meant.
+        image_processor = CLIPImageProcessorPil(
+            size=size,
+            crop_size=size,
+            do_center_crop=False,
+            resample=PILImageResampling.BILINEAR,
             image_mean=[0.5, 0.5, 0.5],
             image_std=[0.5, 0.5, 0.5],
             do_convert_rgb=True,
         )
         if tokenizer is None:
+            # Token types only for towers that read them: CLIPModel's forward (transformers 4.x) refuses them.
+            takes_token_types = config.text_config.model_type in TOKEN_TYPE_TEXT_TYPES
             tokenizer = BertTokenizer(
                 vocab={token: index for index, token in enumerate(PRESET_VOCABULARY)},
                 model_max_length=config.text_config.max_position_embeddings,
+                model_input_names=["input_ids", *(["token_type_ids"] if takes_token_types else []), "attention_mask"],
             )
         return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+    def to_dict(self) -> dict:
+        """The processor as saved: `processor_class` names `CLIPProcessor`, the standard processor of the same two
+        parts, so `AutoProcessor` loads the folder without custom code; `auto_map` still leads
+        `trust_remote_code=True` to this class."""
+        return {**super().to_dict(), "processor_class": STANDARD_PROCESSOR_CLASS}
+
+    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
+        """Save as every processor does, and the image processor's own `preprocessor_config.json` beside it: the file
+        transformers.js and sentence-transformers look for."""
+        files = super().save_pretrained(save_directory, **kwargs)
+        return [*files, *self.image_processor.save_pretrained(save_directory)]
 
     def __call__(self, images=None, text=None, **kwargs):
         """

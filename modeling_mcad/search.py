@@ -324,6 +324,7 @@ def embed_gallery(
     import torch
 
     from . import MCADModel, MCADProcessor  # through the package, which registers the auto classes
+    from .configuration_mcad import PLAIN_MODEL_CLASSES
     from .data import open_image, to_rgb
     from .export import VisionEncoder
 
@@ -334,11 +335,13 @@ def embed_gallery(
     if not (model_dir / "config.json").is_file():
         raise SearchError(f"{model_dir} holds no config.json: pass a student folder (MCADModel.save_pretrained with "
                           "its processor), e.g. the export folder outputs/demo/export.")
-    # transformers would load another architecture's folder with a mere warning, and embed with garbage.
+    # transformers would load another architecture's folder with a mere warning, and embed with garbage. A student
+    # is saved under its own model_type or a standard class's that holds the same weights (CLIP's).
     model_type = _read_json(model_dir / "config.json").get("model_type")
-    if model_type != MCADModel.config_class.model_type:
+    readable = (MCADModel.config_class.model_type, *PLAIN_MODEL_CLASSES)
+    if model_type not in readable:
         raise SearchError(f"{model_dir} holds a {model_type!r} model (config.json model_type), not an MCAD student "
-                          f"({MCADModel.config_class.model_type!r}): pass a student folder, e.g. the export folder "
+                          f"(one of {', '.join(map(repr, readable))}): pass a student folder, e.g. the export folder "
                           "outputs/demo/export.")
     ids, values, label = _gallery_items(images, image_column, id_column)
     if skip_ids:

@@ -97,14 +97,17 @@ def pairs(shapes, small_teachers):
     return TrainingPairs.from_split(shapes["train"], small_teachers.processors)
 
 
-def run_isolated(code: str, tmp_path: Path) -> dict:
+def run_isolated(code: str, tmp_path: Path, python_path: Path | None = None) -> dict:
     """
     Run `code` in a fresh Python process where the `modeling_mcad` package cannot be imported (as on a machine
-    that only has the Hub folder) and with an empty HF_HOME (no stale remote-code cache). The code must print
-    one JSON object on its last line; it is returned.
+    that only has the Hub folder) and with an empty HF_HOME (no stale remote-code cache); `python_path` goes first on
+    its import path (other versions of libraries). The code must print one JSON object on its last line; it is
+    returned.
     """
     prelude = 'import sys\nsys.modules["modeling_mcad"] = None\n'
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    if python_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(python_path), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
         cwd=tmp_path,  # not the repository: the package must not be importable from the working directory
@@ -190,3 +193,36 @@ def exported_student(retrieval_student, tmp_path_factory):
     report = export_variants(folder, output, eval_split=split, max_r1_drop=5.0, latency_batch_sizes=(),
                              executorch=importlib.util.find_spec("executorch") is not None)
     return output, report
+
+
+TEACHERS = ["openai/clip-vit-base-patch16", "Salesforce/blip-itm-base-coco"]
+
+
+@pytest.fixture(scope="session")
+def carded_folder(exported_student, retrieval_student, tmp_path_factory):
+    """A copy of the exported student with its model card. Returns (folder, metrics, widget examples)."""
+    import shutil
+
+    from modeling_mcad import MCADModel, MCADProcessor
+    from modeling_mcad.evaluation import retrieval_metrics
+    from modeling_mcad.hub import render_model_card, widget_examples_from_split
+
+    exported, _ = exported_student
+    _, split = retrieval_student
+    folder = tmp_path_factory.mktemp("carded") / "model"
+    shutil.copytree(exported, folder)
+    model, processor = MCADModel.from_pretrained(folder).eval(), MCADProcessor.from_pretrained(folder)
+    captions = [caption for row in split["captions"] for caption in row]
+    with torch.no_grad():
+        outputs = model(**processor(images=list(split["image"]), text=captions, return_tensors="pt", padding=True))
+    text_to_image = [i for i in range(len(split)) for _ in range(2)]
+    metrics = retrieval_metrics(outputs.image_embeds, outputs.text_embeds, text_to_image)
+    examples = widget_examples_from_split(split, count=2)
+    render_model_card(
+        folder, repo_id="mcad-tests/tiny-student", metrics=metrics,
+        comparison={"contrastive": {key: value / 2 for key, value in metrics.items()}, "tiny-student": metrics},
+        ablation_markdown="| objective | RSUM |\n|---|---|\n| mcad | 1 |",
+        training_config={"epochs": 3, "objective": "mcad"},
+        base_models=TEACHERS, widget_examples=examples, tags=["mcad-shapes"],
+    )
+    return folder, metrics, examples

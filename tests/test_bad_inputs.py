@@ -388,18 +388,19 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory) -> Path:
-    """A saved CLIP model and processor: a model folder of another architecture than the student's."""
-    from .test_teachers import tiny_clip
+def blip_folder(tmp_path_factory) -> Path:
+    """A saved BLIP retrieval model and processor: a model folder of another architecture than the student's (a CLIP
+    folder is not one: the student loads CLIP checkpoints)."""
+    from .test_teachers import tiny_blip
 
-    folder = tmp_path_factory.mktemp("clip")
-    model, processor = tiny_clip()
+    folder = tmp_path_factory.mktemp("blip")
+    model, processor = tiny_blip()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
 
-def test_search_index_lists_bad_images_skips_when_asked_and_keeps_the_old_index(corpus, trained_run, clip_folder,
+def test_search_index_lists_bad_images_skips_when_asked_and_keeps_the_old_index(corpus, trained_run, blip_folder,
                                                                                   tmp_path, capsys, caplog):
     gallery, student, output = corpus / "train", trained_run / "student", tmp_path / "gallery.mcadidx"
     with caplog.at_level(logging.WARNING, logger="modeling_mcad.search"):
@@ -413,7 +414,7 @@ def test_search_index_lists_bad_images_skips_when_asked_and_keeps_the_old_index(
     capsys.readouterr()
 
     for model, expected in ((student, rf"{len(BAD_IMAGE_FILES)} image\(s\) of \S+ cannot be read:.*skip-bad-images"),
-                            (clip_folder, r"holds a 'clip' model \(config\.json model_type\), not an MCAD student")):
+                            (blip_folder, r"holds a 'blip' model \(config\.json model_type\), not an MCAD student")):
         assert mcad_search(["index", str(gallery), "--model", str(model), "--out", str(output)]) == 2
         stderr = capsys.readouterr().err
         error = stderr.strip().splitlines()[-1]  # above it only progress bars

@@ -12,47 +12,18 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
 
-from modeling_mcad import MCADModel, MCADProcessor
 from modeling_mcad.errors import UserError
-from modeling_mcad.evaluation import retrieval_metrics
 from modeling_mcad.hub import (
     DRY_RUN_MARKER,
     HubPushError,
     files_to_upload,
     publishable,
     push_to_hub,
-    render_model_card,
-    widget_examples_from_split,
 )
 
-from .conftest import caption_split, run_isolated
+from .conftest import TEACHERS, caption_split, run_isolated
 
 FAKE_TOKEN = "hf_mcadTestTokenThatMustNeverBePrinted0123"
-TEACHERS = ["openai/clip-vit-base-patch16", "Salesforce/blip-itm-base-coco"]
-
-
-@pytest.fixture(scope="module")
-def carded_folder(exported_student, retrieval_student, tmp_path_factory):
-    """A copy of the exported student with its model card. Returns (folder, metrics, widget examples)."""
-    exported, _ = exported_student
-    _, split = retrieval_student
-    folder = tmp_path_factory.mktemp("carded") / "model"
-    shutil.copytree(exported, folder)
-    model, processor = MCADModel.from_pretrained(folder).eval(), MCADProcessor.from_pretrained(folder)
-    captions = [caption for row in split["captions"] for caption in row]
-    with torch.no_grad():
-        outputs = model(**processor(images=list(split["image"]), text=captions, return_tensors="pt", padding=True))
-    text_to_image = [i for i in range(len(split)) for _ in range(2)]
-    metrics = retrieval_metrics(outputs.image_embeds, outputs.text_embeds, text_to_image)
-    examples = widget_examples_from_split(split, count=2)
-    render_model_card(
-        folder, repo_id="mcad-tests/tiny-student", metrics=metrics,
-        comparison={"contrastive": {key: value / 2 for key, value in metrics.items()}, "tiny-student": metrics},
-        ablation_markdown="| objective | RSUM |\n|---|---|\n| mcad | 1 |",
-        training_config={"epochs": 3, "objective": "mcad"},
-        base_models=TEACHERS, widget_examples=examples, tags=["mcad-shapes"],
-    )
-    return folder, metrics, examples
 
 
 def test_model_card_carries_metadata_results_variants_and_widget(carded_folder):
@@ -69,9 +40,19 @@ def test_model_card_carries_metadata_results_variants_and_widget(carded_folder):
         assert sorted(row["label"] for row in entry["output"]) == sorted(example["candidate_labels"])
         assert sum(row["score"] for row in entry["output"]) == pytest.approx(1, abs=1e-3)
     assert (folder / "recall.png").read_bytes().startswith(b"\x89PNG") and "](recall.png)" in card.text
-    for variant in ("torch-fp32", "torch-fp16", "onnx-fp32", "onnx-int8"):
+    for variant in ("torch-fp32", "torch-fp16", "onnx-fp32", "onnx-int8", "onnx-joint-fp32", "onnx-joint-int8"):
         assert f"| {variant} |" in card.text
     assert "objective: mcad" in card.text and "| mcad | 1 |" in card.text
+    # Loading: the class with no custom code comes first, then the package's own, the other libraries after.
+    assert {"clip", "transformers.js"} <= set(card.data.tags) and "custom_code" not in card.data.tags
+    routes = [card.text.index(route) for route in ("`CLIPModel.from_pretrained`", "trust_remote_code=True)` |",
+                                                    "`SentenceTransformer(repo)`", "transformers.js `pipeline(")]
+    assert routes == sorted(routes) and card.text.index('from_pretrained("mcad-tests/tiny-student").eval()') < \
+        card.text.index('from_pretrained("mcad-tests/tiny-student", trust_remote_code=True)')
+    # The widget's scores are in the body too, where every reader sees them.
+    for entry in card.data.widget:
+        for row in entry["output"]:
+            assert f"| {row['label']} | {row['score']:.4f} |" in card.text
 
 
 def test_dry_run_folder_loads_and_runs_in_a_fresh_process(carded_folder, tmp_path):
@@ -302,7 +283,7 @@ def test_the_push_stage_publishes_no_local_path(exported_student, tmp_path, tmp_
         output_dir=str(run), dataset=str(data), dual_teacher=str(tmp_path / "teachers" / "dual"),
         fusion_teacher=str(tmp_path / "teachers"), student_tokenizer=str(tmp_path / "tokenizer"),
         resume_from_checkpoint=str(run / "checkpoints" / "step_1"), repo_id="mcad-tests/tiny-student",
-        dry_run=str(tmp_path / "upload"),
+        dry_run=str(tmp_path / "upload"), license="cc-by-4.0",
     )
     (tmp_path / "teachers").mkdir()
     metrics = {key: 50.0 for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
@@ -310,6 +291,7 @@ def test_the_push_stage_publishes_no_local_path(exported_student, tmp_path, tmp_
     assert train_mcad.push(config, MainProcess()) == str(tmp_path / "upload")
 
     card = ModelCard.load(tmp_path / "upload" / "README.md")
+    assert card.data.license == "cc-by-4.0"  # the run's, not a constant
     assert {(result.dataset_type, result.dataset_name) for result in card.data.eval_results} == {
         ("<local: my_photos>", "<local: my_photos>")}
     assert "<local: tokenizer>" in card.text and "<local: teachers>" in card.text
