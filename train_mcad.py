@@ -136,6 +136,8 @@ class TrainConfig:
     repo_id: str | None = None
     private: bool = False
     dry_run: str | None = None
+    # The card's license (a Hub license id). The student learned from its teachers and data: honour their licenses.
+    license: str = "apache-2.0"
     max_r1_drop: float = 1.0  # a variant losing more Recall@1 (points) than this, beyond 2 standard errors, fails
     executorch: bool = False  # also write ExecuTorch programs (needs the [executorch] extra)
 
@@ -896,6 +898,7 @@ def push(config: TrainConfig, accelerator) -> str | None:
             eval_dataset_id=config.dataset,
             eval_split_name=split_label(config, "test"),
             widget_examples=widget_examples_from_split(splits["test"]),
+            license=config.license,
         )
         pushed = push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
     accelerator.wait_for_everyone()

@@ -26,8 +26,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
+from .configuration_mcad import PLAIN_MODEL_CLASSES
 from .errors import UserError
-from .export import CARD_FILES, EXECUTORCH_MAX_BATCH, PARITY_FILE
+from .export import CARD_FILES, EXECUTORCH_MAX_BATCH, ONNX_DIR, PARITY_FILE
 from .utils import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ REQUIRED_FILES = (
     CARD_FILE, "config.json", "model.safetensors", "configuration_mcad.py", "modeling_mcad.py",
     "processing_mcad.py", "processor_config.json",
 )
+# The oldest versions each loading route was run with (tests/test_loading_routes.py): the plain classes read the
+# folder in transformers 4.x too; the package's own code needs the 5.x API it is written against (setup.py's floor).
+PLAIN_ROUTE_MIN_TRANSFORMERS = "4.57"
+REMOTE_CODE_MIN_TRANSFORMERS = "5.20"
 # Besides huggingface_hub's own (.git, .cache/huggingface), never upload Python bytecode.
 DEFAULT_PUSH_IGNORE = ("*__pycache__*", "*.pyc")
 # Written into a dry-run folder beside the files, listing them: only a folder that holds exactly the files its marker
@@ -50,11 +55,14 @@ METRIC_NAMES = {
     "t2i_r1": "Text→image R@1", "t2i_r5": "Text→image R@5", "t2i_r10": "Text→image R@10",
     "rsum": "RSUM (sum of the six recalls)",
 }
+# {remote}: `, trust_remote_code=True` where no standard class holds the weights.
 VARIANT_USAGE = {
-    "torch-fp32": "`AutoModel.from_pretrained(repo, trust_remote_code=True)`",
-    "torch-fp16": '`AutoModel.from_pretrained(repo, variant="fp16", dtype=torch.float16, trust_remote_code=True)`',
+    "torch-fp32": "`AutoModel.from_pretrained(repo{remote})`",
+    "torch-fp16": '`AutoModel.from_pretrained(repo, variant="fp16", dtype=torch.float16{remote})`',
     "onnx-fp32": "onnxruntime / onnxruntime-web",
     "onnx-int8": "onnxruntime / onnxruntime-web",
+    "onnx-joint-fp32": "transformers.js (`dtype: \"fp32\"`)",
+    "onnx-joint-int8": "transformers.js (`dtype: \"q8\"`)",
     "executorch-xnnpack": f"ExecuTorch runtime (Android/iOS), batch ≤ {EXECUTORCH_MAX_BATCH}",
 }
 
@@ -183,7 +191,8 @@ def _r1_change(variant: Mapping, direction: str) -> str:
     return change if standard_error is None else f"{change} ± {standard_error:.2f}"
 
 
-def _variant_rows(parity: Mapping) -> list[dict]:
+def _variant_rows(parity: Mapping, needs_remote_code: bool) -> list[dict]:
+    remote = ", trust_remote_code=True" if needs_remote_code else ""
     rows = []
     for name, variant in parity["variants"].items():
         latency = variant.get("latency_ms", {})
@@ -194,7 +203,7 @@ def _variant_rows(parity: Mapping) -> list[dict]:
             "latency": {key: f"{value:.2f}" for key, value in latency.items()},
             "cosine": f"{min(variant['image_cosine']['min'], variant['text_cosine']['min']):.6f}",
             "r1_change": " / ".join(_r1_change(variant, direction) for direction in ("i2t", "t2i")),
-            "usage": VARIANT_USAGE.get(name, ""),
+            "usage": VARIANT_USAGE.get(name, "").format(remote=remote),
         })
     return rows
 
@@ -237,6 +246,8 @@ def _describe_model(folder: Path) -> dict:
         parameters = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     vision, text = config["vision_config"], config["text_config"]
     return {
+        # The standard class a plain transformers install loads the folder with (`MCADConfig.to_dict`), if any.
+        "plain_class": PLAIN_MODEL_CLASSES.get(config["model_type"]),
         "parameters_m": f"{parameters / 1e6:.2f}",
         "vision_type": vision["model_type"],
         "text_type": text["model_type"],
@@ -271,7 +282,9 @@ def render_model_card(
 
     The card's YAML header carries `library_name: transformers`, `pipeline_tag: zero-shot-image-classification`,
     the tags, the teachers as `base_model`, the datasets and the results as `model-index`. The body explains
-    loading (AutoModel/AutoProcessor, the pipeline, onnxruntime, ExecuTorch), lists the variants with the size,
+    loading (the plain transformers class with no custom code, then the package's own class, the pipeline,
+    sentence-transformers, transformers.js, onnxruntime, ExecuTorch), shows the widget's scores, lists the variants
+    with the size,
     latency and parity measured by `export_variants` (read from `parity.json`), the results and ablation
     tables, the training config and the limitations. Nothing here needs the network.
 
@@ -293,7 +306,7 @@ def render_model_card(
         widget_examples (`Sequence[Mapping]`): `{"image", "candidate_labels", "title"}` dicts (see
             `widget_examples_from_split`); their scores are computed by this model.
         tags (`Sequence[str]`): extra tags.
-        license (`str`): the license id.
+        license (`str`): the card's license, a Hub license id (`TrainConfig.license`).
         model_name (`str`, *optional*): defaults to the repository name.
         limitations (`Sequence[str]`): extra limitations, one sentence each.
         template_path (`str` or `os.PathLike`, *optional*): another Jinja template.
@@ -322,19 +335,25 @@ def render_model_card(
         )
         for key in METRIC_NAMES if metrics and key in metrics
     ]
+    model = _describe_model(folder)
+    # What loads the folder: a plain class needs no custom code, the joint graph is transformers.js's.
+    library_tags = [*(["clip"] if model["plain_class"] == "CLIPModel" else []),
+                    *(["transformers.js"] if (folder / ONNX_DIR / "model.onnx").is_file() else []),
+                    *(["custom_code"] if model["plain_class"] is None else [])]
+    widget = _widget(folder, repo_id, widget_examples)
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
         license=license,
-        tags=["mcad", "knowledge-distillation", "image-text-retrieval", "dual-encoder", "onnx", "custom_code",
+        tags=["mcad", "knowledge-distillation", "image-text-retrieval", "dual-encoder", "onnx", *library_tags,
               *tags],
         # Hub ids only: the Hub links them, and a local folder means nothing to a reader.
         base_model=[name for name in base_models if not _is_local_path(name)] or None,
         datasets=[name for name in datasets if not _is_local_path(name)] or None,
         metrics=["recall"] if eval_results else None,
         eval_results=eval_results or None,
-        widget=_widget(folder, repo_id, widget_examples) or None,
+        widget=widget or None,
     )
     card = ModelCard.from_template(
         card_data,
@@ -342,9 +361,13 @@ def render_model_card(
         repo_id=repo_id,
         model_name=model_name,
         paper_url=PAPER_URL,
-        model=_describe_model(folder),
+        model=model,
+        widget=widget,
+        plain_min_version=PLAIN_ROUTE_MIN_TRANSFORMERS,
+        remote_code_min_version=REMOTE_CODE_MIN_TRANSFORMERS,
+        has_joint_graph=(folder / ONNX_DIR / "model.onnx").is_file(),
         parity=parity,
-        variants=_variant_rows(parity),
+        variants=_variant_rows(parity, needs_remote_code=model["plain_class"] is None),
         latency_keys=sorted({key for row in parity["variants"].values() for key in row.get("latency_ms", {})},
                             key=lambda key: (int(key.split("_b")[1]), not key.startswith("text"))),
         has_executorch="executorch-xnnpack" in parity["variants"],
