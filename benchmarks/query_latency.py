@@ -103,8 +103,8 @@ def torch_worker(args) -> dict:
     @torch.inference_mode()
     def encode(query: str) -> torch.Tensor:
         tokens = processor(text=[query], truncation=True, return_tensors="pt")
-        text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
-        return torch.nn.functional.normalize(text, dim=-1)[0]
+        text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return torch.nn.functional.normalize(text.pooler_output, dim=-1)[0]
 
     @torch.inference_mode()
     def answer(query: str):
@@ -183,10 +183,11 @@ def quantization_recall(model_dir: Path, test, threads: int) -> tuple[dict, np.n
     texts = np.concatenate([encoder.encode(captions[i : i + 256])[0] for i in range(0, len(captions), 256)])
     model, processor = MCADModel.from_pretrained(model_dir).eval(), MCADProcessor.from_pretrained(model_dir)
     with torch.inference_mode():
+        tokens = [processor(text=captions[i : i + 256], padding=True, truncation=True, return_tensors="pt")
+                  for i in range(0, len(captions), 256)]
         torch_texts = np.concatenate([
-            torch.nn.functional.normalize(model.get_text_features(**processor(
-                text=captions[i : i + 256], padding=True, truncation=True, return_tensors="pt")).pooler_output, dim=-1).numpy()
-            for i in range(0, len(captions), 256)])
+            torch.nn.functional.normalize(model.get_text_features(**batch).pooler_output, dim=-1).numpy()
+            for batch in tokens])
 
     def recall(ranked: np.ndarray, exact: np.ndarray, scores: np.ndarray | None = None) -> dict:
         hits = ranked == text_to_image[:, None]

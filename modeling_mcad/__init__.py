@@ -1,7 +1,8 @@
 """mcad: Multi-teacher Cross-modal Alignment Distillation (Lei et al., NAACL Findings 2024) for Hugging Face.
 
 The student (`MCADModel`, `MCADConfig`, `MCADProcessor`) lives in the three Hub-bound files, which travel with
-saved weights and load through `AutoModel` / `AutoProcessor` with `trust_remote_code=True`.
+saved weights and load through `AutoModel` / `AutoProcessor` with `trust_remote_code=True`; without it, a saved
+student loads as the standard class that holds the same weights (`CLIPModel` for the presets: DESIGN §7.2).
 
 The names are loaded on first use (PEP 562), not when the package is imported: the query runtime
 (`modeling_mcad.search`, the `mcad-search` command) must run where only numpy, onnxruntime and tokenizers are
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 
 
 def _register_auto_classes() -> None:
-    """Let the auto classes know the student (local use without trust_remote_code), and have save_pretrained copy
-    the Hub-bound files and write auto_map for remote loading."""
+    """Let the auto classes know the student (local use, without trust_remote_code, of a folder saved under the
+    `mcad` model type: one no standard class holds), and have save_pretrained copy the Hub-bound files and write
+    auto_map for remote loading."""
     global _registered
     if _registered:
         return

@@ -134,6 +134,9 @@ class MCADConfig(PreTrainedConfig):
     logit_scale_init_value: float = 2.6592
 
     def __post_init__(self, **kwargs):
+        # A saved config's `model_type` is a standard class's (`to_dict`); as an attribute it would hide ours.
+        if kwargs.get("model_type") in PLAIN_MODEL_CLASSES:
+            kwargs.pop("model_type")
         super().__post_init__(**kwargs)
         _check_tower_type("vision_config", self.vision_config.model_type, SUPPORTED_VISION_TYPES)
         _check_tower_type("text_config", self.text_config.model_type, SUPPORTED_TEXT_TYPES)
@@ -177,7 +180,7 @@ class MCADConfig(PreTrainedConfig):
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
         """Read a config as transformers does; a student saved under a standard class's `model_type` (`to_dict`),
-        or that class's own checkpoint, is read as an `MCADConfig`."""
+        or that class's own checkpoint, is read as an `MCADConfig`, without transformers' model-type warning."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if config_dict.get("model_type") in PLAIN_MODEL_CLASSES:
             config_dict = {**config_dict, "model_type": cls.model_type}
@@ -193,5 +196,6 @@ def _check_tower_type(key: str, model_type: str, supported: tuple[str, ...]) -> 
 
 
 __all__ = [
-    "MCADConfig", "PLAIN_MODEL_CLASSES", "PRESETS", "PRESET_VOCABULARY", "SUPPORTED_TEXT_TYPES", "SUPPORTED_VISION_TYPES",
+    "MCADConfig", "PLAIN_MODEL_CLASSES", "PRESETS", "PRESET_VOCABULARY", "SUPPORTED_TEXT_TYPES",
+    "SUPPORTED_VISION_TYPES",
 ]

@@ -2,7 +2,7 @@
 
 `export_variants` turns a saved student folder into the folder that lands on the Hub:
 
-    model.safetensors              fp32 (save_pretrained), loads with AutoModel + trust_remote_code
+    model.safetensors              fp32 (save_pretrained): loads as CLIPModel, or MCADModel with trust_remote_code
     model.fp16.safetensors         fp16 (`variant="fp16"`)
     onnx/text_model.onnx           text encoder:  input_ids, attention_mask (int64) -> text_embeds
     onnx/vision_model.onnx         image encoder: pixel_values (float32)           -> image_embeds
@@ -286,18 +286,22 @@ class TorchEncoders:
         return self.vision(torch.from_numpy(pixel_values).to(self.dtype)).float().numpy()
 
 
+def _cpu_session(path: str | os.PathLike, num_threads: int | None = None):
+    """An onnxruntime session of a graph on the CPU, with `num_threads` intra-op threads (default: onnxruntime's)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxEncoders:
     """Runs the two ONNX graphs with onnxruntime on the CPU."""
 
     def __init__(self, text_path: str | os.PathLike, vision_path: str | os.PathLike, num_threads: int | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        providers = ["CPUExecutionProvider"]
-        self.text = onnxruntime.InferenceSession(str(text_path), options, providers=providers)
-        self.vision = onnxruntime.InferenceSession(str(vision_path), options, providers=providers)
+        self.text = _cpu_session(text_path, num_threads)
+        self.vision = _cpu_session(vision_path, num_threads)
 
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -311,14 +315,9 @@ class JointOnnxEncoders:
     single placeholder (one black image, or one empty text) whose embedding is discarded."""
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        image_shape = [dimension if isinstance(dimension, int) else 1
-                       for dimension in self.session.get_inputs()[1].shape]
+        self.session = _cpu_session(path, num_threads)
+        image_input = next(node for node in self.session.get_inputs() if node.name == "pixel_values")
+        image_shape = [dimension if isinstance(dimension, int) else 1 for dimension in image_input.shape]
         self.placeholder_image = np.zeros(image_shape, dtype=np.float32)
         self.placeholder_text = np.ones((1, 1), dtype=np.int64)
 
@@ -595,12 +594,14 @@ def export_variants(
     Write every deployable variant of a saved student, measure each against fp32 torch, and refuse to ship one
     that loses retrieval quality.
 
-    The output folder gets the fp32 student (save_pretrained, with its processor and code), `model.fp16.safetensors`,
-    `onnx/{text,vision}_model.onnx`, the joint `onnx/model.onnx` and their `*_quantized.onnx` int8 versions,
-    `executorch/*.pte` when asked, and `parity.json` (this function's return value). Other files already in
-    `model_dir` are kept, except the outputs of an earlier export and its model card, which would describe other variants. The output folder is
-    replaced as a whole and atomically: if any step fails — including a variant losing more than `max_r1_drop`
-    Recall@1 beyond the split's noise (`measure_parity`) — it is left exactly as it was. So it must be
+    The output folder gets the fp32 student (save_pretrained, with its processor and code),
+    `model.fp16.safetensors`, `onnx/{text,vision}_model.onnx`, the joint `onnx/model.onnx` and their
+    `*_quantized.onnx` int8 versions, `executorch/*.pte` when asked, sentence-transformers' files for a CLIP student,
+    and `parity.json`
+    (this function's return value). Other files already in `model_dir` are kept, except the outputs of an earlier
+    export and its model card, which would describe other variants. The output folder is replaced as a whole and
+    atomically: if any step fails — including a variant losing more than `max_r1_drop` Recall@1 beyond the split's
+    noise (`measure_parity`) — it is left exactly as it was. So it must be
     `model_dir`, a new or empty folder, or an earlier export (it holds `parity.json`).
 
     Args:
@@ -658,8 +659,9 @@ def export_variants(
                 (staging / stale).unlink(missing_ok=True)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        for name, content in SENTENCE_TRANSFORMERS_FILES.items():
-            atomic_write_text(staging / name, json.dumps(content, indent=2) + "\n")
+        if model.config.plain_model_type() == "clip":  # sentence-transformers' route needs no custom code then
+            for name, content in SENTENCE_TRANSFORMERS_FILES.items():
+                atomic_write_text(staging / name, json.dumps(content, indent=2) + "\n")
         # Saved with a copy: save_pretrained also rewrites config.json, whose dtype must stay float32, so the fp32
         # save above comes first and the config is restored after.
         config_text = (staging / "config.json").read_text()

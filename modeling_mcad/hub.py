@@ -28,7 +28,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, 
 
 from .configuration_mcad import PLAIN_MODEL_CLASSES
 from .errors import UserError
-from .export import CARD_FILES, EXECUTORCH_MAX_BATCH, ONNX_DIR, PARITY_FILE
+from .export import CARD_FILES, EXECUTORCH_MAX_BATCH, PARITY_FILE, variant_paths
 from .utils import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,15 @@ logger = logging.getLogger(__name__)
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "mcad_student.md.j2"
 PAPER_URL = "https://arxiv.org/abs/2310.19654"
 CARD_FILE, RECALL_PLOT, WIDGET_DIR = CARD_FILES
-# What a folder needs to load with AutoModel / AutoProcessor (trust_remote_code) and to show a card.
+# What a folder needs to load with AutoModel / AutoProcessor (with or without trust_remote_code) and to show a card.
 REQUIRED_FILES = (
     CARD_FILE, "config.json", "model.safetensors", "configuration_mcad.py", "modeling_mcad.py",
     "processing_mcad.py", "processor_config.json",
 )
-# The oldest versions each loading route was run with (tests/test_loading_routes.py): the plain classes read the
-# folder in transformers 4.x too; the package's own code needs the 5.x API it is written against (setup.py's floor).
-PLAIN_ROUTE_MIN_TRANSFORMERS = "4.57"
+# The oldest transformers each loading route was run with (tests/test_loading_routes.py). A CLIP student loads as
+# CLIPModel in 4.x too; transformers 4.x's vision-text dual encoder keeps a CLIP tower's weights under other names,
+# and the package's own code is written against 5.x: both take setup.py's floor.
+PLAIN_ROUTE_MIN_TRANSFORMERS = {"CLIPModel": "4.57", "VisionTextDualEncoderModel": "5.20"}
 REMOTE_CODE_MIN_TRANSFORMERS = "5.20"
 # Besides huggingface_hub's own (.git, .cache/huggingface), never upload Python bytecode.
 DEFAULT_PUSH_IGNORE = ("*__pycache__*", "*.pyc")
@@ -336,9 +337,10 @@ def render_model_card(
         for key in METRIC_NAMES if metrics and key in metrics
     ]
     model = _describe_model(folder)
-    # What loads the folder: a plain class needs no custom code, the joint graph is transformers.js's.
-    library_tags = [*(["clip"] if model["plain_class"] == "CLIPModel" else []),
-                    *(["transformers.js"] if (folder / ONNX_DIR / "model.onnx").is_file() else []),
+    # What loads the folder: a plain class needs no custom code; transformers.js runs the joint graph of a CLIP model.
+    is_clip = model["plain_class"] == "CLIPModel"
+    transformers_js = is_clip and all(path.is_file() for path in variant_paths(folder, "onnx-joint-fp32"))
+    library_tags = [*(["clip"] if is_clip else []), *(["transformers.js"] if transformers_js else []),
                     *(["custom_code"] if model["plain_class"] is None else [])]
     widget = _widget(folder, repo_id, widget_examples)
     card_data = ModelCardData(
@@ -363,9 +365,9 @@ def render_model_card(
         paper_url=PAPER_URL,
         model=model,
         widget=widget,
-        plain_min_version=PLAIN_ROUTE_MIN_TRANSFORMERS,
+        plain_min_version=PLAIN_ROUTE_MIN_TRANSFORMERS.get(model["plain_class"]),
         remote_code_min_version=REMOTE_CODE_MIN_TRANSFORMERS,
-        has_joint_graph=(folder / ONNX_DIR / "model.onnx").is_file(),
+        transformers_js=transformers_js,
         parity=parity,
         variants=_variant_rows(parity, needs_remote_code=model["plain_class"] is None),
         latency_keys=sorted({key for row in parity["variants"].values() for key in row.get("latency_ms", {})},

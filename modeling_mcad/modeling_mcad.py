@@ -46,9 +46,9 @@ class MCADOutput(ModelOutput):
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised image embeddings.
         text_model_output (`BaseModelOutputWithPooling`):
-            The text tower's output.
+            The text tower's output, its `pooler_output` the projected embedding (`get_text_features`).
         vision_model_output (`BaseModelOutputWithPooling`):
-            The image tower's output.
+            The image tower's output, its `pooler_output` the projected embedding (`get_image_features`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -257,10 +257,13 @@ class MCADModel(MCADPreTrainedModel):
 
         text_embeds = image_embeds = text_outputs = vision_outputs = None
         if input_ids is not None:
-            text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, token_type_ids, **kwargs)
+            # return_dict=True: with config.return_dict False these would return tuples.
+            text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, token_type_ids,
+                                                  **kwargs, return_dict=True)
             text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
         if pixel_values is not None:
-            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs)
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs,
+                                                     return_dict=True)
             image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
 
         logits_per_text = logits_per_image = loss = None
@@ -329,8 +332,11 @@ class MCADModel(MCADPreTrainedModel):
         vision_config = self.config.vision_config
         size = vision_config.image_size
         expected = (vision_config.num_channels, size, size)
-        shape = tuple(pixel_values.shape[1:2] if any_size else pixel_values.shape[1:])
-        if pixel_values.ndim != 4 or shape != expected[:len(shape)]:
+        if any_size:  # interpolate_pos_encoding: any height and width
+            expected = (vision_config.num_channels, "height", "width")
+        shape = tuple(pixel_values.shape[1:])
+        if pixel_values.ndim != 4 or any(isinstance(size, int) and size != actual
+                                         for size, actual in zip(expected, shape)):
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but this model expects "
                 f"(batch_size, {', '.join(map(str, expected))}); prepare images with the model's processor "

@@ -63,9 +63,10 @@ class MCADProcessor(ProcessorMixin):
     def from_config(cls, config: MCADConfig, tokenizer=None) -> "MCADProcessor":
         """
         A processor that fits a student config, built offline: an image processor that resizes to the image tower's
-        size (bilinear, no crop, mean = std = 0.5, any image mode converted to RGB) and, unless `tokenizer` is given, a lower-casing
-        WordPiece tokenizer over `PRESET_VOCABULARY` (special tokens, single characters as a fallback, a few hundred
-        caption words) limited to the text tower's positions.
+        size (bilinear, no crop, mean = std = 0.5, any image mode converted to RGB) and, unless `tokenizer` is given,
+        a lower-casing WordPiece tokenizer over `PRESET_VOCABULARY` (special tokens, single characters as a fallback,
+        a few hundred caption words) limited to the text tower's positions. Either tokenizer makes `token_type_ids`
+        only for text towers that read them.
         """
         size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
         # CLIP's image processor made to resize to the square as ViT's does (no centre crop): CLIPProcessor in
@@ -80,13 +81,15 @@ class MCADProcessor(ProcessorMixin):
             do_convert_rgb=True,
         )
         if tokenizer is None:
-            # Token types only for towers that read them: CLIPModel's forward (transformers 4.x) refuses them.
-            takes_token_types = config.text_config.model_type in TOKEN_TYPE_TEXT_TYPES
             tokenizer = BertTokenizer(
                 vocab={token: index for index, token in enumerate(PRESET_VOCABULARY)},
                 model_max_length=config.text_config.max_position_embeddings,
-                model_input_names=["input_ids", *(["token_type_ids"] if takes_token_types else []), "attention_mask"],
             )
+        # Token types only for towers that read them: CLIPModel's forward (transformers 4.x) refuses them. Set in
+        # init_kwargs too, which is what a saved tokenizer_config.json holds.
+        if config.text_config.model_type not in TOKEN_TYPE_TEXT_TYPES:
+            names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
+            tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = names
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     def to_dict(self) -> dict:
@@ -96,10 +99,10 @@ class MCADProcessor(ProcessorMixin):
         return {**super().to_dict(), "processor_class": STANDARD_PROCESSOR_CLASS}
 
     def save_pretrained(self, save_directory, **kwargs) -> list[str]:
-        """Save as every processor does, and the image processor's own `preprocessor_config.json` beside it: the file
-        transformers.js and sentence-transformers look for."""
-        files = super().save_pretrained(save_directory, **kwargs)
-        return [*files, *self.image_processor.save_pretrained(save_directory)]
+        """Save as every processor does, with the image processor's own `preprocessor_config.json` beside it (written
+        first, so that `push_to_hub=True` uploads it too): the file transformers.js and transformers 4.x read."""
+        image_processor_files = self.image_processor.save_pretrained(save_directory)
+        return [*super().save_pretrained(save_directory, **kwargs), *image_processor_files]
 
     def __call__(self, images=None, text=None, **kwargs):
         """

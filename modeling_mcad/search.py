@@ -343,6 +343,10 @@ def embed_gallery(
         raise SearchError(f"{model_dir} holds a {model_type!r} model (config.json model_type), not an MCAD student "
                           f"(one of {', '.join(map(repr, readable))}): pass a student folder, e.g. the export folder "
                           "outputs/demo/export.")
+    try:
+        MCADModel.config_class.from_pretrained(model_dir)
+    except ValueError as error:  # a standard class's folder with towers the student cannot use (MCADConfig's check)
+        raise SearchError(f"{model_dir} holds a {model_type!r} model that is not an MCAD student: {error}") from None
     ids, values, label = _gallery_items(images, image_column, id_column)
     if skip_ids:
         kept = [position for position, image_id in enumerate(ids) if image_id not in skip_ids]

@@ -65,7 +65,8 @@ def test_export_writes_every_variant_and_its_measured_parity(exported_student, r
     assert reference == pytest.approx({key: float(value) for key, value in expected.items()}, abs=1e-4)
     assert reference["t2i_r1"] > 25 and reference["i2t_r1"] > 25
 
-    floors = {"torch-fp16": 0.999, "onnx-fp32": 0.99999, "onnx-int8": 0.99, "executorch-xnnpack": 0.99999}
+    floors = {"torch-fp16": 0.999, "onnx-fp32": 0.99999, "onnx-int8": 0.99, "onnx-joint-fp32": 0.99999,
+              "onnx-joint-int8": 0.99, "executorch-xnnpack": 0.99999}
     for name, floor in floors.items():
         if name not in variants:
             continue
@@ -110,6 +111,30 @@ def test_onnx_graphs_take_ids_and_mask_with_dynamic_axes_and_match_torch(exporte
             else:  # int8 weights: compare directions
                 assert (onnx_text * text_embeds.numpy()).sum(-1).min() > 0.99
                 assert (onnx_image * image_embeds.numpy()).sum(-1).min() > 0.99
+
+
+def test_the_joint_graph_is_clip_models_forward(exported_student):
+    """onnx/model.onnx: CLIPModel's input and output names, text and image batches of their own sizes, and the
+    logits of the torch model (the scaled similarities), as transformers.js's CLIP pipelines read them."""
+    folder, _ = exported_student
+    model, processor = MCADModel.from_pretrained(folder).eval(), MCADProcessor.from_pretrained(folder)
+    images = list(caption_split(5, seed=3)["image"])
+    for suffix, tolerance in (("", 1e-4), ("_quantized", 0.5)):
+        session = onnxruntime.InferenceSession(str(folder / "onnx" / f"model{suffix}.onnx"))
+        assert [i.name for i in session.get_inputs()] == ["input_ids", "pixel_values", "attention_mask"]
+        assert [o.name for o in session.get_outputs()] == ["logits_per_image", "logits_per_text", "text_embeds",
+                                                         "image_embeds"]
+        for texts, image_count in ((TEXTS, 1), (TEXTS[:1], 5), (TEXTS[:3], 3)):
+            inputs = processor(text=texts, images=images[:image_count], padding=True, return_tensors="np")
+            outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
+                "input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"],
+                "attention_mask": inputs["attention_mask"]})))
+            with torch.no_grad():
+                expected = model(**processor(text=texts, images=images[:image_count], padding=True,
+                                             return_tensors="pt"))
+            assert outputs["logits_per_image"].shape == (image_count, len(texts))
+            np.testing.assert_allclose(outputs["logits_per_text"], outputs["logits_per_image"].T)
+            np.testing.assert_allclose(outputs["logits_per_image"], expected.logits_per_image.numpy(), atol=tolerance)
 
 
 def test_executorch_programs_match_torch(exported_student):

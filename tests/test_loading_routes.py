@@ -19,9 +19,10 @@ from modeling_mcad.hub import PLAIN_ROUTE_MIN_TRANSFORMERS, push_to_hub
 from .conftest import random_images, run_isolated
 
 JS_CLIENT = Path(__file__).parent / "js"
-# The oldest transformers the card says loads the folder with no custom code, with the libraries of its time.
-OLD_TRANSFORMERS = [f"transformers=={PLAIN_ROUTE_MIN_TRANSFORMERS}.1", "huggingface_hub==0.36.0", "tokenizers==0.22.1"]
-OLD_TRANSFORMERS_DIR = Path(__file__).parent / ".cache" / "transformers-{}".format(PLAIN_ROUTE_MIN_TRANSFORMERS)
+# The oldest transformers the card says loads a CLIP student with no custom code, with the libraries of its time.
+OLD_TRANSFORMERS_VERSION = "4.57.1"
+OLD_TRANSFORMERS = [f"transformers=={OLD_TRANSFORMERS_VERSION}", "huggingface_hub==0.36.0", "tokenizers==0.22.1"]
+OLD_TRANSFORMERS_DIR = Path(__file__).parent / ".cache" / f"transformers-{OLD_TRANSFORMERS_VERSION}"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,8 @@ def test_the_oldest_transformers_named_on_the_card_loads_the_folder_as_clip(hub_
         tmp_path,
         python_path=old_transformers,
     )
-    assert result["version"].startswith(PLAIN_ROUTE_MIN_TRANSFORMERS) and result["class"] == "CLIPModel"
+    assert result["version"] == OLD_TRANSFORMERS_VERSION and result["class"] == "CLIPModel"
+    assert OLD_TRANSFORMERS_VERSION.startswith(PLAIN_ROUTE_MIN_TRANSFORMERS["CLIPModel"] + ".")
     reference = student_embeddings(folder, image_path, texts)
     for modality in ("text", "image"):
         assert cosines(result[modality], reference[modality]).min() >= 0.9999, modality
@@ -143,14 +145,14 @@ def examples_widget_output(folder: Path) -> list[dict]:
     return ModelCard.load(folder / "README.md").data.widget[0]["output"]
 
 
-def test_towers_that_cannot_form_a_clip_model_load_as_a_vision_text_dual_encoder(tmp_path):
-    vision = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "intermediate_size": 64}
-    text = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 64, "max_position_embeddings": 32}
+@pytest.mark.parametrize("vision_type,text_type", [("vit", "bert"), ("vit", "clip_text_model"),
+                                                  ("clip_vision_model", "bert")])
+def test_towers_that_cannot_form_a_clip_model_load_as_a_vision_text_dual_encoder(tmp_path, vision_type, text_type):
+    tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     preset = MCADConfig.from_preset("tiny")
-    config = MCADConfig(vision_config=vision, text_config={**text, "vocab_size": preset.text_config.vocab_size},
-                        projection_dim=16)
+    vision = {"model_type": vision_type, "image_size": 32, "patch_size": 8, **tower}
+    text = {**preset.text_config.to_dict(), "model_type": text_type, "max_position_embeddings": 32, **tower}
+    config = MCADConfig(vision_config=vision, text_config=text, projection_dim=16)
     folder = tmp_path / "student"
     torch.manual_seed(0)
     MCADModel(config).save_pretrained(folder)

@@ -557,3 +557,30 @@ def test_adding_to_an_index_of_other_probe_texts_and_from_a_split(model_folder, 
     with pytest.raises(SearchError, match="pass id_column= naming a column of unique ids"):
         add_to_index(path, split, model_folder)
     assert add_to_index(path, split, model_folder, id_column="name").count == index.count + 2
+
+
+def test_a_clip_checkpoint_indexes_as_a_student_and_other_dual_encoders_are_refused(gallery, tmp_path):
+    """A CLIPModel folder holds a student's weights (DESIGN §7.2), so it indexes as one; a dual encoder whose towers
+    the student cannot use is refused with its reason, not a traceback."""
+    from PIL import Image
+    from transformers import VisionTextDualEncoderConfig
+
+    from .test_teachers import tiny_clip
+
+    clip, processor = tiny_clip()
+    clip_folder = tmp_path / "clip"
+    clip.save_pretrained(clip_folder)
+    processor.save_pretrained(clip_folder)
+    index = build_index(gallery, clip_folder, tmp_path / "clip.index.safetensors")
+    pixels = processor(images=[Image.open(gallery / path) for path in index.ids], return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(clip.get_image_features(**pixels).pooler_output, dim=-1).numpy()
+    assert np.abs(index.codes.astype(np.float32) * index.scales[:, None] - expected).max() <= 0.5 * index.scales.max()
+
+    foreign = tmp_path / "xlm"
+    VisionTextDualEncoderConfig(vision_config={"model_type": "vit"}, text_config={"model_type": "xlm-roberta"}) \
+        .save_pretrained(foreign)
+    completed = run_cli("index", str(gallery), "--model", str(foreign), "--out", str(tmp_path / "xlm.index"))
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "holds a 'vision-text-dual-encoder' model that is not an MCAD student" in completed.stderr
+    assert "'xlm-roberta', which the MCAD student cannot use as a tower" in completed.stderr

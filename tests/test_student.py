@@ -259,3 +259,15 @@ def test_gradient_checkpointing_trains_exactly_as_without(vision_type, text_type
     assert layer_runs == {"reference": 3, "checkpointed": 6}
     for (name, expected), actual in zip(reference.state_dict().items(), checkpointed.state_dict().values()):
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_saved_config_names_clip_and_reads_back_as_itself(name, tmp_path):
+    config = MCADConfig.from_preset(name)
+    saved = config.to_dict()
+    assert (saved["model_type"], saved["architectures"]) == ("clip", ["CLIPModel"])
+    for read in (MCADConfig.from_dict(saved), MCADConfig(**saved)):
+        assert read.model_type == "mcad" and read.to_dict() == saved
+    config.save_pretrained(tmp_path)  # adds auto_map, for trust_remote_code
+    reloaded = MCADConfig.from_pretrained(tmp_path)
+    assert reloaded.model_type == "mcad" and {k: v for k, v in reloaded.to_dict().items() if k != "auto_map"} == saved
