@@ -534,6 +534,9 @@ def _check_replaceable(folder: Path) -> None:
                         "Save the teacher to a new or empty folder.")
 
 
+# AutoModel.from_pretrained(teacher_folder) gives the teacher, processors included, once this module is imported.
+AutoConfig.register(MCADTeacherConfig.model_type, MCADTeacherConfig, exist_ok=True)
+AutoModel.register(MCADTeacherConfig, MCADTeacher, exist_ok=True)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
+    AutoModel,
     BertTokenizer,
     BlipConfig,
     BlipForImageTextRetrieval,
@@ -212,6 +213,7 @@ def test_save_and_load_round_trip_the_whole_teacher(teacher, batch, tmp_path):
     assert (folder / "model.safetensors").is_file()
     teacher.save_pretrained(folder)  # an earlier teacher save may be replaced
     loaded = MCADTeacher.from_pretrained(folder)
+    assert type(AutoModel.from_pretrained(folder)) is MCADTeacher  # the auto classes know the teacher
     assert loaded.config.adapter_objective == "regression"
     assert isinstance(loaded.processors["dual"], CLIPProcessor)
     assert loaded.processors["fusion"].image_processor.size.height == 48
