@@ -534,9 +534,15 @@ def _check_replaceable(folder: Path) -> None:
                         "Save the teacher to a new or empty folder.")
 
 
-# AutoModel.from_pretrained(teacher_folder) gives the teacher, processors included, once this module is imported.
+# AutoModel.from_pretrained(teacher_folder) gives the teacher, processors included, once this module is imported;
+# and a saved teacher carries its code and auto_map — this file and what it imports relatively (cross_encoders,
+# objectives, optimization, errors, utils: torch, transformers and the standard library only) — so that
+# AutoModel.from_pretrained(folder, trust_remote_code=True) loads it where this package is not installed, when
+# transformers knows both teachers' model types (CLIP, SigLIP, BLIP, ViLT; not the mcad-shapes fusion teacher).
 AutoConfig.register(MCADTeacherConfig.model_type, MCADTeacherConfig, exist_ok=True)
 AutoModel.register(MCADTeacherConfig, MCADTeacher, exist_ok=True)
+MCADTeacherConfig.register_for_auto_class()
+MCADTeacher.register_for_auto_class("AutoModel")
 
 
 __all__ = [

@@ -7,6 +7,7 @@ local folder where a path is needed.
 
 import dataclasses
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ from modeling_mcad.objectives import ObjectiveSettings, modified_features, modif
 from modeling_mcad.shapes import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel
 from modeling_mcad.teachers import MCADTeacher
 
-from .conftest import REPO_ROOT, random_images
+from .conftest import REPO_ROOT, random_images, run_isolated
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "star", "triangle"]
@@ -224,6 +225,34 @@ def test_save_and_load_round_trip_the_whole_teacher(teacher, batch, tmp_path):
     for key in ("modified_image_embeds", "modified_text_embeds", "similarity", "fusion_logits"):
         torch.testing.assert_close(got[key], expected[key])
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_saved_teacher_loads_with_its_own_code_where_the_package_is_absent(teacher, batch, tmp_path):
+    with torch.no_grad():
+        teacher.adapter.image_projection.weight.normal_()  # as if fitted
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "teachers.MCADTeacherConfig", "AutoModel": "teachers.MCADTeacher"}
+    torch.save({name: batch[name]["pixel_values"] for name in ("dual", "fusion")}, tmp_path / "pixels.pt")
+    result = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoModel
+        teacher = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        pixels = torch.load({str(tmp_path / "pixels.pt")!r})
+        print(json.dumps({{"class": type(teacher).__module__ + "." + type(teacher).__name__,
+                          "processors": sorted(type(p).__name__ for p in teacher.processors.values()),
+                          "frozen": not teacher.training and not any(p.requires_grad for p in teacher.parameters()),
+                          "adapter": teacher.adapter.image_projection.weight.tolist(),
+                          "images": teacher.encode_images(pixels["dual"]).tolist()}}))
+        """,
+        tmp_path,
+    )
+    assert result["class"].startswith("transformers_modules.") and result["class"].endswith("teachers.MCADTeacher")
+    assert result["processors"] == ["BlipProcessor", "CLIPProcessor"] and result["frozen"]
+    torch.testing.assert_close(torch.tensor(result["adapter"]), teacher.adapter.image_projection.weight)
+    torch.testing.assert_close(torch.tensor(result["images"]), teacher.encode_images(batch["dual"]["pixel_values"]))
 
 
 def test_save_refuses_to_replace_a_folder_of_other_files(teacher, tmp_path):
