@@ -45,6 +45,10 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+# Imported here, in the main thread: the students are evaluated in threads, and two threads importing transformers'
+# lazy names at once failed ("cannot import name 'AutoConfig' from 'transformers'").
+from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
+from modeling_mcad.evaluation import evaluate_model, student_encoders  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 # The benchmark: the demo's recipe (configs/demo.yaml) on a larger training split; the data seed is fixed, the
@@ -141,9 +145,6 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
 
 
 def evaluate_student(student_dir: Path, config: dict) -> dict:
-    from modeling_mcad import MCADModel, MCADProcessor
-    from modeling_mcad.evaluation import evaluate_model, student_encoders
-
     student = MCADModel.from_pretrained(student_dir).eval()
     processor = MCADProcessor.from_pretrained(student_dir)
     return evaluate_model(*student_encoders(student, processor), test_split(config))
@@ -166,7 +167,6 @@ def encode_times(root: Path) -> dict:
     from PIL import Image
 
     import modeling_mcad.shapes  # noqa: F401  (registers the shapes fusion teacher)
-    from modeling_mcad import MCADModel, MCADProcessor
     from modeling_mcad.teachers import MCADTeacher
 
     image, caption = Image.new("RGB", (64, 64)), ["a small red circle to the left of a large blue square"]
@@ -201,8 +201,6 @@ def mobile_speed(batch_sizes=(1, 32)) -> dict:
     """
     from PIL import Image
     from transformers import CLIPConfig, CLIPModel
-
-    from modeling_mcad import MCADModel, MCADProcessor
 
     student, processor = MCADModel.from_preset("mobile").eval(), MCADProcessor.from_preset("mobile")
     clip = CLIPModel(CLIPConfig()).eval()  # ViT-B/32's shape; nothing is downloaded

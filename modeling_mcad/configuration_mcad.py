@@ -46,7 +46,7 @@ PRESET_SPECIAL_TOKEN_IDS = {"pad_token_id": PRESET_VOCABULARY.index("[PAD]"),
 # never bound a colour to its shape).
 _CLIP_TEXT = {"model_type": "clip_text_model", **PRESET_SPECIAL_TOKEN_IDS}
 PRESETS = {
-    # A few hundred thousand parameters: for unit tests only.
+    # About 55 thousand parameters: for unit tests only.
     "tiny": {
         "vision_config": {
             "model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "num_channels": 3,

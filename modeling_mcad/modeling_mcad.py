@@ -101,7 +101,7 @@ class MCADPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mcad"
     input_modalities = ("image", "text")
     _supports_sdpa = True
-    # The towers' encoders checkpoint their layers (`gradient_checkpointing_enable`).
+    # The towers' encoders checkpoint their layers (`activation_checkpointing_enable`, formerly gradient_...).
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
