@@ -172,9 +172,9 @@ def _dynamic_shapes(model: MCADModel, max_batch: int | None = None) -> tuple[dic
 
 def export_onnx(model: MCADModel, processor: MCADProcessor, output_dir: str | os.PathLike) -> dict[str, Path]:
     """
-    Export the text and the image encoder as two ONNX graphs, and both in one graph with `CLIPModel`'s names
-    (`JointModel`, for transformers.js), with the torch.export-based exporter (one self-contained file each), and
-    their int8 versions.
+    Export the text and the image encoder as two ONNX graphs, and for a CLIP student (`is_clip_student`) both in one
+    graph with `CLIPModel`'s names (`JointModel`, for transformers.js), with the torch.export-based exporter (one
+    self-contained file each), and their int8 versions.
 
     Args:
         model ([`MCADModel`]): the fp32 student.
@@ -202,8 +202,9 @@ def export_onnx(model: MCADModel, processor: MCADProcessor, output_dir: str | os
     graphs = {
         "text_model": (TextEncoder(model), text_inputs, text_shapes, ["text_embeds"]),
         "vision_model": (VisionEncoder(model), vision_inputs, vision_shapes, ["image_embeds"]),
-        "model": (JointModel(model), joint_inputs, joint_shapes, list(JointModel.output_names)),
     }
+    if is_clip_student(model):  # only transformers.js reads the joint graph, and only for CLIP's model type
+        graphs["model"] = (JointModel(model), joint_inputs, joint_shapes, list(JointModel.output_names))
     paths = {}
     for name, (encoder, inputs, shapes, output_names) in graphs.items():
         paths[name] = output_dir / f"{name}.onnx"
@@ -284,6 +285,12 @@ class TorchEncoders:
     @torch.inference_mode()
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision(torch.from_numpy(pixel_values).to(self.dtype)).float().numpy()
+
+
+def is_clip_student(model: MCADModel) -> bool:
+    """Whether the student saves as a `CLIPModel` (two CLIP towers): the joint graph (transformers.js) and
+    sentence-transformers' files are written for such students only, the clients that read them knowing no other."""
+    return model.config.plain_model_type() == "clip"
 
 
 def _cpu_session(path: str | os.PathLike, num_threads: int | None = None):
@@ -595,13 +602,12 @@ def export_variants(
     that loses retrieval quality.
 
     The output folder gets the fp32 student (save_pretrained, with its processor and code),
-    `model.fp16.safetensors`, `onnx/{text,vision}_model.onnx`, the joint `onnx/model.onnx` and their
-    `*_quantized.onnx` int8 versions, `executorch/*.pte` when asked, sentence-transformers' files for a CLIP student,
-    and `parity.json`
-    (this function's return value). Other files already in `model_dir` are kept, except the outputs of an earlier
-    export and its model card, which would describe other variants. The output folder is replaced as a whole and
-    atomically: if any step fails — including a variant losing more than `max_r1_drop` Recall@1 beyond the split's
-    noise (`measure_parity`) — it is left exactly as it was. So it must be
+    `model.fp16.safetensors`, `onnx/{text,vision}_model.onnx`, for a CLIP student the joint `onnx/model.onnx`, and
+    their `*_quantized.onnx` int8 versions, `executorch/*.pte` when asked, sentence-transformers' files for a CLIP
+    student, and `parity.json` (this function's return value). Other files already in `model_dir` are kept, except
+    the outputs of an earlier export and its model card, which would describe other variants. The output folder is
+    replaced as a whole and atomically: if any step fails — including a variant losing more than `max_r1_drop`
+    Recall@1 beyond the split's noise (`measure_parity`) — it is left exactly as it was. So it must be
     `model_dir`, a new or empty folder, or an earlier export (it holds `parity.json`).
 
     Args:
@@ -659,7 +665,7 @@ def export_variants(
                 (staging / stale).unlink(missing_ok=True)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if model.config.plain_model_type() == "clip":  # sentence-transformers' route needs no custom code then
+        if is_clip_student(model):  # sentence-transformers' route needs no custom code then
             for name, content in SENTENCE_TRANSFORMERS_FILES.items():
                 atomic_write_text(staging / name, json.dumps(content, indent=2) + "\n")
         # Saved with a copy: save_pretrained also rewrites config.json, whose dtype must stay float32, so the fp32
@@ -682,9 +688,10 @@ def export_variants(
             "torch-fp16": TorchEncoders(fp16_model),
             "onnx-fp32": OnnxEncoders(*variant_paths(staging, "onnx-fp32"), num_threads=num_threads),
             "onnx-int8": OnnxEncoders(*variant_paths(staging, "onnx-int8"), num_threads=num_threads),
-            "onnx-joint-fp32": JointOnnxEncoders(*variant_paths(staging, "onnx-joint-fp32"), num_threads=num_threads),
-            "onnx-joint-int8": JointOnnxEncoders(*variant_paths(staging, "onnx-joint-int8"), num_threads=num_threads),
         }
+        if is_clip_student(model):
+            for name in ("onnx-joint-fp32", "onnx-joint-int8"):
+                candidates[name] = JointOnnxEncoders(*variant_paths(staging, name), num_threads=num_threads)
         if executorch:
             candidates["executorch-xnnpack"] = ExecutorchEncoders(*variant_paths(staging, "executorch-xnnpack"))
         logger.info("Measuring parity of %s on %d images / %d captions", ", ".join(candidates), inputs.num_images,

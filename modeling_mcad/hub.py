@@ -337,9 +337,10 @@ def render_model_card(
         for key in METRIC_NAMES if metrics and key in metrics
     ]
     model = _describe_model(folder)
-    # What loads the folder: a plain class needs no custom code; transformers.js runs the joint graph of a CLIP model.
+    # What loads the folder: a plain class needs no custom code; transformers.js runs the joint graph, which the export
+    # writes for CLIP students only.
     is_clip = model["plain_class"] == "CLIPModel"
-    transformers_js = is_clip and all(path.is_file() for path in variant_paths(folder, "onnx-joint-fp32"))
+    transformers_js = all(path.is_file() for path in variant_paths(folder, "onnx-joint-fp32"))
     library_tags = [*(["clip"] if is_clip else []), *(["transformers.js"] if transformers_js else []),
                     *(["custom_code"] if model["plain_class"] is None else [])]
     widget = _widget(folder, repo_id, widget_examples)
