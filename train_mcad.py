@@ -98,6 +98,9 @@ class TrainConfig:
     fusion_teacher_training: dict = field(default_factory=dict)
     teacher_batch_size: int = 64  # images per teacher call in the cache stage
     adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §4)
+    # A saved MCADTeacher that the cache, distill and evaluate stages use instead of this run's teachers stage
+    # (OUTPUT/teacher): a folder, or a Hub id (e.g. a teacher published by push with teacher_repo_id).
+    teacher: str | None = None
     adapter_steps: int = 300
     adapter_lr: float = 1e-3
     # --- student ---
@@ -134,6 +137,9 @@ class TrainConfig:
     num_workers: int = 1  # DataLoader workers: one decodes and preprocesses the next batches while a step trains
     # --- export / push ---
     repo_id: str | None = None
+    # push publishes the run's teacher here too (both teachers, their processors, the fitted adapter, the teachers
+    # stage's report and a card); with dry_run, its files go to the folder DRY_RUN-teacher.
+    teacher_repo_id: str | None = None
     private: bool = False
     dry_run: str | None = None
     # The card's license (a Hub license id). The student learned from its teachers and data: honour their licenses.
@@ -343,15 +349,24 @@ def load_splits(config: TrainConfig, accelerator) -> dict:
 
 
 def teacher_folder(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / "teacher"
+    """The run's teacher: `teacher` (a folder, or a Hub id fetched into the Hub cache), else OUTPUT/teacher."""
+    if config.teacher is None:
+        return Path(config.output_dir) / "teacher"
+    if Path(config.teacher).is_dir():
+        return Path(config.teacher)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(config.teacher))
+    except (HFValidationError, OSError) as error:  # not a repo id; offline, missing or private repo
+        raise UserError(f"teacher={config.teacher!r} is neither a folder nor a Hub repository that could be fetched "
+                        f"({type(error).__name__}: {error}). Pass the folder of a saved MCADTeacher (e.g. "
+                        "OUTPUT/teacher of another run) or its Hub id, with network access.") from error
 
 
 def load_teacher(config: TrainConfig, device="cpu"):
-    """
-    The saved teacher of the run (`teacher/`), frozen, on `device`, running in `teacher_mixed_precision`; the
-    mcad-shapes fusion teacher's class registered first.
-    """
-    import modeling_mcad.shapes  # noqa: F401  (registers model type "mcad_fusion", the shapes fusion teacher)
+    """The saved teacher of the run (`teacher_folder`), frozen, on `device`, running in `teacher_mixed_precision`."""
     from modeling_mcad.optimization import mixed_precision_dtype
     from modeling_mcad.teachers import MCADTeacher
 
@@ -435,6 +450,10 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_training import TeacherModels, train_dual_teacher, train_fusion_teacher
     from modeling_mcad.teachers import MCADTeacher
 
+    if config.teacher is not None:
+        raise UserError(f"teacher={config.teacher!r} names a saved teacher to distil from, which the teachers stage "
+                        "does not make: leave the teachers stage out (`train_mcad.py cache distill evaluate --teacher "
+                        "...`), or drop --teacher to train this run's own.")
     shapes = config.dual_teacher == "shapes" or config.fusion_teacher == "shapes"
     if shapes:
         from modeling_mcad import shapes as shapes_world
@@ -875,6 +894,13 @@ def push(config: TrainConfig, accelerator) -> str | None:
 
     if config.repo_id is None:
         raise UserError("push needs --repo_id (e.g. --repo_id you/mcad-shapes-student).")
+    if config.teacher_repo_id is not None:  # checked before the student is uploaded
+        if config.teacher_repo_id == config.repo_id:
+            raise UserError(f"teacher_repo_id and repo_id are both {config.repo_id!r}: the teacher's files would "
+                            "replace the student's. Give the teacher its own repository (e.g. you/mcad-teacher).")
+        if not (teacher_folder(config) / "config.json").is_file():
+            raise UserError(f"No teacher in {teacher_folder(config)} to publish to {config.teacher_repo_id}: run "
+                            "the teachers stage first, or leave --teacher_repo_id out.")
     splits = load_splits(config, accelerator)
     if accelerator.is_main_process:
         output_dir = Path(config.output_dir)
@@ -901,8 +927,34 @@ def push(config: TrainConfig, accelerator) -> str | None:
             license=config.license,
         )
         pushed = push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
+        if config.teacher_repo_id is not None:
+            push_teacher(config)
     accelerator.wait_for_everyone()
     return pushed.get("dry_run", pushed.get("url")) if accelerator.is_main_process else None
+
+
+def push_teacher(config: TrainConfig) -> dict:
+    """Publish the run's teacher (with the teachers stage's report and a card) to `teacher_repo_id`."""
+    import shutil
+    import tempfile
+
+    from modeling_mcad.hub import TEACHER_REPORT, TEACHER_REQUIRED_FILES, push_to_hub, render_teacher_card
+
+    source, output_dir = teacher_folder(config), Path(config.output_dir)
+    # A copy, so the card and report never change the saved teacher (the cache's record hashes its files); copytree
+    # follows links, as a teacher fetched into the Hub cache is made of links.
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".teacher-hub-") as staging:
+        folder = Path(staging) / "teacher"
+        shutil.copytree(source, folder)
+        if config.teacher is None and (output_dir / TEACHER_REPORT).is_file():
+            shutil.copy2(output_dir / TEACHER_REPORT, folder / TEACHER_REPORT)
+        render_teacher_card(folder, repo_id=config.teacher_repo_id, dual_teacher=config.dual_teacher,
+                            fusion_teacher=config.fusion_teacher, license=config.license,
+                            datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists()
+                            else [])
+        dry_run = None if config.dry_run is None else f"{Path(config.dry_run)}-teacher"
+        return push_to_hub(folder, config.teacher_repo_id, private=config.private, dry_run=dry_run,
+                           commit_message="Upload MCAD teacher", required_files=TEACHER_REQUIRED_FILES)
 
 
 STAGE_FUNCTIONS = {"teachers": teachers, "cache": cache, "distill": distill, "evaluate": evaluate, "export": export,

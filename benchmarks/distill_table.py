@@ -166,7 +166,6 @@ def encode_times(root: Path) -> dict:
     """Per-item encode time (ms, batch 1, median) and parameters of the `shapes` student and the teachers."""
     from PIL import Image
 
-    import modeling_mcad.shapes  # noqa: F401  (registers the shapes fusion teacher)
     from modeling_mcad.teachers import MCADTeacher
 
     image, caption = Image.new("RGB", (64, 64)), ["a small red circle to the left of a large blue square"]

@@ -273,8 +273,8 @@ def cross_encoder_class(model_type: str) -> type[CrossEncoder]:
         raise UserError(
             f"No cross-encoder adapter for model_type {model_type!r} (known: {sorted(CROSS_ENCODERS)}). Write a "
             "CrossEncoder subclass for it and call register_cross_encoder(model_type, YourClass); a package that "
-            "defines one registers it when imported (the mcad-shapes fusion teacher, 'mcad_fusion': import "
-            "modeling_mcad.shapes)."
+            "defines one registers it when imported (the fusion teacher built over CLIP, 'mcad_fusion': import "
+            "modeling_mcad.fusion_model)."
         )
     return CROSS_ENCODERS[model_type]
 

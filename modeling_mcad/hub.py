@@ -34,6 +34,8 @@ from .utils import atomic_directory, atomic_write_text
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "mcad_student.md.j2"
+TEACHER_TEMPLATE_PATH = TEMPLATE_PATH.with_name("mcad_teacher.md.j2")
+TEACHER_REPORT = "teacher_report.json"  # the teachers stage's report: adapter fit, gates, validation rows
 PAPER_URL = "https://arxiv.org/abs/2310.19654"
 CARD_FILE, RECALL_PLOT, WIDGET_DIR = CARD_FILES
 # What a folder needs to load with AutoModel / AutoProcessor (with or without trust_remote_code) and to show a card.
@@ -45,6 +47,14 @@ REQUIRED_FILES = (
 # CLIPModel in 4.x too; transformers 4.x's vision-text dual encoder keeps a CLIP tower's weights under other names,
 # and the package's own code is written against 5.x: both take setup.py's floor.
 PLAIN_ROUTE_MIN_TRANSFORMERS = {"CLIPModel": "4.57", "VisionTextDualEncoderModel": "5.20"}
+# What a saved teacher's folder needs to load with AutoModel.from_pretrained(..., trust_remote_code=True) (both
+# teachers, their processors, the adapter) and to show a card.
+TEACHER_REQUIRED_FILES = (
+    CARD_FILE, "config.json", "model.safetensors", "teachers.py", "dual_processor/processor_config.json",
+    "fusion_processor/processor_config.json",
+)
+# The teachers' metrics a teacher card shows, in this order.
+TEACHER_ROW_KEYS = ("rsum", "i2t_r1", "t2i_r1", "swap_accuracy", "flip_accuracy", "binding_accuracy")
 REMOTE_CODE_MIN_TRANSFORMERS = "5.20"
 # Besides huggingface_hub's own (.git, .cache/huggingface), never upload Python bytecode.
 DEFAULT_PUSH_IGNORE = ("*__pycache__*", "*.pyc")
@@ -389,6 +399,85 @@ def render_model_card(
     return card
 
 
+def _describe_teacher(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    with safe_open(folder / "model.safetensors", framework="np") as weights:
+        sizes = {name: math.prod(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    return {
+        "dual_type": config["dual_teacher_config"]["model_type"],
+        "fusion_type": config["fusion_teacher_config"]["model_type"],
+        "dual_parameters_m": f"{sum(n for name, n in sizes.items() if name.startswith('dual.')) / 1e6:.1f}",
+        "fusion_parameters_m": f"{sum(n for name, n in sizes.items() if name.startswith('fusion.')) / 1e6:.1f}",
+        "teacher_dim": config["teacher_dim"],
+        "adapter_objective": config["adapter_objective"],
+        "adapter_fit": {key: value for key, value in (config.get("adapter_fit") or {}).items() if key != "objective"},
+    }
+
+
+def render_teacher_card(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str,
+    dual_teacher: str | None = None,
+    fusion_teacher: str | None = None,
+    datasets: Sequence[str] = (),
+    license: str = "apache-2.0",
+    model_name: str | None = None,
+) -> ModelCard:
+    """
+    Write the model card (`README.md`) of a saved [`MCADTeacher`] folder: which teachers, the adapter's objective and
+    fit, how to distil from it and load it (`trust_remote_code=True`: the folder carries `teachers.py`), and, when
+    the folder holds the teachers stage's `teacher_report.json`, the gates and the teachers' validation rows.
+
+    Args:
+        folder (`str` or `os.PathLike`): a folder written by `MCADTeacher.save_pretrained`.
+        repo_id (`str`): the Hub repository the card is for (`user/name`).
+        dual_teacher, fusion_teacher (`str`, *optional*): what the teachers were made from: Hub ids become the card's
+            `base_model`; other names (e.g. "shapes") are left out.
+        datasets (`Sequence[str]`): Hub ids of the data the teachers and the adapter were trained on; local paths are
+            left out.
+        license (`str`): the card's license, a Hub license id.
+        model_name (`str`, *optional*): defaults to the repository name.
+    """
+    folder = Path(folder)
+    _check_repo_id(repo_id)
+    if not (folder / "teachers.py").is_file():
+        raise UserError(f"{folder} holds no saved MCADTeacher (no teachers.py beside config.json): save the teacher "
+                        "with MCADTeacher.save_pretrained (the teachers stage does) before its card.")
+    report = json.loads((folder / TEACHER_REPORT).read_text()) if (folder / TEACHER_REPORT).is_file() else {}
+    gates = report.get("gates", {})
+    gates_split = next(iter(gates), "validation")
+    hub_ids = [name for name in (dual_teacher, fusion_teacher) if name and "/" in name and not _is_local_path(name)]
+    model_name = model_name or repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        license=license,
+        tags=["mcad", "knowledge-distillation", "image-text-retrieval", "teacher", "custom_code"],
+        base_model=hub_ids or None,
+        datasets=[name for name in datasets if "/" in name and not _is_local_path(name)] or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEACHER_TEMPLATE_PATH),
+        repo_id=repo_id,
+        model_name=model_name,
+        paper_url=PAPER_URL,
+        remote_code_min_version=REMOTE_CODE_MIN_TRANSFORMERS,
+        teacher={**_describe_teacher(folder), "dual_name": dual_teacher if dual_teacher in hub_ids else None,
+                 "fusion_name": fusion_teacher if fusion_teacher in hub_ids else None},
+        gates=gates.get(gates_split, {}),
+        gates_split=gates_split,
+        rows=report.get("validation_rows", {}),
+        row_keys=TEACHER_ROW_KEYS,
+        has_report=bool(report),
+    )
+    atomic_write_text(folder / CARD_FILE, str(card))
+    return card
+
+
 # --- the upload ---------------------------------------------------------------------------------------------------
 
 
@@ -436,12 +525,13 @@ def push_to_hub(
     commit_message: str = "Upload MCAD student",
     allow_patterns: Sequence[str] | None = None,
     ignore_patterns: Sequence[str] | None = None,
+    required_files: Sequence[str] = REQUIRED_FILES,
 ) -> dict:
     """
     Upload an exported folder (with its model card) to the Hub, or with `dry_run` write exactly the files that
     would be uploaded into another folder.
 
-    Checks come first and nothing is sent if one fails: the folder holds what loading needs (`REQUIRED_FILES`),
+    Checks come first and nothing is sent if one fails: the folder holds what loading needs (`required_files`),
     `repo_id` is valid, the Hub is not in offline mode (`HF_HUB_OFFLINE`), and a token exists (`token`, then
     `HF_TOKEN`, then `hf auth login`'s). The token is passed to huggingface_hub only, never printed or logged.
 
@@ -458,6 +548,8 @@ def push_to_hub(
         commit_message (`str`): the commit message.
         allow_patterns (`Sequence[str]`, *optional*), ignore_patterns (`Sequence[str]`, *optional*): filter the
             files, with `upload_folder`'s semantics.
+        required_files (`Sequence[str]`): the files the folder must hold: `REQUIRED_FILES` for a student,
+            `TEACHER_REQUIRED_FILES` for a teacher.
 
     Returns:
         `dict`: `repo_id`, `files` (the uploaded paths) and `dry_run` (the written folder) or `url` (the commit).
@@ -477,11 +569,12 @@ def push_to_hub(
         # The upload passes the file list as allow_patterns, where these characters would be patterns.
         raise UserError(f"{folder} holds file names with glob characters (* ? [ ]), which cannot be uploaded "
                         f"exactly: {', '.join(globbing[:5])}. Rename them, or leave them out with ignore_patterns.")
-    missing = [name for name in REQUIRED_FILES if name not in files]
+    missing = [name for name in required_files if name not in files]
     if missing:
         raise UserError(
             f"{folder} lacks {', '.join(missing)} (or the patterns exclude them; hidden files and symbolic links are "
-            "never uploaded): export the student (train_mcad.py export) and render its card before pushing."
+            "never uploaded): export the student (train_mcad.py export) or save the teacher, and render its card "
+            "before pushing."
         )
     try:  # malformed YAML metadata fails here, offline, rather than at the Hub
         ModelCard.load(folder / CARD_FILE)
@@ -566,5 +659,6 @@ __all__ = [
     "publishable",
     "push_to_hub",
     "render_model_card",
+    "render_teacher_card",
     "widget_examples_from_split",
 ]

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .errors import UserError
+from .fusion_model import MCADFusionCrossEncoder  # noqa: F401  (registers "mcad_fusion", which travels too)
 from .objectives import ObjectiveSettings, objective_settings, top_k_candidates
 from .optimization import autocast
 from .utils import atomic_directory
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_OBJECTIVES = ("regression", "one_sided", "two_sided")
 PROCESSOR_NAMES = ("dual", "fusion")
+# The from_pretrained keywords that say where and how to fetch a folder's files.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")
 
 
 # --- Configuration --------------------------------------------------------------------------------------------------
@@ -304,11 +307,9 @@ class MCADTeacher(PreTrainedModel):
                 raise
             raise UserError(
                 f"{pretrained_model_name_or_path} holds a teacher whose model type transformers does not know "
-                f"({str(error).split(':')[1].split('.')[0].strip()}): import the package that defines it first (the "
-                "mcad-shapes fusion teacher: import modeling_mcad.shapes)."
+                f"({str(error).split(':')[1].split('.')[0].strip()}): import the package that defines it first."
             ) from None
-        hub_kwargs = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only")
-                      if key in kwargs}
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         for name in PROCESSOR_NAMES:
             try:
                 processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, subfolder=f"{name}_processor",
@@ -536,9 +537,9 @@ def _check_replaceable(folder: Path) -> None:
 
 # AutoModel.from_pretrained(teacher_folder) gives the teacher, processors included, once this module is imported;
 # and a saved teacher carries its code and auto_map — this file and what it imports relatively (cross_encoders,
-# objectives, optimization, errors, utils: torch, transformers and the standard library only) — so that
-# AutoModel.from_pretrained(folder, trust_remote_code=True) loads it where this package is not installed, when
-# transformers knows both teachers' model types (CLIP, SigLIP, BLIP, ViLT; not the mcad-shapes fusion teacher).
+# fusion_model, objectives, optimization, errors, utils: torch, transformers and the standard library only) — so that
+# AutoModel.from_pretrained(folder, trust_remote_code=True) loads it where this package is not installed, with a
+# fusion teacher of a type transformers knows (BLIP, ViLT) or the fusion teacher built over CLIP (mcad_fusion).
 AutoConfig.register(MCADTeacherConfig.model_type, MCADTeacherConfig, exist_ok=True)
 AutoModel.register(MCADTeacherConfig, MCADTeacher, exist_ok=True)
 MCADTeacherConfig.register_for_auto_class()

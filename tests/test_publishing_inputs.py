@@ -29,7 +29,7 @@ from modeling_mcad.search import (
 )
 from modeling_mcad.search import main as mcad_search
 
-from .conftest import REPO_ROOT, caption_split, random_images, snapshot
+from .conftest import REPO_ROOT, caption_split, random_images, snapshot, train_script_error
 
 BAD_INPUT_CASES = {
     "dry_run_into_a_model_folder": "`train_mcad.py push --dry_run DIR` where DIR holds other files (a trained student)",
@@ -38,6 +38,9 @@ BAD_INPUT_CASES = {
     "empty_gallery": "`mcad-search index` of a folder without images; an index file of zero images",
     "nan_query_or_probe": "a model whose text encoder makes NaN; an index whose probe embeddings hold NaN",
     "batch_size_zero": "`mcad-search index --batch-size 0` (or negative)",
+    "teacher_repo_id_of_the_student": "`push --teacher_repo_id` naming the student's own `--repo_id`",
+    "teacher_and_the_teachers_stage": "`--teacher DIR` with the teachers stage, which would train another teacher",
+    "teacher_that_cannot_be_fetched": "`--teacher user/name` of a repository that cannot be fetched (offline)",
 }
 REBUILD = r"rebuild it with `mcad-search index IMAGES_DIR --model MODEL_DIR --out \S+`\.$"
 
@@ -259,6 +262,39 @@ def test_dry_run_into_a_model_folder(exported_student, saved_tiny_student, tmp_p
                         r"earlier dry run \(which holds exactly the files its \.mcad-dry-run\.json lists\), so it is "
                         r"not replaced: nothing was written\. Pass a new or empty folder \(--dry_run DIR\)\.", error)
     assert snapshot(student) == before
+
+
+# --- teacher_repo_id_of_the_student, teacher_and_the_teachers_stage, teacher_that_cannot_be_fetched ----------------
+
+
+def test_teacher_repo_id_of_the_student(exported_student, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(exported_student[0], run / "export")
+    (run / "teacher").mkdir()
+    error = train_script_error(["push", "--output_dir", run, "--repo_id", "you/mcad", "--teacher_repo_id", "you/mcad",
+                                "--dry_run", tmp_path / "hub"], capsys, leaves_unchanged=tmp_path)
+    assert error == ("teacher_repo_id and repo_id are both 'you/mcad': the teacher's files would replace the "
+                     "student's. Give the teacher its own repository (e.g. you/mcad-teacher).")
+
+
+def test_teacher_and_the_teachers_stage(tmp_path, capsys):
+    (tmp_path / "shared_teacher").mkdir()
+    error = train_script_error(["teachers", "--output_dir", tmp_path / "run", "--teacher", tmp_path / "shared_teacher"],
+                               capsys, leaves_unchanged=tmp_path)
+    assert error.startswith(f"teacher={str(tmp_path / 'shared_teacher')!r} names a saved teacher to distil from, "
+                            "which the teachers stage does not make: leave the teachers stage out")
+
+
+def test_teacher_that_cannot_be_fetched(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    error = train_script_error(["cache", "--output_dir", tmp_path / "run", "--teacher", "mcad-tests/no-such-teacher"],
+                               capsys)
+    assert error.startswith("teacher='mcad-tests/no-such-teacher' is neither a folder nor a Hub repository that could "
+                            "be fetched (")
+    assert error.endswith("Pass the folder of a saved MCADTeacher (e.g. OUTPUT/teacher of another run) or its Hub id, "
+                          "with network access.")
 
 
 def test_every_case_has_a_test():

@@ -8,8 +8,6 @@ local folder where a path is needed.
 import dataclasses
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,11 +46,11 @@ from modeling_mcad.cross_encoders import (
     ViltCrossEncoder,
     cross_encoder_class,
 )
+from modeling_mcad.fusion_model import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel
 from modeling_mcad.objectives import ObjectiveSettings, modified_features, modified_similarity, top_k_candidates
-from modeling_mcad.shapes import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel
 from modeling_mcad.teachers import MCADTeacher
 
-from .conftest import REPO_ROOT, random_images, run_isolated
+from .conftest import random_images, run_isolated
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "star", "triangle"]
@@ -197,7 +195,7 @@ def test_bad_arguments_are_named():
         MCADTeacher.config_class(adapter_objective="contrastive")
     with pytest.raises(ValueError, match="beta"):
         ObjectiveSettings(beta=1.5)
-    with pytest.raises(ValueError, match="register_cross_encoder.*modeling_mcad.shapes"):
+    with pytest.raises(ValueError, match="register_cross_encoder.*modeling_mcad.fusion_model"):
         cross_encoder_class("mcad_fusion_unknown")
     with pytest.raises(ValueError, match="register_cross_encoder"):
         cross_encoder_class("clip")
@@ -418,15 +416,24 @@ def test_mcad_fusion_model_scores_any_pairs_over_a_copy_of_the_dual_teacher(tmp_
     teacher.save_pretrained(tmp_path / "fusion_teacher")
     loaded = MCADTeacher.from_pretrained(tmp_path / "fusion_teacher")
     assert isinstance(loaded.fusion, MCADFusionCrossEncoder)
-    # A fresh process knows the model type once it imports the benchmark world (as the script's stages do) ...
-    load = f"print(type(MCADTeacher.from_pretrained({str(tmp_path / 'fusion_teacher')!r}).fusion).__name__)"
-    script = f"import modeling_mcad.shapes; from modeling_mcad.teachers import MCADTeacher; {load}"
-    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert fresh.stdout.strip().endswith("MCADFusionCrossEncoder"), fresh.stderr[-2000:]
-    # ... and without it, the library says which import registers it.
-    fresh = subprocess.run([sys.executable, "-c", f"from modeling_mcad.teachers import MCADTeacher; {load}"],
-                           capture_output=True, text=True, cwd=REPO_ROOT)
-    assert fresh.returncode != 0 and "import modeling_mcad.shapes" in fresh.stderr
+    # The folder carries fusion_model.py with the teacher's code: it loads where the package is absent.
+    assert (tmp_path / "fusion_teacher" / "fusion_model.py").is_file()
+    torch.save(dict(batch["fusion"]), tmp_path / "fusion_inputs.pt")
+    result = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoModel
+        teacher = AutoModel.from_pretrained({str(tmp_path / "fusion_teacher")!r}, trust_remote_code=True)
+        inputs = torch.load({str(tmp_path / "fusion_inputs.pt")!r})
+        fused = teacher.fuse(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+        print(json.dumps({{"fusion": type(teacher.fusion).__module__ + "." + type(teacher.fusion).__name__,
+                          "match_logits": fused.match_logits.tolist()}}))
+        """,
+        tmp_path,
+    )
+    assert result["fusion"].startswith("transformers_modules.")
+    assert result["fusion"].endswith("fusion_model.MCADFusionCrossEncoder")
+    torch.testing.assert_close(torch.tensor(result["match_logits"]), expected.match_logits)
     again = loaded.fuse(batch["fusion"]["pixel_values"], batch["fusion"]["input_ids"],
                         batch["fusion"]["attention_mask"])
     torch.testing.assert_close(again.match_logits, expected.match_logits)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import train_mcad
 from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
 from modeling_mcad.teachers import MCADTeacher
 
-from .conftest import REPO_ROOT, run_isolated
+from .conftest import REPO_ROOT, run_isolated, snapshot
 from .test_teachers import tiny_blip, tiny_clip
 
 # The tiny student without dropout, so runs on different process counts draw no different random numbers.
@@ -271,6 +272,51 @@ def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
         tmp_path,
     )
     assert loaded == {"model": "MCADModel", "processor": "MCADProcessor"}
+
+
+def test_push_publishes_the_teacher_and_another_run_distils_from_it(exported_student, tmp_path):
+    """The modified teacher as a Hub citizen: push writes it (code, processors, adapter, report, card) beside the
+    student; it loads where the package is absent; another run distils from the published folder."""
+    run, smoke = tmp_path / "run", REPO_ROOT / "configs" / "smoke.yaml"
+    run_script("teachers", "--config", smoke, "--output_dir", run)
+    shutil.copytree(exported_student[0], run / "export")  # push needs an export; any student's will do here
+    teacher_before = snapshot(run / "teacher")
+    run_script("push", "--config", smoke, "--output_dir", run, "--repo_id", "mcad-tests/student",
+               "--teacher_repo_id", "mcad-tests/teacher", "--dry_run", tmp_path / "hub")
+    published = tmp_path / "hub-teacher"
+    assert snapshot(run / "teacher") == teacher_before  # the card and report go to the published copy only
+    assert {"README.md", "teacher_report.json", "teachers.py", "fusion_model.py", "cross_encoders.py",
+            "model.safetensors", "dual_processor/processor_config.json"} <= set(snapshot(published))
+    assert "README.md" in snapshot(tmp_path / "hub") and "teachers.py" not in snapshot(tmp_path / "hub")
+    card = (published / "README.md").read_text()
+    report = json.loads((run / "teacher_report.json").read_text())
+    assert "--teacher mcad-tests/teacher" in card and 'from_pretrained("mcad-tests/teacher", trust_remote_code=True)' \
+        in card
+    assert "`clip`" in card and "`mcad_fusion`" in card and "`one_sided` objective" in card
+    for gate, passed in report["gates"]["validation"].items():
+        if gate != "passed":
+            assert f"| {gate} | {'yes' if passed else 'no'} |" in card
+    assert f"| dual teacher | {report['validation_rows']['dual teacher']['rsum']:.1f} |" in card
+
+    pixels = torch.rand(2, 3, 32, 32)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    loaded = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoModel
+        teacher = AutoModel.from_pretrained({str(published)!r}, trust_remote_code=True)
+        images = teacher.encode_images(torch.load({str(tmp_path / "pixels.pt")!r}))
+        print(json.dumps({{"fusion": type(teacher.fusion).__name__, "images": images.tolist()}}))
+        """,
+        tmp_path,
+    )
+    assert loaded["fusion"] == "MCADFusionCrossEncoder"
+    torch.testing.assert_close(torch.tensor(loaded["images"]),
+                               MCADTeacher.from_pretrained(run / "teacher").encode_images(pixels))
+
+    other = tmp_path / "other"
+    run_script("cache", "distill", "--config", smoke, "--output_dir", other, "--teacher", published)
+    assert (other / "student" / "model.safetensors").is_file() and not (other / "teacher").exists()
 
 
 def test_a_run_folder_linked_to_shared_data_and_cache_distils_from_that_cache(tmp_path):

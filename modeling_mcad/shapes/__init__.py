@@ -1,16 +1,14 @@
 """mcad-shapes, the package's built-in benchmark world (DESIGN §6): the generator, its teachers and their gates.
 
-The library (`modeling_mcad.*` outside this subpackage) never imports it. Importing it registers the shapes fusion
-teacher (`MCADFusionModel`, model type `mcad_fusion`) with the auto classes and as a cross-encoder, so a saved
-shapes teacher loads with `MCADTeacher.from_pretrained` once this package is imported.
+The library (`modeling_mcad.*` outside this subpackage) never imports it. Its fusion teacher is the library's
+`modeling_mcad.fusion_model.MCADFusionModel` (a saved teacher carries that file, so it loads anywhere); what is
+mcad-shapes' own is how that teacher is trained.
 
 - `generator`: `make_shapes` (the splits), `to_imagefolder`, the bag-of-words matchers, `caption_is_true`.
-- `fusion_model`: `MCADFusionModel`, a single-stream stack over the dual teacher's token states.
 - `teachers`: `shapes_teachers`, `train_fusion_stack` (the fusion teacher's recipe).
 - `gates`: `teacher_gates`.
 """
 
-from .fusion_model import MCADFusionConfig, MCADFusionCrossEncoder, MCADFusionModel, MCADFusionOutput, sincos_positions
 from .gates import GATE_MATCHERS, teacher_gates
 from .generator import (
     COLOURS,
@@ -47,10 +45,6 @@ __all__ = [
     "SHAPES",
     "EncodedTexts",
     "FusionStackTargets",
-    "MCADFusionConfig",
-    "MCADFusionCrossEncoder",
-    "MCADFusionModel",
-    "MCADFusionOutput",
     "caption_grounding",
     "caption_is_true",
     "false_siblings",
@@ -63,7 +57,6 @@ __all__ = [
     "shapes_splits",
     "shapes_teachers",
     "shapes_tokenizer",
-    "sincos_positions",
     "teacher_gates",
     "to_imagefolder",
     "train_fusion_stack",

@@ -29,10 +29,10 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from ..configuration_mcad import PRESET_SPECIAL_TOKEN_IDS, PRESET_VOCABULARY
 from ..data import TextTable, TrainingPairs
 from ..errors import UserError
+from ..fusion_model import MCADFusionModel, MCADFusionOutput, sincos_positions
 from ..optimization import TrainingStep, adamw_with_cosine, autocast
 from ..teacher_training import TeacherModels, TrainingHistory, mine_hard_negatives, prepare_cpu
 from ..utils import progress
-from .fusion_model import MCADFusionModel, MCADFusionOutput, sincos_positions
 from .generator import ORIENTATION_WORDS, SHAPES, caption_grounding, caption_is_true
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The mcad-shapes fusion teacher: a single-stream stack over a dual teacher's token states (ALBEF / BLIP's shape).
+"""A fusion teacher built over a CLIP dual teacher: a single-stream stack over its token states (ALBEF / BLIP's shape).
+It is the fusion teacher of mcad-shapes (`modeling_mcad.shapes` trains it), and any trained CLIPModel can be its base.
 
 ViLT and BLIP trained from scratch on mcad-shapes never passed the fusion gate
 (docs/experiments/2026-11-29-fusion-teacher.md): whether "A ⟨relation⟩ B" is true is the XOR of the relation word and
@@ -15,7 +16,9 @@ the order of the objects in the image, and an additive head gets no first-order 
   the XOR a first-order gradient.
 
 `MCADFusionCrossEncoder` is its cross-encoder adapter (registered for `model_type` "mcad_fusion"), so
-`MCADTeacher.from_teachers(dual, fusion)` takes it like BLIP or ViLT.
+`MCADTeacher.from_teachers(dual, fusion)` takes it like BLIP or ViLT. This file imports only torch, transformers and
+its siblings `cross_encoders` / `errors` (single-dot imports): a saved model or teacher carries it, with them, as
+custom code (`register_for_auto_class` below), and loads with `trust_remote_code=True` where the package is absent.
 """
 
 from dataclasses import dataclass
@@ -28,8 +31,8 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
-from ..cross_encoders import CrossEncoder, FusionOutput, register_cross_encoder
-from ..errors import UserError
+from .cross_encoders import CrossEncoder, FusionOutput, register_cross_encoder
+from .errors import UserError
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
@@ -278,5 +281,7 @@ class MCADFusionCrossEncoder(CrossEncoder):
 AutoConfig.register(MCADFusionConfig.model_type, MCADFusionConfig, exist_ok=True)
 AutoModel.register(MCADFusionConfig, MCADFusionModel, exist_ok=True)
 register_cross_encoder(MCADFusionConfig.model_type, MCADFusionCrossEncoder)
+MCADFusionConfig.register_for_auto_class()
+MCADFusionModel.register_for_auto_class("AutoModel")
 
 __all__ = ["MCADFusionConfig", "MCADFusionCrossEncoder", "MCADFusionModel", "MCADFusionOutput", "sincos_positions"]
