@@ -20,6 +20,7 @@ Every option is a field of `TrainConfig` below, with its default; a YAML file (`
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -352,17 +353,26 @@ def teacher_folder(config: TrainConfig) -> Path:
     """The run's teacher: `teacher` (a folder, or a Hub id fetched into the Hub cache), else OUTPUT/teacher."""
     if config.teacher is None:
         return Path(config.output_dir) / "teacher"
-    if Path(config.teacher).is_dir():
-        return Path(config.teacher)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    return _shared_teacher(config.teacher)
 
-    try:
-        return Path(snapshot_download(config.teacher))
-    except (HFValidationError, OSError) as error:  # not a repo id; offline, missing or private repo
-        raise UserError(f"teacher={config.teacher!r} is neither a folder nor a Hub repository that could be fetched "
-                        f"({type(error).__name__}: {error}). Pass the folder of a saved MCADTeacher (e.g. "
-                        "OUTPUT/teacher of another run) or its Hub id, with network access.") from error
+
+@functools.cache  # one fetch per process: every stage then reads the same snapshot
+def _shared_teacher(name: str) -> Path:
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            folder = Path(snapshot_download(name))
+        except (HFValidationError, OSError) as error:  # not a repo id; offline, missing or private repo
+            raise UserError(f"teacher={name!r} is neither a folder nor a Hub repository that could be fetched "
+                            f"({type(error).__name__}: {error}). Pass the folder of a saved MCADTeacher (e.g. "
+                            "OUTPUT/teacher of another run) or its Hub id, with network access.") from error
+    if not (folder / "config.json").is_file():
+        raise UserError(f"teacher={name!r} holds no saved MCADTeacher (no config.json in {folder}): pass the teacher's "
+                        "own folder, e.g. OUTPUT/teacher of the run that trained it.")
+    return folder
 
 
 def load_teacher(config: TrainConfig, device="cpu"):
@@ -371,7 +381,7 @@ def load_teacher(config: TrainConfig, device="cpu"):
     from modeling_mcad.teachers import MCADTeacher
 
     if not teacher_folder(config).exists():
-        raise UserError(f"No teacher in {teacher_folder(config)}: run the teachers stage first.")
+        raise UserError(f"No teacher in {teacher_folder(config)}: run the teachers stage first, or pass --teacher.")
     teacher = MCADTeacher.from_pretrained(teacher_folder(config)).to(device)
     teacher.autocast_dtype = mixed_precision_dtype(config.teacher_mixed_precision, device)
     return teacher
@@ -890,12 +900,18 @@ def export(config: TrainConfig, accelerator) -> Path:
 
 
 def push(config: TrainConfig, accelerator) -> str | None:
-    from modeling_mcad.hub import push_to_hub, render_model_card, widget_examples_from_split
+    import tempfile
+
+    from modeling_mcad.hub import TEACHER_REQUIRED_FILES, push_to_hub, render_model_card, widget_examples_from_split
 
     if config.repo_id is None:
         raise UserError("push needs --repo_id (e.g. --repo_id you/mcad-shapes-student).")
-    if config.teacher_repo_id is not None:  # checked before the student is uploaded
-        if config.teacher_repo_id == config.repo_id:
+    if config.teacher_repo_id is not None:
+        if config.teacher is not None:
+            raise UserError(f"teacher_repo_id publishes the teacher this run trained, and this run distils from "
+                            f"teacher={config.teacher!r}: publish that one from the run that trained it (or share "
+                            "the repository it came from), and leave --teacher_repo_id out here.")
+        if config.teacher_repo_id.lower() == config.repo_id.lower():  # Hub ids ignore case
             raise UserError(f"teacher_repo_id and repo_id are both {config.repo_id!r}: the teacher's files would "
                             "replace the student's. Give the teacher its own repository (e.g. you/mcad-teacher).")
         if not (teacher_folder(config) / "config.json").is_file():
@@ -909,52 +925,57 @@ def push(config: TrainConfig, accelerator) -> str | None:
             raise UserError(f"No export in {folder}: run the export stage first.")
         results = json.loads((output_dir / "results.json").read_text()) if (output_dir / "results.json").exists() else {}
         student_row = next((row for name, row in results.items() if name.startswith("student")), None)
-        render_model_card(
-            folder,
-            repo_id=config.repo_id,
-            metrics=student_row,
-            comparison=results,
-            # Where this run wrote its files says nothing about the model; other local paths show as <local: NAME>.
-            training_config={key: value for key, value in dataclasses.asdict(config).items()
-                             if key not in ("output_dir", "dry_run", "resume_from_checkpoint")},
-            base_models=[name for name in (config.dual_teacher, config.fusion_teacher)
-                         if isinstance(name, str) and "/" in name and not Path(name).exists()],
-            datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists() else [],
-            eval_dataset_name=config.dataset,
-            eval_dataset_id=config.dataset,
-            eval_split_name=split_label(config, "test"),
-            widget_examples=widget_examples_from_split(splits["test"]),
-            license=config.license,
-        )
-        pushed = push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)
-        if config.teacher_repo_id is not None:
-            push_teacher(config)
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".teacher-hub-") as staging:
+            # The teacher's folder is written and checked first: a problem with it stops the push before the student
+            # is uploaded.
+            teacher_hub = stage_teacher(config, Path(staging)) if config.teacher_repo_id is not None else None
+            render_model_card(
+                folder,
+                repo_id=config.repo_id,
+                metrics=student_row,
+                comparison=results,
+                # Where this run wrote its files says nothing about the model; other local paths show as <local: NAME>.
+                training_config={key: value for key, value in dataclasses.asdict(config).items()
+                                 if key not in ("output_dir", "dry_run", "resume_from_checkpoint")},
+                base_models=[name for name in ((config.teacher,) if config.teacher else (config.dual_teacher,
+                                                                                          config.fusion_teacher))
+                             if "/" in name and not Path(name).exists()],
+                datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists() else [],
+                eval_dataset_name=config.dataset,
+                eval_dataset_id=config.dataset,
+                eval_split_name=split_label(config, "test"),
+                widget_examples=widget_examples_from_split(splits["test"]),
+                license=config.license,
+            )
+            pushed = [push_to_hub(folder, config.repo_id, private=config.private, dry_run=config.dry_run)]
+            if teacher_hub is not None:
+                pushed.append(push_to_hub(teacher_hub, config.teacher_repo_id, private=config.private,
+                                          dry_run=None if config.dry_run is None else f"{Path(config.dry_run)}-teacher",
+                                          commit_message="Upload MCAD teacher", required_files=TEACHER_REQUIRED_FILES))
     accelerator.wait_for_everyone()
-    return pushed.get("dry_run", pushed.get("url")) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    return ", ".join(str(result.get("dry_run", result.get("url"))) for result in pushed)
 
 
-def push_teacher(config: TrainConfig) -> dict:
-    """Publish the run's teacher (with the teachers stage's report and a card) to `teacher_repo_id`."""
+def stage_teacher(config: TrainConfig, staging: Path) -> Path:
+    """
+    The run's teacher as published, in `staging/teacher`: saved again (so it carries this version's code, whatever
+    version wrote it), with the teachers stage's report and a card. The saved teacher itself is never written to: the
+    cache's record hashes its files.
+    """
     import shutil
-    import tempfile
 
-    from modeling_mcad.hub import TEACHER_REPORT, TEACHER_REQUIRED_FILES, push_to_hub, render_teacher_card
+    from modeling_mcad.hub import TEACHER_REPORT, render_teacher_card
+    from modeling_mcad.teachers import MCADTeacher
 
-    source, output_dir = teacher_folder(config), Path(config.output_dir)
-    # A copy, so the card and report never change the saved teacher (the cache's record hashes its files); copytree
-    # follows links, as a teacher fetched into the Hub cache is made of links.
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".teacher-hub-") as staging:
-        folder = Path(staging) / "teacher"
-        shutil.copytree(source, folder)
-        if config.teacher is None and (output_dir / TEACHER_REPORT).is_file():
-            shutil.copy2(output_dir / TEACHER_REPORT, folder / TEACHER_REPORT)
-        render_teacher_card(folder, repo_id=config.teacher_repo_id, dual_teacher=config.dual_teacher,
-                            fusion_teacher=config.fusion_teacher, license=config.license,
-                            datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists()
-                            else [])
-        dry_run = None if config.dry_run is None else f"{Path(config.dry_run)}-teacher"
-        return push_to_hub(folder, config.teacher_repo_id, private=config.private, dry_run=dry_run,
-                           commit_message="Upload MCAD teacher", required_files=TEACHER_REQUIRED_FILES)
+    folder, report = staging / "teacher", Path(config.output_dir) / TEACHER_REPORT
+    MCADTeacher.from_pretrained(teacher_folder(config)).save_pretrained(folder)
+    if report.is_file():
+        shutil.copy2(report, folder / TEACHER_REPORT)
+    render_teacher_card(folder, repo_id=config.teacher_repo_id, dual_teacher=config.dual_teacher,
+                        fusion_teacher=config.fusion_teacher, datasets=[config.dataset], license=config.license)
+    return folder
 
 
 STAGE_FUNCTIONS = {"teachers": teachers, "cache": cache, "distill": distill, "evaluate": evaluate, "export": export,
@@ -966,6 +987,9 @@ def main(argv: list[str] | None = None) -> None:
 
     stages, config = parse_args(argv)
     accelerator = make_accelerator(config)
+    if config.teacher is not None and "teachers" not in stages:
+        with accelerator.main_process_first():  # a Hub teacher is downloaded once, then read from the cache
+            teacher_folder(config)
     summary = []
     for stage in stages:
         logger.info("stage %s", stage)

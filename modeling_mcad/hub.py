@@ -449,7 +449,8 @@ def render_teacher_card(
     report = json.loads((folder / TEACHER_REPORT).read_text()) if (folder / TEACHER_REPORT).is_file() else {}
     gates = report.get("gates", {})
     gates_split = next(iter(gates), "validation")
-    hub_ids = [name for name in (dual_teacher, fusion_teacher) if name and "/" in name and not _is_local_path(name)]
+    hub_ids = list(dict.fromkeys(name for name in (dual_teacher, fusion_teacher)
+                                 if name and "/" in name and not _is_local_path(name)))
     model_name = model_name or repo_id.split("/")[-1]
     card_data = ModelCardData(
         model_name=model_name,
@@ -468,6 +469,7 @@ def render_teacher_card(
         remote_code_min_version=REMOTE_CODE_MIN_TRANSFORMERS,
         teacher={**_describe_teacher(folder), "dual_name": dual_teacher if dual_teacher in hub_ids else None,
                  "fusion_name": fusion_teacher if fusion_teacher in hub_ids else None},
+        adapter=report.get("adapter"),
         gates=gates.get(gates_split, {}),
         gates_split=gates_split,
         rows=report.get("validation_rows", {}),

@@ -59,3 +59,16 @@ def test_hub_bound_files_import_only_each_other():
         # `from .configuration_mcad import X` reads as the module and the module.X pair: keep the modules.
         modules = {module for module in imported if module.count(".") == 1 or module.rsplit(".", 1)[0] not in siblings}
         assert modules <= siblings, (name, sorted(modules - siblings))
+
+
+def test_the_teachers_code_that_travels_imports_only_what_travels_with_it():
+    """A saved teacher carries teachers.py and, transitively, the package files it imports relatively: they must
+    need nothing but torch, transformers and each other (a fresh process with the folder alone loads them)."""
+    travelling = {"modeling_mcad.teachers", "modeling_mcad.cross_encoders", "modeling_mcad.fusion_model",
+                  "modeling_mcad.errors", "modeling_mcad.objectives", "modeling_mcad.optimization",
+                  "modeling_mcad.utils"}
+    for module in travelling:
+        path = PACKAGE / f"{module.split('.')[-1]}.py"
+        imported = {name if name.rsplit(".", 1)[0] == "modeling_mcad" else name.rsplit(".", 1)[0]
+                    for name in package_imports(path)}
+        assert imported <= travelling, (path.name, sorted(imported - travelling))

@@ -38,7 +38,7 @@ BAD_INPUT_CASES = {
     "empty_gallery": "`mcad-search index` of a folder without images; an index file of zero images",
     "nan_query_or_probe": "a model whose text encoder makes NaN; an index whose probe embeddings hold NaN",
     "batch_size_zero": "`mcad-search index --batch-size 0` (or negative)",
-    "teacher_repo_id_of_the_student": "`push --teacher_repo_id` naming the student's own `--repo_id`",
+    "teacher_repo_id_of_the_student": "`push --teacher_repo_id` naming the student's `--repo_id`, or with `--teacher`",
     "teacher_and_the_teachers_stage": "`--teacher DIR` with the teachers stage, which would train another teacher",
     "teacher_that_cannot_be_fetched": "`--teacher user/name` of a repository that cannot be fetched (offline)",
 }
@@ -271,10 +271,17 @@ def test_teacher_repo_id_of_the_student(exported_student, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(exported_student[0], run / "export")
     (run / "teacher").mkdir()
-    error = train_script_error(["push", "--output_dir", run, "--repo_id", "you/mcad", "--teacher_repo_id", "you/mcad",
+    (run / "teacher" / "config.json").write_text("{}")  # what the option checks before anything loads
+    error = train_script_error(["push", "--output_dir", run, "--repo_id", "you/mcad", "--teacher_repo_id", "You/MCAD",
                                 "--dry_run", tmp_path / "hub"], capsys, leaves_unchanged=tmp_path)
     assert error == ("teacher_repo_id and repo_id are both 'you/mcad': the teacher's files would replace the "
                      "student's. Give the teacher its own repository (e.g. you/mcad-teacher).")
+    # A run distilling from a shared teacher did not make it: publishing it again would put another run's name on it.
+    error = train_script_error(["push", "--output_dir", run, "--repo_id", "you/mcad", "--teacher_repo_id",
+                                "you/mcad-teacher", "--teacher", run / "teacher", "--dry_run", tmp_path / "hub"],
+                               capsys, leaves_unchanged=tmp_path)
+    assert error.startswith("teacher_repo_id publishes the teacher this run trained, and this run distils from "
+                            f"teacher={str(run / 'teacher')!r}")
 
 
 def test_teacher_and_the_teachers_stage(tmp_path, capsys):

@@ -294,7 +294,7 @@ def test_push_publishes_the_teacher_and_another_run_distils_from_it(exported_stu
         in card
     assert "`clip`" in card and "`mcad_fusion`" in card and "`one_sided` objective" in card
     for gate, passed in report["gates"]["validation"].items():
-        if gate != "passed":
+        if gate not in ("passed", "fusion_binding_above_90"):  # the second is an aim, shown as such
             assert f"| {gate} | {'yes' if passed else 'no'} |" in card
     assert f"| dual teacher | {report['validation_rows']['dual teacher']['rsum']:.1f} |" in card
 
