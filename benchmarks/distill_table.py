@@ -231,6 +231,30 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def paired_differences(by_row: dict[str, list[dict]], reference: str = "mcad",
+                       rows: list[str] | None = None) -> list[str]:
+    """
+    `reference` minus each row (of `rows`, default all) over the seeds both ran (a seed fixes a student's initialisation and batch order, the
+    same in every row): mean ± standard error of the per-seed differences, in RSUM and binding accuracy.
+    """
+    base = {run["seed"]: run for run in by_row.get(reference, [])}
+    lines = ["", f"Paired over the seeds (seed s fixes a student's initialisation and batch order, the same in every "
+                 f"row), `{reference}` minus each row, mean ± standard error of the per-seed differences:", "",
+             f"| `{reference}` − row | seeds | RSUM | binding accuracy |", "|---|---|---|---|"]
+    for name, runs in by_row.items():
+        shared = sorted(set(base) & {run["seed"] for run in runs})
+        if name == reference or len(shared) < 2 or (rows is not None and name not in rows):
+            continue
+        of_seed = {run["seed"]: run for run in runs}
+        cells = []
+        for key in ("rsum", "binding_accuracy"):
+            differences = [base[seed][key] - of_seed[seed][key] for seed in shared]
+            error = statistics.stdev(differences) / len(differences) ** 0.5
+            cells.append(f"{statistics.mean(differences):+.1f} ± {error:.1f}")
+        lines.append(f"| `{name}` | {len(shared)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, command: str, seconds: float,
              config: dict, jobs: int, reused: int) -> str:
     config = {**yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text()), **config}  # defaults + the run's
@@ -253,6 +277,10 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
     for name, runs in by_row.items():
         cells = [mean_std([run[c] for run in runs]) for c in COLUMNS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += paired_differences(by_row)
+    if "mcad + negatives" in by_row:  # do the teachers add anything to the negatives, and both teachers to either?
+        lines += paired_differences(by_row, "mcad + negatives", [name for name in by_row if "negatives" in name
+                                                                 or name.startswith("negclip")])
     lines += ["", "| model | parameters | image encode (ms / item) | text encode (ms / item) | pair (ms) |",
               "|---|---|---|---|---|"]
     for name, row in speed.items():
