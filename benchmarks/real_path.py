@@ -1,7 +1,7 @@
 """Every stage at real size: CLIP ViT-B/32 and BLIP ITM base as teachers, the `mobile` student at 224 px, on a
 Flickr30K-layout replica -> markdown for BENCHMARKS.md.
 
-    python benchmarks/real_path.py [--images 192 16 16] [--work_dir outputs/real_path]
+    python benchmarks/real_path.py [--images 256 16 16] [--work_dir outputs/real_path]
 
 No network and no pretrained weights: the teachers are `CLIPModel(CLIPConfig())` and
 `BlipForImageTextRetrieval(BlipConfig())` — transformers' defaults are the published configurations of
@@ -177,7 +177,7 @@ def run_stage(stage: str, config_file: Path, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, nargs=3, default=[192, 16, 16], metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--images", type=int, nargs=3, default=[256, 16, 16], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=256, help="the distill batch (the recipe's: 256)")
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/real_path"))
@@ -186,13 +186,17 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work_dir.resolve()
     counts = dict(zip(("train", "val", "test"), args.images))
+    if counts["train"] < args.batch_size:
+        parser.error(f"--images: {counts['train']} training images give no batch of {args.batch_size}: the distill "
+                     "stage draws one caption per image per epoch (pass at least --batch_size training images)")
     vocabulary = [f"w{index}" for index in range(3000)]  # distinct made-up words; token counts are what matter
-    corpus = make_replica(work / "flickr30k", counts, vocabulary)
+    corpus = make_replica(work / "flickr30k-{train}-{val}-{test}".format(**counts), counts, vocabulary)
     paths = make_teachers(work / "teachers", corpus)
 
     config = yaml.safe_load((REPO_ROOT / "configs" / "flickr30k_clip_blip.yaml").read_text())
     config.update(
-        output_dir=str(work / "run"), dataset=str(work / "flickr30k"), dataset_options={"data_dir": "TEST"},
+        output_dir=str(work / "run"), dataset=str(work / "flickr30k-{train}-{val}-{test}".format(**counts)),
+        dataset_options={"data_dir": "TEST"},
         dual_teacher=str(paths["dual"]), fusion_teacher=str(paths["fusion"]), epochs=args.epochs,
         batch_size=args.batch_size,
         warmup_steps=2, checkpoint_every_steps=1000, num_workers=1, overwrite_output_dir=True,
