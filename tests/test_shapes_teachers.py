@@ -14,16 +14,15 @@ from PIL import Image
 from transformers import CLIPModel
 
 from modeling_mcad import MCADModel
+from modeling_mcad.fusion_model import MCADFusionModel, sincos_positions
 from modeling_mcad.shapes import (
     ORIENTATION_WORDS,
     SHAPES,
     FusionStackTargets,
-    MCADFusionModel,
     caption_grounding,
     caption_is_true,
     matcher_embeddings,
     shapes_teachers,
-    sincos_positions,
     teacher_gates,
     train_fusion_stack,
 )
