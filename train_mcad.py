@@ -937,10 +937,8 @@ def push(config: TrainConfig, accelerator) -> str | None:
                 # Where this run wrote its files says nothing about the model; other local paths show as <local: NAME>.
                 training_config={key: value for key, value in dataclasses.asdict(config).items()
                                  if key not in ("output_dir", "dry_run", "resume_from_checkpoint")},
-                base_models=[name for name in ((config.teacher,) if config.teacher else (config.dual_teacher,
-                                                                                          config.fusion_teacher))
-                             if "/" in name and not Path(name).exists()],
-                datasets=[config.dataset] if "/" in config.dataset and not Path(config.dataset).exists() else [],
+                base_models=[config.teacher] if config.teacher else [config.dual_teacher, config.fusion_teacher],
+                datasets=[config.dataset],
                 eval_dataset_name=config.dataset,
                 eval_dataset_id=config.dataset,
                 eval_split_name=split_label(config, "test"),

@@ -228,6 +228,12 @@ def _is_local_path(text: str) -> bool:
     return ("/" in text or os.sep in text or text.startswith(".")) and os.path.exists(text)
 
 
+def hub_ids(names: Sequence[str | None]) -> list[str]:
+    """The names that are Hub ids (`user/name`, not a path of this machine), each once, in order: what a card may
+    list as `base_model` / `datasets`."""
+    return list(dict.fromkeys(name for name in names if name and "/" in name and not _is_local_path(name)))
+
+
 def publishable(value):
     """
     `value` as a published file may show it: every string in it that is a local path (see `_is_local_path`) becomes
@@ -311,8 +317,8 @@ def render_model_card(
             this model) for the results table and the recall plot; defaults to this model's metrics alone.
         ablation_markdown (`str`, *optional*): the ablation table, as markdown.
         training_config (`Mapping`, *optional*): the training configuration, shown as YAML (local paths replaced).
-        base_models (`Sequence[str]`): the teachers' Hub ids (or names); local paths are left out.
-        datasets (`Sequence[str]`): Hub ids of the training datasets; local paths are left out.
+        base_models (`Sequence[str]`): the teachers' names; only Hub ids are listed (`hub_ids`).
+        datasets (`Sequence[str]`): the training datasets' names; only Hub ids are listed.
         eval_dataset_name (`str`), eval_dataset_id (`str`), eval_split_name (`str`): what `metrics` was measured on.
         widget_examples (`Sequence[Mapping]`): `{"image", "candidate_labels", "title"}` dicts (see
             `widget_examples_from_split`); their scores are computed by this model.
@@ -362,8 +368,8 @@ def render_model_card(
         tags=["mcad", "knowledge-distillation", "image-text-retrieval", "dual-encoder", "onnx", *library_tags,
               *tags],
         # Hub ids only: the Hub links them, and a local folder means nothing to a reader.
-        base_model=[name for name in base_models if not _is_local_path(name)] or None,
-        datasets=[name for name in datasets if not _is_local_path(name)] or None,
+        base_model=hub_ids(base_models) or None,
+        datasets=hub_ids(datasets) or None,
         metrics=["recall"] if eval_results else None,
         eval_results=eval_results or None,
         widget=widget or None,
@@ -449,16 +455,15 @@ def render_teacher_card(
     report = json.loads((folder / TEACHER_REPORT).read_text()) if (folder / TEACHER_REPORT).is_file() else {}
     gates = report.get("gates", {})
     gates_split = next(iter(gates), "validation")
-    hub_ids = list(dict.fromkeys(name for name in (dual_teacher, fusion_teacher)
-                                 if name and "/" in name and not _is_local_path(name)))
+    base_models = hub_ids([dual_teacher, fusion_teacher])
     model_name = model_name or repo_id.split("/")[-1]
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
         license=license,
         tags=["mcad", "knowledge-distillation", "image-text-retrieval", "teacher", "custom_code"],
-        base_model=hub_ids or None,
-        datasets=[name for name in datasets if "/" in name and not _is_local_path(name)] or None,
+        base_model=base_models or None,
+        datasets=hub_ids(datasets) or None,
     )
     card = ModelCard.from_template(
         card_data,
@@ -467,8 +472,8 @@ def render_teacher_card(
         model_name=model_name,
         paper_url=PAPER_URL,
         remote_code_min_version=REMOTE_CODE_MIN_TRANSFORMERS,
-        teacher={**_describe_teacher(folder), "dual_name": dual_teacher if dual_teacher in hub_ids else None,
-                 "fusion_name": fusion_teacher if fusion_teacher in hub_ids else None},
+        teacher={**_describe_teacher(folder), "dual_name": dual_teacher if dual_teacher in base_models else None,
+                 "fusion_name": fusion_teacher if fusion_teacher in base_models else None},
         adapter=report.get("adapter"),
         gates=gates.get(gates_split, {}),
         gates_split=gates_split,
