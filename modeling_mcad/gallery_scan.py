@@ -5,16 +5,21 @@ side once, when its session is made, into the layout its integer kernels (AVX-51
 stream; after that a query reads each code once. `benchmarks/query_latency.py` measures it against numpy, simsimd,
 FAISS and usearch.
 
-One graph scans every block of gallery entries and merges their best:
+One graph scans every block and merges their best:
 
     per block: dots   = MatMulInteger(query_codes, codes, 64)   # (2Q, D) uint8 x (D, rows) int8 -> (2Q, rows) int32
-               scores = MatMul(query_scales, Reshape(Cast(dots), (Q, 2, rows))) * row_scales    # (Q, rows) float32
-               TopK(scores, min(k, rows)), positions + the block's start
+               scores = MatMul(query_scales, Reshape(Cast(dots), (Q, 2, rows))) * row_scales    # (Q, 1, rows) float32
+               groups of 64 scores (the last filled up with -inf); the k groups with the best maxima, in gallery
+               order; TopK(their scores, min(k, rows)) and the hits' positions in the gallery
     then:      TopK over the blocks' best; ties: the lower index first
 
+- The best k of a block lie in its k groups with the best maxima (a group left out has k groups at or above its best,
+  ties going to the lower group), so TopK reads 64 times fewer scores than there are entries: one TopK over a
+  million scores cost 2.3 ms, a third of the scan on two threads. Taking the chosen groups in gallery order keeps
+  ties going to the lower index, as one TopK over all entries would.
 - The codes are one block's `(dimension, rows)` int8 tensor (the right-hand side is K x N); sessions read them from
   the index file itself (external data), so nothing but the packed copy stays in memory; packing a block at a time
-  keeps the extra memory of loading to one block, and a block's scores stay in the CPU's cache.
+  keeps the extra memory of loading to one block.
 - Each query is two rows of 7-bit codes around a zero point of 64 — its codes and those of what the first leaves
   over — so that the int8 kernels of CPUs without VNNI, which add pairs of u8 x s8 products in saturating int16,
   stay exact (2 x 127 x 127 < 32767), and the scores differ from a float32 query's by under 1e-4 (scale of the
@@ -33,10 +38,11 @@ QUERY_CODE_MAX = 63  # 7 bits around the zero point: u8 x s8 pairs cannot satura
 QUERY_ZERO_POINT = 64
 # int32 dot products are exact in float32 up to 2**24: dimension x 63 x 127 must stay below it.
 MAX_DIMENSION = (1 << 24) // (QUERY_CODE_MAX * 127)
+GROUP_SIZE = 64  # entries per group: the top k lie in the k groups with the best maxima
 
 # onnx.proto enums
 _FLOAT, _UINT8, _INT8, _INT32, _INT64 = 1, 2, 3, 6, 7
-_ATTRIBUTE_INT, _EXTERNAL = 2, 1
+_ATTRIBUTE_INT, _ATTRIBUTE_INTS, _EXTERNAL = 2, 7, 1
 
 
 def _varint(value: int) -> bytes:
@@ -88,9 +94,15 @@ def _tensor(name: str, elem_type: int, dims: list[int], data: "bytes | tuple[str
     return _message(*fields)
 
 
-def _node(op_type: str, inputs: list[str], outputs: list[str], **int_attributes: int) -> bytes:
-    attributes = [(5, _message((1, name), (3, value), (20, _ATTRIBUTE_INT))) for name, value in int_attributes.items()]
-    return _message(*[(1, name) for name in inputs], *[(2, name) for name in outputs], (4, op_type), *attributes)
+def _node(op_type: str, inputs: list[str], outputs: list[str], **attributes: "int | list[int]") -> bytes:
+    """A NodeProto; attributes are ints or lists of ints."""
+    fields = []
+    for name, value in attributes.items():
+        if isinstance(value, int):
+            fields.append((5, _message((1, name), (3, value), (20, _ATTRIBUTE_INT))))
+        else:
+            fields.append((5, _message((1, name), *[(8, item) for item in value], (20, _ATTRIBUTE_INTS))))
+    return _message(*[(1, name) for name in inputs], *[(2, name) for name in outputs], (4, op_type), *fields)
 
 
 def scan_graph(dimension: int, blocks: list[dict]) -> bytes:
@@ -105,33 +117,62 @@ def scan_graph(dimension: int, blocks: list[dict]) -> bytes:
     """
     nodes, initializers, block_values, block_indices, start = [], [], [], [], 0
     for number, block in enumerate(blocks):
-        suffix = f"_{number}"  # the block's tensor names
+        x = f"_{number}"  # the suffix of the block's tensor names
         rows = block["rows"]
-        initializers += [_tensor("codes" + suffix, _INT8, [dimension, rows], block["codes"]),
-                         _tensor("row_scales" + suffix, _FLOAT, [rows], block["row_scales"]),
-                         _tensor("rows" + suffix, _INT64, [1], _int64s(rows)),
-                         _tensor("levels_shape" + suffix, _INT64, [3], _int64s(-1, QUERY_LEVELS, rows)),
-                         _tensor("scores_shape" + suffix, _INT64, [2], _int64s(-1, rows)),
-                         _tensor("start" + suffix, _INT64, [], _int64s(start))]
+        groups = -(-rows // GROUP_SIZE)
+        initializers += [_tensor("codes" + x, _INT8, [dimension, rows], block["codes"]),
+                         _tensor("row_scales" + x, _FLOAT, [rows], block["row_scales"]),
+                         _tensor("rows" + x, _INT64, [1], _int64s(rows)),
+                         _tensor("levels_shape" + x, _INT64, [3], _int64s(-1, QUERY_LEVELS, rows)),
+                         _tensor("groups_shape" + x, _INT64, [3], _int64s(-1, groups, GROUP_SIZE)),
+                         _tensor("group_count" + x, _INT64, [1], _int64s(groups)),
+                         _tensor("group_starts" + x, _INT64, [groups],
+                                 _int64s(*range(start, start + groups * GROUP_SIZE, GROUP_SIZE)))]
         nodes += [
-            _node("MatMulInteger", ["query_codes", "codes" + suffix, "query_zero_point"], ["dots" + suffix]),
-            _node("Cast", ["dots" + suffix], ["float_dots" + suffix], to=_FLOAT),
-            _node("Reshape", ["float_dots" + suffix, "levels_shape" + suffix], ["levels" + suffix]),  # (Q, 2, rows)
-            _node("MatMul", ["query_scales", "levels" + suffix], ["level_sums" + suffix]),  # (Q, 1, rows)
-            _node("Reshape", ["level_sums" + suffix, "scores_shape" + suffix], ["query_scores" + suffix]),
-            _node("Mul", ["query_scores" + suffix, "row_scales" + suffix], ["scores" + suffix]),
-            _node("Min", ["k", "rows" + suffix], ["k" + suffix]),
-            _node("TopK", ["scores" + suffix, "k" + suffix], ["values" + suffix, "positions" + suffix], axis=1),
-            _node("Add", ["positions" + suffix, "start" + suffix], ["indices" + suffix]),
+            _node("MatMulInteger", ["query_codes", "codes" + x, "query_zero_point"], ["dots" + x]),
+            _node("Cast", ["dots" + x], ["float_dots" + x], to=_FLOAT),
+            _node("Reshape", ["float_dots" + x, "levels_shape" + x], ["levels" + x]),  # (Q, 2, rows)
+            _node("MatMul", ["query_scales", "levels" + x], ["level_sums" + x]),  # (Q, 1, rows)
+            _node("Mul", ["level_sums" + x, "row_scales" + x], ["scores" + x]),
         ]
-        block_values.append("values" + suffix)
-        block_indices.append("indices" + suffix)
+        scores = "scores" + x
+        if rows % GROUP_SIZE:  # the last group filled up with scores below any entry's
+            initializers.append(_tensor("pads" + x, _INT64, [6], _int64s(0, 0, 0, 0, 0, groups * GROUP_SIZE - rows)))
+            nodes.append(_node("Pad", [scores, "pads" + x, "minus_infinity"], ["padded" + x]))
+            scores = "padded" + x
+        nodes += [
+            _node("Reshape", [scores, "groups_shape" + x], ["grouped" + x]),  # (Q, groups, G)
+            _node("ReduceMax", ["grouped" + x], ["group_best" + x], axes=[2], keepdims=0),
+            _node("Min", ["k", "group_count" + x], ["group_k" + x]),
+            _node("TopK", ["group_best" + x, "group_k" + x], ["best_group_maxima" + x, "best_groups" + x], axis=1),
+            _node("TopK", ["best_groups" + x, "group_k" + x], ["chosen_groups" + x, "chosen_order" + x], axis=1,
+                  largest=0),  # in gallery order
+            _node("Unsqueeze", ["chosen_groups" + x, "last_axis"], ["chosen_column" + x]),
+            _node("Expand", ["chosen_column" + x, "group_shape"], ["chosen_spread" + x]),  # (Q, group_k, G)
+            _node("GatherElements", ["grouped" + x, "chosen_spread" + x], ["chosen_scores" + x], axis=1),
+            _node("Reshape", ["chosen_scores" + x, "candidates_shape"], ["candidates" + x]),  # (Q, group_k * G)
+            _node("Min", ["k", "rows" + x], ["k" + x]),
+            _node("TopK", ["candidates" + x, "k" + x], ["values" + x, "slots" + x], axis=1),  # ties: lower index
+            _node("Div", ["slots" + x, "group_size"], ["slot_groups" + x]),
+            _node("Mod", ["slots" + x, "group_size"], ["slot_offsets" + x]),
+            _node("GatherElements", ["chosen_groups" + x, "slot_groups" + x], ["hit_groups" + x], axis=1),
+            _node("Gather", ["group_starts" + x, "hit_groups" + x], ["hit_starts" + x]),
+            _node("Add", ["hit_starts" + x, "slot_offsets" + x], ["indices" + x]),
+        ]
+        block_values.append("values" + x)
+        block_indices.append("indices" + x)
         start += rows
     nodes += [_node("Concat", block_values, ["block_values"], axis=1),
               _node("Concat", block_indices, ["block_indices"], axis=1),
               _node("TopK", ["block_values", "k"], ["values", "best"], axis=1),  # ties: the earlier, lower index
               _node("GatherElements", ["block_indices", "best"], ["indices"], axis=1)]
-    initializers.append(_tensor("query_zero_point", _UINT8, [], bytes([QUERY_ZERO_POINT])))
+    initializers += [_tensor("query_zero_point", _UINT8, [], bytes([QUERY_ZERO_POINT])),
+                     _tensor("group_size", _INT64, [], _int64s(GROUP_SIZE)),
+                     _tensor("group_shape", _INT64, [3], _int64s(1, 1, GROUP_SIZE)),
+                     _tensor("last_axis", _INT64, [1], _int64s(2)),
+                     _tensor("candidates_shape", _INT64, [2], _int64s(0, -1))]
+    if any(block["rows"] % GROUP_SIZE for block in blocks):
+        initializers.append(_tensor("minus_infinity", _FLOAT, [], np.array(-np.inf, "<f4").tobytes()))
     inputs = [_value_info("query_codes", _UINT8, ["query_rows", dimension]),
               _value_info("query_scales", _FLOAT, ["queries", 1, QUERY_LEVELS]),
               _value_info("k", _INT64, [1])]

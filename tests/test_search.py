@@ -14,7 +14,7 @@ import safetensors
 import torch
 
 from modeling_mcad import MCADModel, MCADProcessor, gallery_index
-from modeling_mcad.gallery_scan import QUERY_CODE_MAX, QUERY_ZERO_POINT, quantize_queries, scan_graph
+from modeling_mcad.gallery_scan import GROUP_SIZE, QUERY_CODE_MAX, QUERY_ZERO_POINT, quantize_queries, scan_graph
 from modeling_mcad.search import (
     PROBE_TEXTS,
     CorruptIndexError,
@@ -180,30 +180,52 @@ def test_the_scan_graph_is_valid_onnx(tmp_path, external):
         onnx.load_external_data_for_model(model, str(tmp_path))
     onnx.checker.check_model(model, full_check=True)
     assert [node.op_type for node in model.graph.node] == (
-        ["MatMulInteger", "Cast", "Reshape", "MatMul", "Reshape", "Mul", "Min", "TopK", "Add"] * 2
+        ["MatMulInteger", "Cast", "Reshape", "MatMul", "Mul", "Pad", "Reshape", "ReduceMax", "Min", "TopK", "TopK",
+         "Unsqueeze", "Expand", "GatherElements", "Reshape", "Min", "TopK", "Div", "Mod", "GatherElements", "Gather",
+         "Add"] * 2
         + ["Concat", "Concat", "TopK", "GatherElements"])
     initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
     np.testing.assert_array_equal(initializers["codes_0"], codes)
-    assert initializers["start_1"] == 4 and list(initializers["levels_shape_1"]) == [-1, 2, 4]  # negative int64s
+    assert list(initializers["levels_shape_1"]) == [-1, 2, 4]  # negative int64s
+    assert list(initializers["group_starts_1"]) == [4] and initializers["minus_infinity"] == -np.inf
+    assert list(initializers["pads_1"]) == [0, 0, 0, 0, 0, GROUP_SIZE - 4]
 
 
-def test_tied_scores_come_lower_index_first():
+@pytest.mark.parametrize("count, block_rows", [(40, None), (700, 150)])
+def test_tied_scores_come_lower_index_first(monkeypatch, count, block_rows):
     # Six embeddings with four entries of 0.5, overlapping by 0 to 4 entries: every score is computed exactly, so
-    # copies of one embedding tie, and so do embeddings at the same overlap.
+    # copies of one embedding tie, and so do embeddings at the same overlap. With 700 entries in blocks of 150, ties
+    # fall across groups of the scan and across blocks, and blocks end in partial groups.
+    if block_rows:
+        monkeypatch.setattr(gallery_index, "SCAN_BLOCK_BYTES", 16 * block_rows)
     distinct = np.zeros((6, 16), np.float32)
     for row in range(6):
         distinct[row, 2 * row : 2 * row + 4] = 0.5
-    copies = np.random.default_rng(3).integers(0, 6, 40)  # 40 entries, each a copy of one of the six
+    copies = np.random.default_rng(3).integers(0, 6, count)  # each entry a copy of one of the six
     model = IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 16), np.float32))
-    index = GalleryIndex.from_embeddings(distinct[copies], [str(i) for i in range(40)], model)
+    index = GalleryIndex.from_embeddings(distinct[copies], [str(i) for i in range(count)], model)
+    assert len(index.blocks) == (1 if block_rows is None else -(-count // block_rows))
     exact = distinct @ distinct[copies].T
     for query in range(6):
-        expected = sorted(range(40), key=lambda i: (-exact[query, i], i))
-        for k in (40, 11, 3, 1):  # everything, and cuts that fall inside groups of ties
-            indices, _ = index.search(distinct[query], k=k)
+        expected = sorted(range(count), key=lambda i: (-exact[query, i], i))
+        for k in (count, 130, 65, 11, 3, 1):  # everything, and cuts inside groups of ties, beyond one scan group
+            indices, _ = index.search(distinct[query], k=min(k, count))
             assert list(indices) == expected[:k], (query, k)
-        indices, _ = index.search(distinct, k=40)  # a batch
+        indices, _ = index.search(distinct, k=count)  # a batch
         assert list(indices[query]) == expected
+
+
+def test_ties_across_scan_groups_go_to_the_lower_index():
+    """The scan takes the groups of 64 entries with the best maxima: a tie between an entry of a group with a lower
+    maximum and an entry of a later group with a higher one still goes to the lower index."""
+    embeddings = np.tile(np.array([0, 1, 0, 0], np.float32), (192, 1))  # score 0
+    embeddings[[0, 65]] = 0.5  # score 0.5, in groups 0 and 1
+    embeddings[64] = [1, 0, 0, 0]  # score 1, in group 1
+    model = IndexModel("m", None, probe_embeddings=np.zeros((len(PROBE_TEXTS), 4), np.float32))
+    index = GalleryIndex.from_embeddings(embeddings, [str(i) for i in range(192)], model)
+    query = np.array([1, 0, 0, 0], np.float32)
+    assert list(index.search(query, k=3)[0]) == [64, 0, 65]
+    assert list(index.search(query, k=2)[0]) == [64, 0]
 
 
 def test_index_round_trip_and_refusals(tmp_path):
