@@ -129,6 +129,28 @@ def test_same_seed_same_bytes_other_seed_other_images():
     assert first["train"]["captions"] != first["test"]["captions"][:3]  # each split its own stream
 
 
+def test_caption_noise_makes_that_share_of_training_captions_false_and_nothing_else():
+    clean = make_shapes(seed=5, image_size=16, train=150, validation=20, test=20)
+    noisy = make_shapes(seed=5, image_size=16, train=150, validation=20, test=20, caption_noise=0.4)
+    for name in ("validation", "test"):  # clean splits, the same bytes
+        assert noisy[name].cast_column("image", datasets.Image(decode=False))[:] == \
+            clean[name].cast_column("image", datasets.Image(decode=False))[:]
+    train, original = noisy["train"], clean["train"]
+    assert train["scene"] == original["scene"] and train["canonical"] == original["canonical"]
+    changed = false = 0
+    for row, before in zip(train, original):
+        for place, (caption, true_caption) in enumerate(zip(row["captions"], before["captions"])):
+            if caption != true_caption:
+                changed += 1
+                false += not caption_is_true(caption, row["scene"])
+                assert row["swapped_captions"][place] is None and row["flipped_captions"][place] is None
+            else:
+                assert row["swapped_captions"][place] == before["swapped_captions"][place]
+    assert 0.33 < changed / 750 < 0.47 and false / changed > 0.95  # another image's caption is rarely also true
+    with pytest.raises(ValueError, match="caption_noise"):
+        make_shapes(train=1, validation=0, test=0, caption_noise=1.5)
+
+
 def test_images_show_the_scene(benchmark):
     """Each object's centre pixel has its colour (nearest palette colour), and the image has the asked size."""
     palette = np.array(list(COLOURS.values()))

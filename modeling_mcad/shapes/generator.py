@@ -237,6 +237,7 @@ def make_shapes(
     num_shapes: int = 6,
     num_sizes: int = 2,
     family_size: int = 4,
+    caption_noise: float = 0.0,
 ) -> datasets.DatasetDict:
     """
     Generate mcad-shapes: `train`, `validation` and `test` splits (columns: see the module docstring).
@@ -255,6 +256,8 @@ def make_shapes(
         num_shapes (`int`): the first `num_shapes` of `SHAPES` (1 to 8).
         num_sizes (`int`): 2 ("small" / "large" objects, said in the captions) or 1 (one size, not said).
         family_size (`int`): images per family of near-duplicates (1 to 5; 1: no families).
+        caption_noise (`float`): the fraction of the *train* split's captions made wrong the way web alt text is
+            (`_corrupt_captions`); validation and test stay clean. 0 (the default) leaves every caption true.
     """
     if image_size < 16:
         raise UserError(f"image_size={image_size} is too small to draw shapes on; use at least 16 pixels.")
@@ -270,6 +273,8 @@ def make_shapes(
         raise UserError(f"num_sizes={num_sizes}: use 1 (one size) or 2 (small and large).")
     if not 1 <= family_size <= 5:
         raise UserError(f"family_size={family_size}: use between 1 and 5.")
+    if not 0 <= caption_noise <= 1:
+        raise UserError(f"caption_noise={caption_noise}: use a fraction between 0 and 1.")
     counts = {"train": train, "validation": validation, "test": test}
     for name, count in counts.items():
         if count < 0:
@@ -277,9 +282,32 @@ def make_shapes(
     knobs = _Knobs(image_size, min_objects, max_objects, relations, tuple(COLOURS)[:num_colors],
                    SHAPES[:num_shapes], ("small", "large") if num_sizes == 2 else (None,), family_size)
     return datasets.DatasetDict({
-        name: _make_split(np.random.default_rng([seed, number]), counts[name], knobs)
+        name: _make_split(np.random.default_rng([seed, number]), counts[name], knobs,
+                          # its own random stream: the images and the true captions are those of caption_noise=0
+                          caption_noise if name == "train" else 0, np.random.default_rng([seed, len(SPLITS)]))
         for number, name in enumerate(SPLITS)
     })
+
+
+def _corrupt_captions(columns: dict, fraction: float, rng: np.random.Generator) -> None:
+    """
+    Replace each caption of `columns`, with probability `fraction`, as web alt text goes wrong, one of three ways
+    alike: its colours swapped, its relation flipped (its own distractors; another image's caption where it has
+    none), or another image's caption. A replaced caption gets no distractors (None): nothing true is known to
+    contrast it with.
+    """
+    captions, swapped, flipped = columns["captions"], columns["swapped_captions"], columns["flipped_captions"]
+    originals = [list(row) for row in captions]
+    for image, row in enumerate(captions):
+        for place in np.flatnonzero(rng.random(len(row)) < fraction):
+            kind = rng.integers(3)
+            wrong = (swapped, flipped)[kind][image][place] if kind < 2 else None
+            if wrong is None and len(captions) > 1:
+                other = (image + 1 + rng.integers(len(captions) - 1)) % len(captions)
+                wrong = originals[other][rng.integers(len(originals[other]))]
+            if wrong is not None:
+                row[place] = wrong
+                swapped[image][place] = flipped[image][place] = None
 
 
 def shapes_splits(data_dir: str | os.PathLike, seed: int = 0, **settings) -> datasets.DatasetDict:
@@ -296,7 +324,8 @@ def shapes_splits(data_dir: str | os.PathLike, seed: int = 0, **settings) -> dat
     return datasets.load_from_disk(str(folder))
 
 
-def _make_split(rng: np.random.Generator, count: int, knobs: _Knobs) -> datasets.Dataset:
+def _make_split(rng: np.random.Generator, count: int, knobs: _Knobs, caption_noise: float = 0,
+                noise_rng: np.random.Generator | None = None) -> datasets.Dataset:
     columns = {name: [] for name in FEATURES}
     seen: set[tuple] = set()
     described: set[tuple] = set()
@@ -309,6 +338,8 @@ def _make_split(rng: np.random.Generator, count: int, knobs: _Knobs) -> datasets
     if len(described) < count:
         logger.warning("mcad-shapes: the palette has fewer than %d distinct scenes, so the split repeats "
                        "descriptions; raise num_colors / num_shapes / num_sizes or lower the split size.", count)
+    if caption_noise:
+        _corrupt_captions(columns, caption_noise, noise_rng)
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
