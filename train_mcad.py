@@ -109,7 +109,7 @@ class TrainConfig:
     student_config: dict | None = None  # an MCADConfig dict instead of the preset
     student_tokenizer: str | None = None  # "dual_teacher", a Hub id or a folder; default: the preset's tokenizer
     # --- objective: a preset of MCADLoss and knob overrides (see modeling_mcad/objectives.py) ---
-    objective: str = "mcad"
+    objective: str = "mcad_feature"  # the demo's choice on validation; "mcad" is the paper's objective
     objective_overrides: dict = field(default_factory=dict)
     negative_captions: list = field(default_factory=list)  # e.g. [swapped_caption, flipped_caption]: NegCLIP
     # --- distillation ---

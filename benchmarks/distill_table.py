@@ -10,15 +10,17 @@ subprocess and evaluates it on the test split: R@1/5/10 both ways, RSUM and bind
 student sees the same batches (whole families of near-duplicates, canonical captions for the first 2 epochs: the
 demo's distill recipe); only the objective differs. Rows:
 
-- the objectives of DESIGN §3.4: `contrastive`, `clip_kd`, `affinity`, `fusion_only`, `mcad`;
-- the controls: `clip_kd_feature` (`mcad` without the fusion teacher: the dual teacher's features alone),
+- the objectives of DESIGN §3.4: `contrastive`, `clip_kd`, `affinity`, `fusion_only`, `mcad_feature` (the demo's
+  MCAD: the modified teacher features);
+- the controls: `clip_kd_feature` (`mcad_feature` without the fusion teacher: the dual teacher's features alone),
   `clip_kd_sharp` (τ_T = 0.01), `clip_kd_identity` (γ = 0.5) and `negclip` (contrastive with the swap / flip
   captions the fusion teacher saw as extra negatives);
-- with `--with_negatives`, the feature objectives with those negatives too: `mcad + negatives` against `negclip`
-  asks whether the teachers add anything to the negatives, and against `fusion_only + negatives` /
+- with `--with_negatives`, the feature objectives with those negatives too: `mcad_feature + negatives` against
+  `negclip` asks whether the teachers add anything to the negatives, and against `fusion_only + negatives` /
   `clip_kd_feature + negatives` whether the two teachers beat either alone there;
-- a sweep of `mcad`, seed 0: α = 1; the distribution term on (λ_dist = 1); and with it β = 0.5, k = 2 (β > 0 runs
-  the fusion teacher online on each row's top-k candidates: about 3× the step time).
+- a sweep, seed 0: `mcad_feature` with α = 1; `mcad`, the paper's objective (the distribution term on, λ_dist = 1);
+  and `mcad` with β = 0.5, k = 2 (β > 0 runs the fusion teacher online on each row's top-k candidates: about 3× the
+  step time).
 
 Then the speed table: per-item encode times of the `shapes` student and the teachers, and the `mobile` preset
 against CLIP ViT-B/32's architecture at 224 px, batch 1 and 32. Students run `--jobs` at a time, one CPU thread each
@@ -60,18 +62,18 @@ ROWS = [  # (row name, objective, overrides, negative captions, seeds: "all" or 
     ("clip_kd", "clip_kd", {}, [], "all"),
     ("affinity", "affinity", {}, [], "all"),
     ("fusion_only", "fusion_only", {}, [], "all"),
-    ("mcad", "mcad", {}, [], "all"),
+    ("mcad_feature", "mcad_feature", {}, [], "all"),
     ("clip_kd_feature (control)", "clip_kd_feature", {}, [], "all"),
     ("clip_kd_sharp (control)", "clip_kd_sharp", {}, [], "all"),
     ("clip_kd_identity (control)", "clip_kd_identity", {}, [], "all"),
     ("negclip (control)", "contrastive", {}, NEGATIVES, "all"),
-    ("mcad α=1", "mcad", {"alpha": 1.0}, [], (0,)),
-    ("mcad λ_dist=1", "mcad", {"lambda_dist": 1.0}, [], (0,)),
-    ("mcad λ_dist=1 β=0.5 k=2", "mcad", {"lambda_dist": 1.0, "beta": 0.5, "top_k": 2}, [], (0,)),
+    ("mcad_feature α=1", "mcad_feature", {"alpha": 1.0}, [], (0,)),
+    ("mcad", "mcad", {}, [], (0,)),
+    ("mcad β=0.5 k=2", "mcad", {"beta": 0.5, "top_k": 2}, [], (0,)),
 ]
 # `--with_negatives`: the feature objectives with NegCLIP's negatives too (9 students more, about 18 minutes).
 NEGATIVES_ROWS = [
-    ("mcad + negatives", "mcad", {}, NEGATIVES, "all"),
+    ("mcad_feature + negatives", "mcad_feature", {}, NEGATIVES, "all"),
     ("fusion_only + negatives", "fusion_only", {}, NEGATIVES, "all"),
     ("clip_kd_feature + negatives", "clip_kd_feature", {}, NEGATIVES, "all"),
 ]
@@ -93,10 +95,10 @@ def train_mcad(stages: list[str], config: dict, config_file: Path, extra: list[s
                    check=True)
 
 
-def test_split(config: dict):
+def shapes_split(config: dict, split: str = "test"):
     from modeling_mcad.shapes import shapes_splits
 
-    return shapes_splits(Path(config["output_dir"]) / "data", **config["shapes"])["test"]
+    return shapes_splits(Path(config["output_dir"]) / "data", **config["shapes"])[split]
 
 
 def prepare_teachers(config: dict, root: Path) -> dict:
@@ -110,7 +112,7 @@ def prepare_teachers(config: dict, root: Path) -> dict:
     from modeling_mcad.shapes import teacher_gates
     from modeling_mcad.teachers import MCADTeacher
 
-    test = test_split(config)
+    test = shapes_split(config)
     teacher = MCADTeacher.from_pretrained(root / "teacher")
     gates = teacher_gates(teacher, test)
     result = {"rows": gates["rows"], "gates": gates["gates"], "seconds": time.perf_counter() - started,
@@ -120,17 +122,21 @@ def prepare_teachers(config: dict, root: Path) -> dict:
     return result
 
 
-def distill_run(base, root: Path, row: str, objective: str, overrides: dict, negatives: list, seed: int) -> dict:
-    """One student: `train_mcad.py distill` in a subprocess (resumed if killed), then its test metrics."""
+def distill_run(base, root: Path, row: str, objective: str, overrides: dict, negatives: list, seed: int,
+                shared: tuple = ("data", "teacher", "cache"), validation: bool = False) -> dict:
+    """
+    One student: `train_mcad.py distill` in a subprocess (resumed if killed), then its test metrics (and, with
+    `validation`, its validation metrics under "validation"). `shared`: the folders of `root` the run links to.
+    """
     folder = run_folder(root, row, seed)
     result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    for shared in ("data", "teacher", "cache"):  # trained and built once, in the root
-        link = folder / shared
+    for name in shared:  # trained and built once, in the root
+        link = folder / name
         if not link.exists():
-            link.symlink_to((root / shared).resolve(), target_is_directory=True)
+            link.symlink_to((root / name).resolve(), target_is_directory=True)
     config = {**base, "output_dir": str(folder), "seed": seed, "objective": objective,
               "objective_overrides": overrides, "negative_captions": negatives}
     started = time.perf_counter()
@@ -138,16 +144,18 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
     train_mcad(["distill"], config, folder / "config.yaml", resume)
     seconds = time.perf_counter() - started
     metrics = evaluate_student(folder / "student", config)
+    if validation:
+        metrics["validation"] = evaluate_student(folder / "student", config, "validation")
     result = {"row": row, "seed": seed, "objective": objective, "overrides": overrides, "negatives": negatives,
               "distill_seconds": seconds, **metrics}
     atomic_write_text(result_file, json.dumps(result, indent=2))
     return result
 
 
-def evaluate_student(student_dir: Path, config: dict) -> dict:
+def evaluate_student(student_dir: Path, config: dict, split: str = "test") -> dict:
     student = MCADModel.from_pretrained(student_dir).eval()
     processor = MCADProcessor.from_pretrained(student_dir)
-    return evaluate_model(*student_encoders(student, processor), test_split(config))
+    return evaluate_model(*student_encoders(student, processor), shapes_split(config, split))
 
 
 def median_ms(function, repeats: int = 20) -> float:
@@ -231,27 +239,33 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def paired_differences(by_row: dict[str, list[dict]], reference: str = "mcad",
+def paired_difference(reference_runs: list[dict], runs: list[dict], key: str) -> tuple[float, float, int] | None:
+    """Mean and standard error of `reference − run` in `key` over the seeds both ran, and their count (None: < 2)."""
+    base = {run["seed"]: run[key] for run in reference_runs}
+    differences = [base[run["seed"]] - run[key] for run in runs if run["seed"] in base]
+    if len(differences) < 2:
+        return None
+    return statistics.mean(differences), statistics.stdev(differences) / len(differences) ** 0.5, len(differences)
+
+
+def paired_differences(by_row: dict[str, list[dict]], reference: str = "mcad_feature",
                        rows: list[str] | None = None) -> list[str]:
     """
-    `reference` minus each row (of `rows`, default all) over the seeds both ran (a seed fixes a student's initialisation and batch order, the
-    same in every row): mean ± standard error of the per-seed differences, in RSUM and binding accuracy.
+    `reference` minus each row (of `rows`, default all) over the seeds both ran (a seed fixes a student's
+    initialisation and batch order, the same in every row): mean ± standard error of the per-seed differences, in
+    RSUM and binding accuracy.
     """
-    base = {run["seed"]: run for run in by_row.get(reference, [])}
     lines = ["", f"Paired over the seeds (seed s fixes a student's initialisation and batch order, the same in every "
                  f"row), `{reference}` minus each row, mean ± standard error of the per-seed differences:", "",
              f"| `{reference}` − row | seeds | RSUM | binding accuracy |", "|---|---|---|---|"]
     for name, runs in by_row.items():
-        shared = sorted(set(base) & {run["seed"] for run in runs})
-        if name == reference or len(shared) < 2 or (rows is not None and name not in rows):
+        if name == reference or (rows is not None and name not in rows):
             continue
-        of_seed = {run["seed"]: run for run in runs}
-        cells = []
-        for key in ("rsum", "binding_accuracy"):
-            differences = [base[seed][key] - of_seed[seed][key] for seed in shared]
-            error = statistics.stdev(differences) / len(differences) ** 0.5
-            cells.append(f"{statistics.mean(differences):+.1f} ± {error:.1f}")
-        lines.append(f"| `{name}` | {len(shared)} | " + " | ".join(cells) + " |")
+        cells = [paired_difference(by_row.get(reference, []), runs, key) for key in ("rsum", "binding_accuracy")]
+        if cells[0] is None:
+            continue
+        lines.append(f"| `{name}` | {cells[0][2]} | "
+                     + " | ".join(f"{mean:+.1f} ± {error:.1f}" for mean, error, _ in cells) + " |")
     return lines
 
 
@@ -278,8 +292,8 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
         cells = [mean_std([run[c] for run in runs]) for c in COLUMNS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += paired_differences(by_row)
-    if "mcad + negatives" in by_row:  # do the teachers add anything to the negatives, and both teachers to either?
-        lines += paired_differences(by_row, "mcad + negatives", [name for name in by_row if "negatives" in name
+    if "mcad_feature + negatives" in by_row:  # do the teachers add anything to the negatives, both to either?
+        lines += paired_differences(by_row, "mcad_feature + negatives", [name for name in by_row if "negatives" in name
                                                                  or name.startswith("negclip")])
     lines += ["", "| model | parameters | image encode (ms / item) | text encode (ms / item) | pair (ms) |",
               "|---|---|---|---|---|"]
@@ -329,12 +343,13 @@ def plot(results: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace the section of BENCHMARKS.md that starts with the heading `section` by `text` (or append it)."""
     path = REPO_ROOT / "BENCHMARKS.md"
     content = path.read_text(encoding="utf-8")
-    if SECTION in content:
-        start = content.index(SECTION)
-        following = content.find("\n## ", start + len(SECTION))
+    if section in content:
+        start = content.index(section)
+        following = content.find("\n## ", start + len(section))
         content = content[:start] + text.rstrip("\n") + "\n" + (content[following:] if following != -1 else "")
     else:
         content = content.rstrip("\n") + "\n\n" + text
@@ -346,12 +361,13 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/ablation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     # 5 epochs (2 canonical) fit the 90-minute budget. On validation (seed 0) 6 epochs gave 558.5 against 546.9 RSUM
-    # for mcad (α = 1, λ_dist = 0) and 536.0 against 520.1 for contrastive: the students are not converged at 5.
+    # for mcad_feature (α = 1) and 536.0 against 520.1 for contrastive: the students are not converged at 5.
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train_images", type=int, default=10000)
     # Measured with the BERT-text `shapes` student (contrastive, seed 2, 5 epochs, test RSUM): batch 128 at lr 2e-3 /
     # 1e-3 / 5e-4 / 2.5e-4 gave 42 / 42 / 98 / 59, batch 64 at 1e-3 / 5e-4 gave 92 / 195. With the CLIP-text student
-    # (validation, 6 epochs, seed 0) batch 128 at 1e-3 against 64 at 5e-4: mcad 523.3 / 558.5, contrastive 489.2 / 536.0.
+    # (validation, 6 epochs, seed 0) batch 128 at 1e-3 against 64 at 5e-4: mcad_feature 523.3 / 558.5, contrastive
+    # 489.2 / 536.0.
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--jobs", type=int, default=2, help="students trained at once, one CPU thread each")

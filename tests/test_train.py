@@ -245,7 +245,7 @@ def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
     result = run_script("--config", REPO_ROOT / "configs" / "smoke.yaml", "--output_dir", output)
     assert "num_processes=1" in result.stderr
     # Every stage shows its progress, and the run ends with each stage's time and output.
-    for bar in ("dual teacher:", "fusion teacher:", "adapter fit:", "teacher cache:", "distill (mcad):",
+    for bar in ("dual teacher:", "fusion teacher:", "adapter fit:", "teacher cache:", "distill (mcad_feature):",
                 "evaluating: images:"):
         assert bar in result.stderr, bar
     for stage, written in (("teachers", output / "teacher"), ("cache", output / "cache"),
@@ -256,9 +256,9 @@ def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
     run_script("--config", REPO_ROOT / "configs" / "smoke.yaml", "--output_dir", again)
     assert (again / "results.json").read_text() == (output / "results.json").read_text()
     results = json.loads((output / "results.json").read_text())
-    assert {"dual teacher", "fusion teacher (re-ranks dual top-10)", "student (mcad)"} <= set(results)
-    assert all(0 <= results["student (mcad)"][key] <= 100 for key in ("i2t_r1", "t2i_r10", "swap_accuracy"))
-    assert "| student (mcad) |" in result.stdout  # the printed table
+    assert {"dual teacher", "fusion teacher (re-ranks dual top-10)", "student (mcad_feature)"} <= set(results)
+    assert all(0 <= results["student (mcad_feature)"][key] <= 100 for key in ("i2t_r1", "t2i_r10", "swap_accuracy"))
+    assert "| student (mcad_feature) |" in result.stdout  # the printed table
     report = json.loads((output / "teacher_report.json").read_text())
     assert set(report["gates"]["validation"]) >= {"dual_beats_matchers", "fusion_beats_dual_binding", "passed"}
     loaded = run_isolated(
