@@ -1,0 +1,219 @@
+"""When the teachers know more than the labels: MCAD on transfer settings, paired over seeds.
+
+    python benchmarks/transfer_table.py [--output_dir outputs/transfer] [--settings small noisy] \
+        [--seeds 0 1 2 3 4] [--jobs 2] [--teacher outputs/ablation/teacher] [--write]
+
+The ablation (distill_table.py) trains teachers and students on the same labelled images, where the labels alone
+teach the students what the teachers know. Here the teachers are pretrained once, on images the students never see:
+the ablation's teachers (the demo's recipe on 10 000 mcad-shapes images of data seed 0, trained by distill_table.py
+when `--teacher` does not exist yet). The students learn from a *transfer set* of data seed 7:
+
+- `small`: 2000 images with clean captions;
+- `noisy`: 8000 images, 40% of whose captions are wrong as web alt text is (mcad-shapes' `caption_noise`: colours
+  swapped, relation flipped, or another image's caption, alike), tested on clean captions.
+
+Students are the `shapes` preset in ordinary random batches (no family batching, no canonical curriculum: a real
+transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs every seed, and a seed fixes the
+student's initialisation and batch order, so rows are compared by paired differences. Rows: `contrastive`,
+`negclip` (contrastive with each caption's colour-swap and relation-flip distractors as extra negatives; a noisy
+caption has none), `clip_kd`, `clip_kd_feature`, `fusion_only` and the MCAD variants: `mcad` (the paper's
+objective: modified features and similarity distributions, α = 2, λ_dist = 1) and `mcad_feature` (the modified
+features alone, λ_dist = 0). The teachers' own rows are measured on the same test split. Each student is evaluated
+on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which is reported.
+
+About 2.7 hours on 2 CPU cores with the defaults (70 students of about 4.5 minutes on one thread, two at a time;
+the teachers reused). Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is
+skipped; a killed run resumes from its last checkpoint. Writes `benchmarks/results/transfer.json`; `--write` also
+replaces the transfer section of BENCHMARKS.md and writes `benchmarks/transfer_table.png`.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_table import (  # noqa: E402
+    NEGATIVES,
+    REPO_ROOT,
+    SHAPES,
+    distill_run,
+    mean_std,
+    paired_difference,
+    paired_differences,
+    prepare_teachers,
+    shapes_split,
+    train_mcad,
+    write_section,
+)
+
+from modeling_mcad.utils import atomic_write_text  # noqa: E402
+
+TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
+SETTINGS = {  # name: (description, transfer set, epochs)
+    "small": ("2000 clean images", {"train": 2000}, 32),
+    "noisy": ("8000 images, 40% of the captions wrong", {"train": 8000, "caption_noise": 0.4}, 8),
+}
+ROWS = [  # (row, objective, overrides, negative captions)
+    ("contrastive", "contrastive", {}, []),
+    ("negclip", "contrastive", {}, NEGATIVES),
+    ("clip_kd", "clip_kd", {}, []),
+    ("clip_kd_feature", "clip_kd_feature", {}, []),
+    ("fusion_only", "fusion_only", {}, []),
+    ("mcad", "mcad", {}, []),
+    ("mcad_feature", "mcad_feature", {}, []),
+]
+METRICS = ("i2t_r1", "t2i_r1", "rsum", "swap_accuracy", "flip_accuracy", "binding_accuracy")
+SECTION = "## Transfer: when the teachers know more than the labels"
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "transfer.json"
+
+
+def student_base(root: Path, transfer: dict, epochs: int, teacher: Path) -> dict:
+    return {"output_dir": str(root), "shapes": {**TRANSFER_DATA, **transfer}, "epochs": epochs, "batch_size": 64,
+            "learning_rate": 5e-4, "batch_groups": None, "canonical_epochs": 0, "teacher": str(teacher.resolve()),
+            "checkpoint_every_steps": 100}
+
+
+def teacher_rows(base: dict, root: Path, teacher: Path) -> dict:
+    """The teachers' own test rows on this setting's test split (once), and the cache of the transfer set."""
+    rows_file = root / "teacher_rows.json"
+    train_mcad(["cache"], base, root / "config.yaml")  # found, if built before
+    if rows_file.exists():
+        return json.loads(rows_file.read_text())
+    from modeling_mcad.shapes import teacher_gates
+    from modeling_mcad.teachers import MCADTeacher
+
+    rows = teacher_gates(MCADTeacher.from_pretrained(teacher), shapes_split(base))["rows"]
+    atomic_write_text(rows_file, json.dumps(rows, indent=2))
+    return rows
+
+
+def summary(setting: str, description: str, teachers: dict, results: list[dict]) -> dict:
+    """The setting's entry of transfer.json: rows by seed, the MCAD variant chosen on validation, paired tests."""
+    by_row: dict[str, list[dict]] = {}
+    for result in results:
+        by_row.setdefault(result["row"], []).append(result)
+    rows = {name: {"seeds": {str(run["seed"]): {**{key: run[key] for key in METRICS},
+                                                "validation_rsum": run["validation"]["rsum"]} for run in runs}}
+            for name, runs in by_row.items()}
+    variants = [name for name in by_row if name.startswith("mcad")]
+    chosen = max(variants, key=lambda name: statistics.mean(run["validation"]["rsum"] for run in by_row[name]),
+                 default=None)
+    paired = {}
+    for name, runs in by_row.items():
+        if chosen is None or name == chosen:
+            continue
+        cells = {key: paired_difference(by_row[chosen], runs, key) for key in ("rsum", "binding_accuracy")}
+        if None not in cells.values():
+            paired[name] = {key: {"mean": mean, "standard_error": error, "seeds": count}
+                            for key, (mean, error, count) in cells.items()}
+    return {"description": description, "chosen": chosen, "teachers": teachers, "rows": rows,
+            "paired_chosen_minus_row": paired}
+
+
+def markdown(report: dict, command: str) -> str:
+    lines = [SECTION, "", f"```\n{command}\n```", "", __doc__.split("\n\n", 2)[2].split("\n\nResumable")[0], ""]
+    for setting, entry in report["settings"].items():
+        chosen = entry["chosen"]
+        lines += [f"### `{setting}`: {entry['description']}", "",
+                  "| model | seeds | " + " | ".join(METRICS) + " | validation RSUM |",
+                  "|---|---|" + "---|" * (len(METRICS) + 1)]
+        for name, row in entry["teachers"].items():
+            lines.append(f"| {name} | – | " + " | ".join(f"{row[key]:.1f}" if key in row else "" for key in METRICS)
+                         + " | |")
+        for name, row in entry["rows"].items():
+            runs = list(row["seeds"].values())
+            cells = [mean_std([run[key] for run in runs]) for key in (*METRICS, "validation_rsum")]
+            lines.append(f"| {name}{' (chosen)' if name == chosen else ''} | {len(runs)} | " + " | ".join(cells)
+                         + " |")
+        by_row = {name: [{"seed": int(seed), **run} for seed, run in row["seeds"].items()]
+                  for name, row in entry["rows"].items()}
+        if chosen:
+            lines += paired_differences(by_row, chosen)
+        lines.append("")
+    lines += ["![RSUM and binding accuracy per setting and row](benchmarks/transfer_table.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(report["settings"])
+    figure, axes = plt.subplots(len(settings), 2, figsize=(12, 3.5 * len(settings)), squeeze=False)
+    for line, setting in zip(axes, settings):
+        entry = report["settings"][setting]
+        names = list(entry["rows"])
+        for axis, key, label in ((line[0], "rsum", "RSUM"), (line[1], "binding_accuracy", "binding accuracy (%)")):
+            values = [[run[key] for run in entry["rows"][name]["seeds"].values()] for name in names]
+            means = [statistics.mean(v) for v in values]
+            errors = [statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0 for v in values]
+            axis.barh(names, means, xerr=errors, color=["tab:red" if n.startswith("mcad") else "tab:blue"
+                                                        for n in names])
+            axis.set_xlabel(f"{label}, {setting} (mean ± standard error over seeds)")
+            axis.invert_yaxis()
+            if key == "rsum":
+                axis.set_xlim(left=50 * (min(means) // 50 - 1))
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    temporary.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/transfer"))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rows", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="students trained at once, one CPU thread each")
+    parser.add_argument("--teacher", type=Path, default=Path("outputs/ablation/teacher"),
+                        help="the pretrained teachers (trained by distill_table.py's recipe when missing)")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's section and the plot")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if not (args.teacher / "config.json").exists():
+        ablation = {"output_dir": str(args.teacher.parent), "shapes": {**SHAPES, "train": 10000}}
+        prepare_teachers(ablation, args.teacher.parent)
+    if args.jobs > 1:
+        torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
+    report = {"settings": {}}
+    for setting in args.settings:
+        description, transfer, epochs = SETTINGS[setting]
+        root = args.output_dir / setting
+        base = student_base(root, transfer, epochs, args.teacher)
+        teachers = teacher_rows(base, root, args.teacher)
+        if args.jobs > 1:
+            base = {**base, "cpu_threads": 1}
+        jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives in ROWS
+                if not args.rows or row in args.rows for seed in args.seeds]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(distill_run, base, root, *job, shared=("data", "cache"), validation=True)
+                       for job in jobs]
+            results = []
+            for (row, *_, seed), future in zip(jobs, futures):
+                result = future.result()
+                print(f"{setting} {row} seed {seed}: rsum {result['rsum']:.1f} (validation "
+                      f"{result['validation']['rsum']:.1f}), binding {result['binding_accuracy']:.1f}", flush=True)
+                results.append(result)
+        report["settings"][setting] = summary(setting, description, teachers, results)
+    report["wall_seconds_this_invocation"] = time.perf_counter() - started
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS, json.dumps(report, indent=2))
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    text = markdown(report, command)
+    print(text)
+    if args.write:
+        plot(report, REPO_ROOT / "benchmarks" / "transfer_table.png")
+        write_section(text, SECTION)
+
+
+if __name__ == "__main__":
+    main()
