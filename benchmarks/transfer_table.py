@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_table import (  # noqa: E402
@@ -93,7 +94,65 @@ def teacher_rows(base: dict, root: Path, teacher: Path) -> dict:
     return rows
 
 
-def summary(setting: str, description: str, teachers: dict, results: list[dict]) -> dict:
+def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, folds: int = 5) -> float:
+    """Held-out accuracy (%) of an L2-regularised logistic regression, folds split by `groups` (an image's pairs stay
+    together)."""
+    correct = 0
+    for fold in range(folds):
+        held_out = groups % folds == fold
+        weights = torch.zeros(features.shape[1] + 1, requires_grad=True)
+        inputs = torch.cat([features, torch.ones(len(features), 1)], dim=1)
+        optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            logits = inputs[~held_out] @ weights
+            penalty = weights[:-1].square().sum() / (2 * len(logits))  # scikit-learn's default strength (C = 1)
+            loss = F.binary_cross_entropy_with_logits(logits, labels[~held_out]) + penalty
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        correct += ((inputs[held_out] @ weights > 0) == labels[held_out].bool()).sum().item()
+    return 100 * correct / len(features)
+
+
+def target_probe(base: dict, root: Path) -> dict:
+    """
+    Do the teacher's targets carry the binding the fusion teacher knows? On the transfer set's cached targets, the
+    held-out accuracy of a linear probe for which colour comes first in scene order (left / top: colour-position
+    binding, which a bag of words cannot tell) from the image and text targets: the dual teacher's (v, t), the
+    modified ones (v̂, t̂ with the `mcad` α) and the adapted fused features alone (`fusion_only`'s).
+    """
+    probe_file = root / "target_probe.json"
+    if probe_file.exists():
+        return json.loads(probe_file.read_text())
+    import datasets
+
+    from modeling_mcad.data import flatten_pairs
+    from modeling_mcad.objectives import modified_features, objective_settings
+    from modeling_mcad.teacher_cache import CACHE_COLUMNS
+
+    train = shapes_split(base, "train")
+    image_index = torch.tensor(flatten_pairs(train)["image_index"])
+    scenes = [json.loads(scene)["objects"] for scene in train["scene"]]
+    related = torch.tensor([len(objects) >= 2 for objects in scenes])[image_index]
+    labels = torch.tensor([len(objects) >= 2 and objects[0]["colour"] < objects[1]["colour"]
+                           for objects in scenes], dtype=torch.float32)[image_index][related]
+    (cache,) = (root / "cache").iterdir()
+    columns = datasets.load_from_disk(str(cache)).with_format("torch")[:]
+    v, t, adapted_v, adapted_t = (columns[name].float()[related] for name in CACHE_COLUMNS)
+    result = {}
+    for name, alpha in (("dual teacher (v, t)", 0.0), ("modified (v̂, t̂)", objective_settings("mcad").alpha),
+                        ("adapted fused features", float("inf"))):
+        image, text = modified_features(v, t, adapted_v, adapted_t, alpha)
+        result[name] = {side: linear_probe_accuracy(features, labels, image_index[related])
+                        for side, features in (("image", image), ("text", text))}
+    atomic_write_text(probe_file, json.dumps(result, indent=2))
+    return result
+
+
+def summary(description: str, teachers: dict, probe: dict, results: list[dict]) -> dict:
     """The setting's entry of transfer.json: rows by seed, the MCAD variant chosen on validation, paired tests."""
     by_row: dict[str, list[dict]] = {}
     for result in results:
@@ -112,8 +171,8 @@ def summary(setting: str, description: str, teachers: dict, results: list[dict])
         if None not in cells.values():
             paired[name] = {key: {"mean": mean, "standard_error": error, "seeds": count}
                             for key, (mean, error, count) in cells.items()}
-    return {"description": description, "chosen": chosen, "teachers": teachers, "rows": rows,
-            "paired_chosen_minus_row": paired}
+    return {"description": description, "chosen": chosen, "teachers": teachers, "target_binding_probe": probe,
+            "rows": rows, "paired_chosen_minus_row": paired}
 
 
 def markdown(report: dict, command: str) -> str:
@@ -131,6 +190,10 @@ def markdown(report: dict, command: str) -> str:
             cells = [mean_std([run[key] for run in runs]) for key in (*METRICS, "validation_rsum")]
             lines.append(f"| {name}{' (chosen)' if name == chosen else ''} | {len(runs)} | " + " | ".join(cells)
                          + " |")
+        lines += ["", "Linear probe for which colour comes first in scene order (held-out accuracy, %, chance 50) on "
+                  "the transfer set's cached targets:", "", "| targets | image | text |", "|---|---|---|"]
+        lines += [f"| {name} | {cells['image']:.1f} | {cells['text']:.1f} |"
+                  for name, cells in entry["target_binding_probe"].items()]
         by_row = {name: [{"seed": int(seed), **run} for seed, run in row["seeds"].items()]
                   for name, row in entry["rows"].items()}
         if chosen:
@@ -203,7 +266,7 @@ def main() -> None:
                 print(f"{setting} {row} seed {seed}: rsum {result['rsum']:.1f} (validation "
                       f"{result['validation']['rsum']:.1f}), binding {result['binding_accuracy']:.1f}", flush=True)
                 results.append(result)
-        report["settings"][setting] = summary(setting, description, teachers, results)
+        report["settings"][setting] = summary(description, teachers, target_probe(base, root), results)
     report["wall_seconds_this_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))
