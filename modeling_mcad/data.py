@@ -264,14 +264,14 @@ def load_image_text_dataset(
             # Rows with captions of their own are their own images; one caption per row groups rows by image.
             keys = [_image_key(image) if one_per_row else f"row {start + offset}"
                     for offset, image in enumerate(chunk[image_column])]
-            unchecked = {key: image for key, image in zip(keys, chunk[image_column]) if key not in image_problem}
-            image_problem.update(zip(unchecked, checker.map(partial(check_image, max_image_pixels=max_image_pixels),
-                                                            unchecked.values())) if check_images
-                                 else dict.fromkeys(unchecked))
+            if check_images:  # otherwise no image is known to be bad, and nothing is kept per image
+                unchecked = {key: image for key, image in zip(keys, chunk[image_column]) if key not in image_problem}
+                image_problem.update(zip(unchecked, checker.map(partial(check_image, max_image_pixels=max_image_pixels),
+                                                                unchecked.values())))
             for offset, (key, image, row_captions) in enumerate(zip(keys, chunk[image_column],
                                                                     _row_captions(chunk, caption_columns))):
                 place = f"row {start + offset} ({_image_label(image)})"
-                if image_problem[key] is not None:
+                if image_problem.get(key) is not None:
                     problems.append(f"{place}: {image_problem[key]}")
                     bad_image_rows += 1
                     continue
@@ -281,7 +281,8 @@ def load_image_text_dataset(
                 if one_per_row and key in group_of:
                     captions[group_of[key]] += good
                 elif good:
-                    group_of[key] = len(rows)
+                    if one_per_row:
+                        group_of[key] = len(rows)
                     rows.append(start + offset)
                     captions.append(good)
                 elif not one_per_row:
