@@ -50,7 +50,8 @@ def main() -> None:
                                                  Accelerator(cpu=True), batch_size=64))
         runs = {
             "contrastive": make_step("contrastive", teacher, lambda: None),
-            "mcad, cached targets (β = 0)": make_step("mcad", teacher, lambda: cache.targets(batch["pair_index"])),
+            "mcad_feature, cached targets (β = 0)": make_step("mcad_feature", teacher,
+                                                               lambda: cache.targets(batch["pair_index"])),
             "mcad, teachers online (β = 0.5, k = 8)": make_step(
                 "mcad", teacher, lambda: online_targets(teacher, batch), beta=0.5),
         }

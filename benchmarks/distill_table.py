@@ -32,6 +32,7 @@ its last checkpoint. `--write` replaces the ablation section of BENCHMARKS.md an
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -51,6 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # lazy names at once failed ("cannot import name 'AutoConfig' from 'transformers'").
 from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
 from modeling_mcad.evaluation import evaluate_model, student_encoders  # noqa: E402
+from modeling_mcad.objectives import objective_settings  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 # The benchmark: the demo's recipe (configs/demo.yaml) on a larger training split; the data seed is fixed, the
@@ -68,7 +70,7 @@ ROWS = [  # (row name, objective, overrides, negative captions, seeds: "all" or 
     ("clip_kd_identity (control)", "clip_kd_identity", {}, [], "all"),
     ("negclip (control)", "contrastive", {}, NEGATIVES, "all"),
     ("mcad_feature α=1", "mcad_feature", {"alpha": 1.0}, [], (0,)),
-    ("mcad", "mcad", {}, [], (0,)),
+    ("mcad (paper's objective)", "mcad", {}, [], (0,)),
     ("mcad β=0.5 k=2", "mcad", {"beta": 0.5, "top_k": 2}, [], (0,)),
 ]
 # `--with_negatives`: the feature objectives with NegCLIP's negatives too (9 students more, about 18 minutes).
@@ -130,8 +132,14 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
     """
     folder = run_folder(root, row, seed)
     result_file = folder / "result.json"
+    settings = dataclasses.asdict(objective_settings(objective, **overrides))
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if result.get("settings", settings) != settings:  # e.g. a folder of a row whose preset has changed
+            raise SystemExit(f"{result_file} holds a student trained with other objective settings than row {row!r} "
+                             f"asks for ({result['settings']} against {settings}): move that folder away or pass "
+                             "another --output_dir.")
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     for name in shared:  # trained and built once, in the root
         link = folder / name
@@ -146,8 +154,8 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
     metrics = evaluate_student(folder / "student", config)
     if validation:
         metrics["validation"] = evaluate_student(folder / "student", config, "validation")
-    result = {"row": row, "seed": seed, "objective": objective, "overrides": overrides, "negatives": negatives,
-              "distill_seconds": seconds, **metrics}
+    result = {"row": row, "seed": seed, "objective": objective, "overrides": overrides, "settings": settings,
+              "negatives": negatives, "distill_seconds": seconds, **metrics}
     atomic_write_text(result_file, json.dumps(result, indent=2))
     return result
 
@@ -293,8 +301,8 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += paired_differences(by_row)
     if "mcad_feature + negatives" in by_row:  # do the teachers add anything to the negatives, both to either?
-        lines += paired_differences(by_row, "mcad_feature + negatives", [name for name in by_row if "negatives" in name
-                                                                 or name.startswith("negclip")])
+        with_negatives = [name for name in by_row if "negatives" in name or name.startswith("negclip")]
+        lines += paired_differences(by_row, "mcad_feature + negatives", with_negatives)
     lines += ["", "| model | parameters | image encode (ms / item) | text encode (ms / item) | pair (ms) |",
               "|---|---|---|---|---|"]
     for name, row in speed.items():

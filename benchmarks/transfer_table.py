@@ -1,30 +1,36 @@
 """When the teachers know more than the labels: MCAD on transfer settings, paired over seeds.
 
-    python benchmarks/transfer_table.py [--output_dir outputs/transfer] [--settings small noisy] \
+    python benchmarks/transfer_table.py [--output_dir outputs/transfer] [--settings small noisy]
         [--seeds 0 1 2 3 4] [--jobs 2] [--teacher outputs/ablation/teacher] [--write]
 
 The ablation (distill_table.py) trains teachers and students on the same labelled images, where the labels alone
-teach the students what the teachers know. Here the teachers are pretrained once, on images the students never see:
-the ablation's teachers (the demo's recipe on 10 000 mcad-shapes images of data seed 0, trained by distill_table.py
-when `--teacher` does not exist yet). The students learn from a *transfer set* of data seed 7:
+teach the students what the teachers know. Here the teachers are pretrained once, on images the students never
+see: the ablation's teachers (the demo's recipe on 10 000 mcad-shapes images of data seed 0; distill_table.py's
+`outputs/ablation/teacher`, trained here with its recipe when missing). The students learn from a *transfer set* of
+data seed 7:
 
 - `small`: 2000 images with clean captions;
 - `noisy`: 8000 images, 40% of whose captions are wrong as web alt text is (mcad-shapes' `caption_noise`: colours
-  swapped, relation flipped, or another image's caption, alike), tested on clean captions.
+  swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions.
 
 Students are the `shapes` preset in ordinary random batches (no family batching, no canonical curriculum: a real
 transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs every seed, and a seed fixes the
 student's initialisation and batch order, so rows are compared by paired differences. Rows: `contrastive`,
 `negclip` (contrastive with each caption's colour-swap and relation-flip distractors as extra negatives; a noisy
 caption has none), `clip_kd`, `clip_kd_feature`, `fusion_only` and the MCAD variants: `mcad` (the paper's
-objective: modified features and similarity distributions, α = 2, λ_dist = 1) and `mcad_feature` (the modified
-features alone, λ_dist = 0). The teachers' own rows are measured on the same test split. Each student is evaluated
-on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which is reported.
+objective: modified features and similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified
+features alone, λ_dist = 0), and both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which
+`negclip` has and the other MCAD rows lack. The teachers' own rows are measured on the same test split. Each
+student is evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which
+is reported.
 
-About 2.7 hours on 2 CPU cores with the defaults (70 students of about 4.5 minutes on one thread, two at a time;
-the teachers reused). Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is
-skipped; a killed run resumes from its last checkpoint. Writes `benchmarks/results/transfer.json`; `--write` also
-replaces the transfer section of BENCHMARKS.md and writes `benchmarks/transfer_table.png`.
+About 3.5 hours on 2 CPU cores with the defaults (90 students of about 4.5 minutes on one thread, two at a time;
+the teachers reused).
+
+Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
+resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far (a
+setting this invocation did not run keeps its earlier entry); `--write` also replaces the transfer section of
+BENCHMARKS.md and writes `benchmarks/transfer_table.png`.
 """
 
 import argparse
@@ -48,6 +54,7 @@ from distill_table import (  # noqa: E402
     paired_difference,
     paired_differences,
     prepare_teachers,
+    run_folder,
     shapes_split,
     train_mcad,
     write_section,
@@ -68,6 +75,8 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("fusion_only", "fusion_only", {}, []),
     ("mcad", "mcad", {}, []),
     ("mcad_feature", "mcad_feature", {}, []),
+    ("mcad_negatives", "mcad", {}, NEGATIVES),
+    ("mcad_feature_negatives", "mcad_feature", {}, NEGATIVES),
 ]
 METRICS = ("i2t_r1", "t2i_r1", "rsum", "swap_accuracy", "flip_accuracy", "binding_accuracy")
 SECTION = "## Transfer: when the teachers know more than the labels"
@@ -95,7 +104,7 @@ def teacher_rows(base: dict, root: Path, teacher: Path) -> dict:
 
 
 def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, folds: int = 5) -> float:
-    """Held-out accuracy (%) of an L2-regularised logistic regression, folds split by `groups` (an image's pairs stay
+    """Held-out accuracy (%) of an L2-regularised logistic regression, folds split by `groups` (a group's rows stay
     together)."""
     correct = 0
     for fold in range(folds):
@@ -122,7 +131,8 @@ def target_probe(base: dict, root: Path) -> dict:
     Do the teacher's targets carry the binding the fusion teacher knows? On the transfer set's cached targets, the
     held-out accuracy of a linear probe for which colour comes first in scene order (left / top: colour-position
     binding, which a bag of words cannot tell) from the image and text targets: the dual teacher's (v, t), the
-    modified ones (v̂, t̂ with the `mcad` α) and the adapted fused features alone (`fusion_only`'s).
+    modified ones (v̂, t̂ with the `mcad` α) and the adapted fused features alone (`fusion_only`'s). Labels are the
+    image's, so in a noisy transfer set the text probe is capped by the share of true captions.
     """
     probe_file = root / "target_probe.json"
     if probe_file.exists():
@@ -131,7 +141,7 @@ def target_probe(base: dict, root: Path) -> dict:
 
     from modeling_mcad.data import flatten_pairs
     from modeling_mcad.objectives import modified_features, objective_settings
-    from modeling_mcad.teacher_cache import CACHE_COLUMNS
+    from modeling_mcad.teacher_cache import CACHE_COLUMNS, cache_folder, cache_key
 
     train = shapes_split(base, "train")
     image_index = torch.tensor(flatten_pairs(train)["image_index"])
@@ -139,14 +149,15 @@ def target_probe(base: dict, root: Path) -> dict:
     related = torch.tensor([len(objects) >= 2 for objects in scenes])[image_index]
     labels = torch.tensor([len(objects) >= 2 and objects[0]["colour"] < objects[1]["colour"]
                            for objects in scenes], dtype=torch.float32)[image_index][related]
-    (cache,) = (root / "cache").iterdir()
+    cache = cache_folder(root, cache_key(base["teacher"], train))
     columns = datasets.load_from_disk(str(cache)).with_format("torch")[:]
+    families = torch.tensor(train["family"])[image_index][related]  # near-duplicates stay in one fold
     v, t, adapted_v, adapted_t = (columns[name].float()[related] for name in CACHE_COLUMNS)
     result = {}
     for name, alpha in (("dual teacher (v, t)", 0.0), ("modified (v̂, t̂)", objective_settings("mcad").alpha),
                         ("adapted fused features", float("inf"))):
         image, text = modified_features(v, t, adapted_v, adapted_t, alpha)
-        result[name] = {side: linear_probe_accuracy(features, labels, image_index[related])
+        result[name] = {side: linear_probe_accuracy(features, labels, families)
                         for side, features in (("image", image), ("text", text))}
     atomic_write_text(probe_file, json.dumps(result, indent=2))
     return result
@@ -176,7 +187,7 @@ def summary(description: str, teachers: dict, probe: dict, results: list[dict]) 
 
 
 def markdown(report: dict, command: str) -> str:
-    lines = [SECTION, "", f"```\n{command}\n```", "", __doc__.split("\n\n", 2)[2].split("\n\nResumable")[0], ""]
+    lines = [SECTION, "", f"```\n{command}\n```", "", __doc__.split("\n\n", 2)[2].split("\n\nAbout ")[0], ""]
     for setting, entry in report["settings"].items():
         chosen = entry["chosen"]
         lines += [f"### `{setting}`: {entry['description']}", "",
@@ -190,7 +201,7 @@ def markdown(report: dict, command: str) -> str:
             cells = [mean_std([run[key] for run in runs]) for key in (*METRICS, "validation_rsum")]
             lines.append(f"| {name}{' (chosen)' if name == chosen else ''} | {len(runs)} | " + " | ".join(cells)
                          + " |")
-        lines += ["", "Linear probe for which colour comes first in scene order (held-out accuracy, %, chance 50) on "
+        lines += ["", "Linear probe for which colour comes first in scene order (held-out accuracy, %, chance 50) on\n"
                   "the transfer set's cached targets:", "", "| targets | image | text |", "|---|---|---|"]
         lines += [f"| {name} | {cells['image']:.1f} | {cells['text']:.1f} |"
                   for name, cells in entry["target_binding_probe"].items()]
@@ -217,10 +228,10 @@ def plot(report: dict, path: Path) -> None:
         for axis, key, label in ((line[0], "rsum", "RSUM"), (line[1], "binding_accuracy", "binding accuracy (%)")):
             values = [[run[key] for run in entry["rows"][name]["seeds"].values()] for name in names]
             means = [statistics.mean(v) for v in values]
-            errors = [statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0 for v in values]
+            errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
             axis.barh(names, means, xerr=errors, color=["tab:red" if n.startswith("mcad") else "tab:blue"
                                                         for n in names])
-            axis.set_xlabel(f"{label}, {setting} (mean ± standard error over seeds)")
+            axis.set_xlabel(f"{label}, {setting} (mean ± standard deviation over seeds)")
             axis.invert_yaxis()
             if key == "rsum":
                 axis.set_xlim(left=50 * (min(means) // 50 - 1))
@@ -243,11 +254,14 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     if not (args.teacher / "config.json").exists():
-        ablation = {"output_dir": str(args.teacher.parent), "shapes": {**SHAPES, "train": 10000}}
-        prepare_teachers(ablation, args.teacher.parent)
+        if args.teacher != Path("outputs/ablation/teacher"):
+            raise SystemExit(f"No teacher in {args.teacher}: pass a saved MCADTeacher folder, or leave --teacher out "
+                             "to train the ablation's (outputs/ablation/teacher, about 25 minutes).")
+        prepare_teachers({"output_dir": "outputs/ablation", "shapes": {**SHAPES, "train": 10000}},
+                         Path("outputs/ablation"))
     if args.jobs > 1:
         torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
-    report = {"settings": {}}
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
     for setting in args.settings:
         description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
@@ -260,14 +274,15 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(distill_run, base, root, *job, shared=("data", "cache"), validation=True)
                        for job in jobs]
-            results = []
             for (row, *_, seed), future in zip(jobs, futures):
                 result = future.result()
                 print(f"{setting} {row} seed {seed}: rsum {result['rsum']:.1f} (validation "
                       f"{result['validation']['rsum']:.1f}), binding {result['binding_accuracy']:.1f}", flush=True)
-                results.append(result)
+        # Every student finished so far, in the table's order, whichever invocation trained it.
+        finished = [run_folder(root, row, seed) / "result.json" for row, *_ in ROWS for seed in args.seeds]
+        results = [json.loads(path.read_text()) for path in finished if path.exists()]
         report["settings"][setting] = summary(description, teachers, target_probe(base, root), results)
-    report["wall_seconds_this_invocation"] = time.perf_counter() - started
+    report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

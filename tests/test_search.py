@@ -189,6 +189,12 @@ def test_the_scan_graph_is_valid_onnx(tmp_path, external):
     assert list(initializers["levels_shape_1"]) == [-1, 2, 4]  # negative int64s
     assert list(initializers["group_starts_1"]) == [4] and initializers["minus_infinity"] == -np.inf
     assert list(initializers["pads_1"]) == [0, 0, 0, 0, 0, GROUP_SIZE - 4]
+    whole = np.zeros((3, GROUP_SIZE), np.int8).tobytes()  # blocks of whole groups: no padding, no -inf
+    model = onnx.load_from_string(scan_graph(3, [{"rows": GROUP_SIZE, "codes": whole,
+                                                  "row_scales": np.ones(GROUP_SIZE, np.float32).tobytes()}]))
+    onnx.checker.check_model(model, full_check=True)
+    assert "Pad" not in {node.op_type for node in model.graph.node}
+    assert "minus_infinity" not in {tensor.name for tensor in model.graph.initializer}
 
 
 @pytest.mark.parametrize("count, block_rows", [(40, None), (700, 150)])

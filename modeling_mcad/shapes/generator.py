@@ -292,22 +292,26 @@ def make_shapes(
 def _corrupt_captions(columns: dict, fraction: float, rng: np.random.Generator) -> None:
     """
     Replace each caption of `columns`, with probability `fraction`, as web alt text goes wrong, one of three ways
-    alike: its colours swapped, its relation flipped (its own distractors; another image's caption where it has
-    none), or another image's caption. A replaced caption gets no distractors (None): nothing true is known to
-    contrast it with.
+    alike: its colours swapped, its relation flipped (its own distractors; where it has none, as the third way), or
+    the caption of an image of another family (a near-duplicate's could be true). A replaced caption gets no
+    distractors (None: nothing true is known to contrast it with) and is not canonical. A split of one family has no
+    other family's captions to borrow: those draws leave the caption as it is.
     """
     captions, swapped, flipped = columns["captions"], columns["swapped_captions"], columns["flipped_captions"]
+    families = np.array(columns["family"])
     originals = [list(row) for row in captions]
     for image, row in enumerate(captions):
+        others = np.flatnonzero(families != families[image])
         for place in np.flatnonzero(rng.random(len(row)) < fraction):
             kind = rng.integers(3)
             wrong = (swapped, flipped)[kind][image][place] if kind < 2 else None
-            if wrong is None and len(captions) > 1:
-                other = (image + 1 + rng.integers(len(captions) - 1)) % len(captions)
-                wrong = originals[other][rng.integers(len(originals[other]))]
+            if wrong is None and len(others):
+                other = originals[others[rng.integers(len(others))]]
+                wrong = other[rng.integers(len(other))]
             if wrong is not None:
                 row[place] = wrong
                 swapped[image][place] = flipped[image][place] = None
+                columns["canonical"][image][place] = False
 
 
 def shapes_splits(data_dir: str | os.PathLike, seed: int = 0, **settings) -> datasets.DatasetDict:
