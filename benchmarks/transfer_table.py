@@ -30,10 +30,15 @@ the teachers reused).
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
 resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far (a
 setting this invocation did not run keeps its earlier entry); `--write` also replaces the transfer section of
-BENCHMARKS.md and writes `benchmarks/transfer_table.png`.
+BENCHMARKS.md and writes `benchmarks/transfer_table.png`. The committed transfer.json resumes too, with an empty
+`--output_dir`: the seeds it records are kept and not trained again, provided the retrained teachers give the same
+test rows and the students' settings are the same; otherwise the run stops and says so, since new seeds could not be
+paired with the recorded ones (the teachers' recipe is deterministic on one machine; another CPU may round
+differently).
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -60,10 +65,12 @@ from distill_table import (  # noqa: E402
     write_section,
 )
 
+from modeling_mcad.objectives import objective_settings  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
 SETTINGS = {  # name: (description, transfer set, epochs)
+    "tiny": ("500 clean images", {"train": 500}, 128),
     "small": ("2000 clean images", {"train": 2000}, 32),
     "noisy": ("8000 images, 40% of the captions wrong", {"train": 8000, "caption_noise": 0.4}, 8),
 }
@@ -163,12 +170,44 @@ def target_probe(base: dict, root: Path) -> dict:
     return result
 
 
-def summary(description: str, teachers: dict, probe: dict, results: list[dict]) -> dict:
+def student_settings(base: dict) -> dict:
+    """What a setting's students share, less where they live: recorded seeds are reused only under equal settings."""
+    return {key: value for key, value in base.items() if key not in ("output_dir", "teacher", "cpu_threads")}
+
+
+def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[str, int], dict]:
+    """
+    The students a setting's entry of transfer.json records, as `distill_run` results by (row, seed): an earlier
+    machine's, to be paired with this one's. Refused (SystemExit) when they were measured with other teachers or
+    other student settings, or a row's objective settings have changed since.
+    """
+    if not entry:
+        return {}
+    problems = []
+    if entry.get("students") != students:
+        problems.append(f"the students' settings were {entry.get('students')}, now {students}")
+    if entry.get("teachers") != teachers:
+        problems.append(f"the teachers' test rows were {entry.get('teachers')}, now {teachers}")
+    current = {row: dataclasses.asdict(objective_settings(objective, **overrides))
+               for row, objective, overrides, _ in ROWS}
+    problems += [f"row {name!r} was trained with {row.get('settings')}, now {current.get(name)}"
+                 for name, row in entry["rows"].items() if row.get("settings") != current.get(name)]
+    if problems:
+        raise SystemExit(f"{RESULTS} records students that new ones could not be paired with: {'; '.join(problems)}. "
+                         "Keep those results elsewhere (e.g. commit them) and remove the setting's entry to start it "
+                         "over, or run the setting with the same teachers and settings.")
+    return {(name, int(seed)): {"row": name, "seed": int(seed), "settings": row["settings"], **run,
+                                "validation": {"rsum": run["validation_rsum"]}}
+            for name, row in entry["rows"].items() for seed, run in row["seeds"].items()}
+
+
+def summary(description: str, students: dict, teachers: dict, probe: dict, results: list[dict]) -> dict:
     """The setting's entry of transfer.json: rows by seed, the MCAD variant chosen on validation, paired tests."""
     by_row: dict[str, list[dict]] = {}
     for result in results:
         by_row.setdefault(result["row"], []).append(result)
-    rows = {name: {"seeds": {str(run["seed"]): {**{key: run[key] for key in METRICS},
+    rows = {name: {"settings": runs[0]["settings"],
+                   "seeds": {str(run["seed"]): {**{key: run[key] for key in METRICS},
                                                 "validation_rsum": run["validation"]["rsum"]} for run in runs}}
             for name, runs in by_row.items()}
     variants = [name for name in by_row if name.startswith("mcad")]
@@ -182,7 +221,8 @@ def summary(description: str, teachers: dict, probe: dict, results: list[dict]) 
         if None not in cells.values():
             paired[name] = {key: {"mean": mean, "standard_error": error, "seeds": count}
                             for key, (mean, error, count) in cells.items()}
-    return {"description": description, "chosen": chosen, "teachers": teachers, "target_binding_probe": probe,
+    return {"description": description, "students": students, "chosen": chosen, "teachers": teachers,
+            "target_binding_probe": probe,
             "rows": rows, "paired_chosen_minus_row": paired}
 
 
@@ -269,8 +309,10 @@ def main() -> None:
         teachers = teacher_rows(base, root, args.teacher)
         if args.jobs > 1:
             base = {**base, "cpu_threads": 1}
+        students = student_settings(base)
+        recorded = recorded_results(report["settings"].get(setting, {}), students, teachers)
         jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives in ROWS
-                if not args.rows or row in args.rows for seed in args.seeds]
+                if not args.rows or row in args.rows for seed in args.seeds if (row, seed) not in recorded]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(distill_run, base, root, *job, shared=("data", "cache"), validation=True)
                        for job in jobs]
@@ -278,10 +320,16 @@ def main() -> None:
                 result = future.result()
                 print(f"{setting} {row} seed {seed}: rsum {result['rsum']:.1f} (validation "
                       f"{result['validation']['rsum']:.1f}), binding {result['binding_accuracy']:.1f}", flush=True)
-        # Every student finished so far, in the table's order, whichever invocation trained it.
-        finished = [run_folder(root, row, seed) / "result.json" for row, *_ in ROWS for seed in args.seeds]
-        results = [json.loads(path.read_text()) for path in finished if path.exists()]
-        report["settings"][setting] = summary(description, teachers, target_probe(base, root), results)
+        # Every student finished so far, in the table's order, whichever invocation (or machine) trained it.
+        results = []
+        for row, *_ in ROWS:
+            seeds = sorted({*args.seeds, *(seed for name, seed in recorded if name == row)})
+            for seed in seeds:
+                path = run_folder(root, row, seed) / "result.json"
+                result = json.loads(path.read_text()) if path.exists() else recorded.get((row, seed))
+                if result is not None:
+                    results.append(result)
+        report["settings"][setting] = summary(description, students, teachers, target_probe(base, root), results)
     report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))

@@ -1,0 +1,56 @@
+"""benchmarks/transfer_table.py: the committed results resume a setting only where new seeds pair with them."""
+
+import dataclasses
+import json
+import sys
+
+import pytest
+
+from .conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import transfer_table  # noqa: E402
+
+from modeling_mcad.objectives import objective_settings  # noqa: E402
+
+TEACHERS = {"dual teacher": {"rsum": 469.76, "binding_accuracy": 71.06}}
+STUDENTS = {"shapes": {"seed": 7, "train": 500}, "epochs": 128}
+
+
+def finished(row: str, objective: str, seed: int, rsum: float) -> dict:
+    """A `distill_run` result as the script reads it from a run folder."""
+    metrics = {key: rsum / 10 for key in transfer_table.METRICS}
+    return {"row": row, "seed": seed, "settings": dataclasses.asdict(objective_settings(objective)),
+            **metrics, "rsum": rsum, "validation": {"rsum": rsum + 1}}
+
+
+def recorded_entry() -> dict:
+    results = [finished("contrastive", "contrastive", seed, 400 + seed) for seed in (0, 1)]
+    results += [finished("mcad_feature", "mcad_feature", seed, 410 + 3 * seed) for seed in (0, 1)]
+    # Through JSON, as the entry is committed and read back on another machine.
+    return json.loads(json.dumps(transfer_table.summary("tiny", STUDENTS, TEACHERS, {}, results)))
+
+
+def test_recorded_seeds_come_back_as_the_results_they_were_made_from():
+    recorded = transfer_table.recorded_results(recorded_entry(), STUDENTS, TEACHERS)
+    assert sorted(recorded) == [("contrastive", 0), ("contrastive", 1), ("mcad_feature", 0), ("mcad_feature", 1)]
+    again = transfer_table.summary("tiny", STUDENTS, TEACHERS, {}, list(recorded.values()))
+    assert again == recorded_entry()  # summarising the recorded results reproduces the entry
+    assert again["paired_chosen_minus_row"]["contrastive"]["rsum"]["mean"] == pytest.approx(11.0)
+
+
+@pytest.mark.parametrize("change", ["teachers", "students", "row settings"])
+def test_recorded_seeds_are_refused_when_new_ones_could_not_be_paired_with_them(change):
+    entry, students, teachers = recorded_entry(), STUDENTS, TEACHERS
+    if change == "teachers":  # e.g. teachers retrained on another CPU, which came out different
+        teachers = {"dual teacher": {"rsum": 467.6, "binding_accuracy": 71.6}}
+    elif change == "students":
+        students = {**STUDENTS, "epochs": 64}
+    else:  # the row's preset changed since the seeds were trained
+        entry["rows"]["mcad_feature"]["settings"]["alpha"] = 1.0
+    with pytest.raises(SystemExit, match="could not be paired"):
+        transfer_table.recorded_results(entry, students, teachers)
+
+
+def test_a_setting_without_recorded_entry_resumes_nothing():
+    assert transfer_table.recorded_results({}, STUDENTS, TEACHERS) == {}
