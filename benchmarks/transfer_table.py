@@ -9,7 +9,10 @@ see: the ablation's teachers (the demo's recipe on 10 000 mcad-shapes images of 
 `outputs/ablation/teacher`, trained here with its recipe when missing). The students learn from a *transfer set* of
 data seed 7:
 
-- `small`: 2000 images with clean captions;
+- `tiny`: 500 images with clean captions, where a contrastive student stays well below the teachers (about 425
+  RSUM against their 470): the labels teach less than the teachers know;
+- `small`: 2000 images with clean captions, where a contrastive student already passes its teachers (about
+  500 RSUM);
 - `noisy`: 8000 images, 40% of whose captions are wrong as web alt text is (mcad-shapes' `caption_noise`: colours
   swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions.
 
@@ -24,8 +27,8 @@ features alone, λ_dist = 0), and both with NegCLIP's negatives (`mcad_negatives
 student is evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which
 is reported.
 
-About 3.5 hours on 2 CPU cores with the defaults (90 students of about 4.5 minutes on one thread, two at a time;
-the teachers reused).
+About 5 hours on 2 CPU cores with the defaults (135 students of about 4.5 minutes on one thread, two at a time),
+and 25 minutes for the teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
 resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far (a
