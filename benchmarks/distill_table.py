@@ -124,6 +124,11 @@ def prepare_teachers(config: dict, root: Path) -> dict:
     return result
 
 
+def row_settings(objective: str, overrides: dict) -> dict:
+    """A row's objective settings as recorded with its results (and compared before they are reused)."""
+    return dataclasses.asdict(objective_settings(objective, **overrides))
+
+
 def distill_run(base, root: Path, row: str, objective: str, overrides: dict, negatives: list, seed: int,
                 shared: tuple = ("data", "teacher", "cache"), validation: bool = False) -> dict:
     """
@@ -132,7 +137,7 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
     """
     folder = run_folder(root, row, seed)
     result_file = folder / "result.json"
-    settings = dataclasses.asdict(objective_settings(objective, **overrides))
+    settings = row_settings(objective, overrides)
     if result_file.exists():
         result = json.loads(result_file.read_text())
         if result.get("settings", settings) != settings:  # e.g. a folder of a row whose preset has changed

@@ -41,7 +41,6 @@ differently).
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -62,13 +61,13 @@ from distill_table import (  # noqa: E402
     paired_difference,
     paired_differences,
     prepare_teachers,
+    row_settings,
     run_folder,
     shapes_split,
     train_mcad,
     write_section,
 )
 
-from modeling_mcad.objectives import objective_settings  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
@@ -191,8 +190,7 @@ def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[
         problems.append(f"the students' settings were {entry.get('students')}, now {students}")
     if entry.get("teachers") != teachers:
         problems.append(f"the teachers' test rows were {entry.get('teachers')}, now {teachers}")
-    current = {row: dataclasses.asdict(objective_settings(objective, **overrides))
-               for row, objective, overrides, _ in ROWS}
+    current = {row: row_settings(objective, overrides) for row, objective, overrides, _ in ROWS}
     problems += [f"row {name!r} was trained with {row.get('settings')}, now {current.get(name)}"
                  for name, row in entry["rows"].items() if row.get("settings") != current.get(name)]
     if problems:
