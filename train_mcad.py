@@ -556,7 +556,22 @@ def cache(config: TrainConfig, accelerator) -> Path:
     teacher = load_teacher(config, accelerator.device)
     train = load_splits(config, accelerator)["train"]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
-                               batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir)
+                               batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir,
+                               negative_columns=ranked_negatives(config))
+
+
+def ranked_negatives(config: TrainConfig) -> list:
+    """
+    The negative caption columns the fusion teacher scores into the cache: the run's `negative_captions` when its
+    objective ranks them (λ_rank > 0), else none. A ranking objective without negatives is refused.
+    """
+    if not run_objective(config).lambda_rank:
+        return []
+    if not config.negative_captions:
+        raise UserError(f"objective {config.objective!r} (lambda_rank > 0) ranks each caption against its hard "
+                        "negatives, and --negative_captions names none: pass e.g. --negative_captions swapped_caption "
+                        "flipped_caption, or set lambda_rank to 0.")
+    return list(config.negative_captions)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -601,7 +616,7 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
         check_adapter_fit(teacher, settings)
         teacher_dim = teacher.config.teacher_dim
         if settings.beta == 0:
-            cache = TeacherCache.for_run(config.output_dir, teacher_folder(config), train)
+            cache = TeacherCache.for_run(config.output_dir, teacher_folder(config), train, ranked_negatives(config))
             teacher = None
     student, processor = build_student(config)
     module = DistillationModule(student, MCADLoss(settings, student.config.projection_dim, teacher_dim))
@@ -694,7 +709,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
                     targets = online_teacher_targets(run.teacher, batch, run.settings, accelerator)
                 negatives = batch.get("negatives")
                 if epoch < run.sampler.canonical_epochs:
-                    negatives = without_flips(negatives, config.negative_captions)
+                    negatives, targets = without_flips(negatives, targets, config.negative_captions)
                 output = module(batch["student"], targets, negatives)
                 # Every process holds the same global loss, so all of them skip a non-finite step together.
                 finite = bool(torch.isfinite(output.loss))
@@ -780,17 +795,20 @@ def training_sampler(config: TrainConfig, split, pairs):
                                      canonical_epochs=config.canonical_epochs if canonical is not None else 0)
 
 
-def without_flips(negatives, columns: list):
+def without_flips(negatives, targets, columns: list):
     """
-    A batch's NegCLIP negatives (`columns`, laid out example by example, column by column) without the relation
-    flips: for the canonical epochs, since a flip of a canonical caption names its relation with the inverse word,
-    which no canonical caption uses, and the word alone would reject it (the fusion teacher's curriculum leaves flips
-    out for the same reason).
+    A batch's NegCLIP negatives (`columns`, laid out example by example, column by column) and the teacher targets
+    without the relation flips (the fusion teacher's scores of them, where the cache holds those): for the canonical
+    epochs, since a flip of a canonical caption names its relation with the inverse word, which no canonical caption
+    uses, and the word alone would reject it (the fusion teacher's curriculum leaves flips out for the same reason).
     """
     if negatives is None or "flipped_caption" not in columns:
-        return negatives
+        return negatives, targets
     keep = [row for row in range(len(negatives["input_ids"])) if columns[row % len(columns)] != "flipped_caption"]
-    return {name: value[keep] for name, value in negatives.items()} if keep else None
+    if targets is not None and "candidate_match_logits" in targets:  # column 0 is the caption's own score
+        kept_columns = [0] + [1 + index for index, column in enumerate(columns) if column != "flipped_caption"]
+        targets = {**targets, "candidate_match_logits": targets["candidate_match_logits"][:, kept_columns]}
+    return ({name: value[keep] for name, value in negatives.items()} if keep else None), targets
 
 
 def online_teacher_targets(teacher, batch: dict, settings, accelerator) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # lazy names at once failed ("cannot import name 'AutoConfig' from 'transformers'").
 from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
 from modeling_mcad.evaluation import evaluate_model, student_encoders  # noqa: E402
-from modeling_mcad.objectives import objective_settings  # noqa: E402
+from modeling_mcad.objectives import ObjectiveSettings, objective_settings  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 # The benchmark: the demo's recipe (configs/demo.yaml) on a larger training split; the data seed is fixed, the
@@ -129,6 +129,11 @@ def row_settings(objective: str, overrides: dict) -> dict:
     return dataclasses.asdict(objective_settings(objective, **overrides))
 
 
+def same_settings(recorded: dict | None, current: dict) -> bool:
+    """Whether recorded objective settings are `current`; a knob added since is at its default (the old objective)."""
+    return recorded is not None and dataclasses.asdict(ObjectiveSettings(**recorded)) == current
+
+
 def distill_run(base, root: Path, row: str, objective: str, overrides: dict, negatives: list, seed: int,
                 shared: tuple = ("data", "teacher", "cache"), validation: bool = False) -> dict:
     """
@@ -140,7 +145,7 @@ def distill_run(base, root: Path, row: str, objective: str, overrides: dict, neg
     settings = row_settings(objective, overrides)
     if result_file.exists():
         result = json.loads(result_file.read_text())
-        if result.get("settings", settings) != settings:  # e.g. a folder of a row whose preset has changed
+        if not same_settings(result.get("settings", settings), settings):  # e.g. a row whose preset has changed
             raise SystemExit(f"{result_file} holds a student trained with other objective settings than row {row!r} "
                              f"asks for ({result['settings']} against {settings}): move that folder away or pass "
                              "another --output_dir.")

@@ -18,16 +18,19 @@ data seed 7:
 
 Students are the `shapes` preset in ordinary random batches (no family batching, no canonical curriculum: a real
 transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs every seed, and a seed fixes the
-student's initialisation and batch order, so rows are compared by paired differences. Rows: `contrastive`,
-`negclip` (contrastive with each caption's colour-swap and relation-flip distractors as extra negatives; a noisy
-caption has none), `clip_kd`, `clip_kd_feature`, `fusion_only` and the MCAD variants: `mcad` (the paper's
-objective: modified features and similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified
-features alone, λ_dist = 0), and both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which
-`negclip` has and the other MCAD rows lack. The teachers' own rows are measured on the same test split. Each
-student is evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which
-is reported.
+student's initialisation and batch order, so rows are compared by paired differences. Rows: `contrastive`, `negclip`
+(contrastive with each caption's colour-swap and relation-flip distractors as extra negatives; a wrong caption's are
+made from its own text, so undoing its error gives back the true caption as a "negative"), `clip_kd`,
+`clip_kd_feature`, `fusion_only` and the MCAD variants: `mcad` (the paper's objective: modified features and
+similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified features alone, λ_dist = 0), both with
+NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has and the other MCAD rows lack,
+and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank (each caption ranked against
+its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the fusion teacher can tell a
+wrong caption from its true distractor. The teachers' own rows are measured on the same test split. Each student is
+evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which is
+reported.
 
-About 5 hours on 2 CPU cores with the defaults (135 students of about 4.5 minutes on one thread, two at a time),
+About 5.5 hours on 2 CPU cores with the defaults (150 students of about 4.5 minutes on one thread, two at a time),
 and 25 minutes for the teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
@@ -63,6 +66,7 @@ from distill_table import (  # noqa: E402
     prepare_teachers,
     row_settings,
     run_folder,
+    same_settings,
     shapes_split,
     train_mcad,
     write_section,
@@ -86,6 +90,7 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_feature", "mcad_feature", {}, []),
     ("mcad_negatives", "mcad", {}, NEGATIVES),
     ("mcad_feature_negatives", "mcad_feature", {}, NEGATIVES),
+    ("mcad_feature_rank", "mcad_feature_rank", {}, NEGATIVES),
 ]
 METRICS = ("i2t_r1", "t2i_r1", "rsum", "swap_accuracy", "flip_accuracy", "binding_accuracy")
 SECTION = "## Transfer: when the teachers know more than the labels"
@@ -98,10 +103,18 @@ def student_base(root: Path, transfer: dict, epochs: int, teacher: Path) -> dict
             "checkpoint_every_steps": 100}
 
 
-def teacher_rows(base: dict, root: Path, teacher: Path) -> dict:
-    """The teachers' own test rows on this setting's test split (once), and the cache of the transfer set."""
+def teacher_rows(base: dict, root: Path, teacher: Path, rows: list) -> dict:
+    """
+    The teachers' own test rows on this setting's test split (once), and the caches of the transfer set: the plain
+    one, and for each ranking row's negatives the one that also holds the fusion teacher's scores of them.
+    """
     rows_file = root / "teacher_rows.json"
     train_mcad(["cache"], base, root / "config.yaml")  # found, if built before
+    ranked = {tuple(negatives): objective for _, objective, overrides, negatives in rows
+              if row_settings(objective, overrides)["lambda_rank"]}
+    for negatives, objective in ranked.items():
+        train_mcad(["cache"], {**base, "objective": objective, "negative_captions": list(negatives)},
+                   root / "config_ranking.yaml")
     if rows_file.exists():
         return json.loads(rows_file.read_text())
     from modeling_mcad.shapes import teacher_gates
@@ -192,7 +205,8 @@ def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[
         problems.append(f"the teachers' test rows were {entry.get('teachers')}, now {teachers}")
     current = {row: row_settings(objective, overrides) for row, objective, overrides, _ in ROWS}
     problems += [f"row {name!r} was trained with {row.get('settings')}, now {current.get(name)}"
-                 for name, row in entry["rows"].items() if row.get("settings") != current.get(name)]
+                 for name, row in entry["rows"].items()
+                 if name not in current or not same_settings(row.get("settings"), current[name])]
     if problems:
         raise SystemExit(f"{RESULTS} records students that new ones could not be paired with: {'; '.join(problems)}. "
                          "Keep those results elsewhere (e.g. commit them) and remove the setting's entry to start it "
@@ -307,13 +321,14 @@ def main() -> None:
         description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
         base = student_base(root, transfer, epochs, args.teacher)
-        teachers = teacher_rows(base, root, args.teacher)
+        run_rows = [row for row in ROWS if not args.rows or row[0] in args.rows]
+        teachers = teacher_rows(base, root, args.teacher, run_rows)
         if args.jobs > 1:
             base = {**base, "cpu_threads": 1}
         students = student_settings(base)
         recorded = recorded_results(report["settings"].get(setting, {}), students, teachers)
-        jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives in ROWS
-                if not args.rows or row in args.rows for seed in args.seeds if (row, seed) not in recorded]
+        jobs = [(row, objective, overrides, negatives, seed) for row, objective, overrides, negatives in run_rows
+                for seed in args.seeds if (row, seed) not in recorded]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(distill_run, base, root, *job, shared=("data", "cache"), validation=True)
                        for job in jobs]

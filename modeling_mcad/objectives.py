@@ -2,12 +2,17 @@
 
 The distillation objective, one `nn.Module` per term:
 
-    L = L_con + λ_dist · L_dist + λ_feat · L_feat
+    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank
 
 with the student's logits S_ij = exp(logit_scale) · <s^v_i, s^t_j> and the modified teacher
 
     v̂_i = normalize(v_i + α · normalize(P_v f_i))        t̂_i = normalize(t_i + α · normalize(P_t f_i))
     Ŝ_ij = <v̂_i, t̂_j> / τ_T,  and for the top-k candidates:  Ŝ_ij ← (1 − β) Ŝ_ij + β · m_ij / τ_F
+
+and, with hard-negative captions (each caption's rule-made distractors, e.g. its colours swapped or its relation
+flipped), L_rank ranks each image's caption against that caption's distractors as the fusion teacher does:
+KL(softmax(m_i· / τ_F) ‖ softmax(S_i·)) over the candidates (the caption and its distractors), a listwise ranking
+distillation over hard candidates scored by the cross-encoder (as CPRD, arXiv 2407.07479, distils a ranking).
 
 Every baseline of the ablation is a named preset of the same `MCADLoss` (`OBJECTIVE_PRESETS`), so every comparison
 runs one code path, and `ObjectiveSettings` is the one home of the knobs: the adapter fit, the teacher cache and the
@@ -254,6 +259,33 @@ class FeatureDistillationLoss(nn.Module):
         return (image_error + text_error) / 2
 
 
+class RankingDistillationLoss(nn.Module):
+    """
+    L_rank = mean over pairs i of KL(softmax(m_i / τ_F) ‖ softmax(S_i)), over each pair's candidates: its caption and
+    its K hard-negative captions (rule-made distractors). m_i are the fusion teacher's match logits of image i with
+    each candidate, S_i the student's logits of the same. Where the labels are right the teacher mostly agrees with
+    NegCLIP's hard target; where a caption is wrong (one of its distractors is the true one), the teacher can say so.
+
+    Args:
+        fusion_temperature (`float`): τ_F.
+    """
+
+    def __init__(self, fusion_temperature: float = 1.0):
+        super().__init__()
+        self.fusion_temperature = fusion_temperature
+
+    def forward(self, student_candidate_logits: torch.Tensor, teacher_candidate_logits: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_candidate_logits (`torch.Tensor` of shape `(B, 1 + K)`): S_i over the candidates, the caption
+                first.
+            teacher_candidate_logits (`torch.Tensor` of shape `(B, 1 + K)`): m_i, the same candidates, same order.
+        """
+        teacher_logits = teacher_candidate_logits.to(student_candidate_logits.dtype) / self.fusion_temperature
+        teacher_probs = teacher_logits.softmax(dim=-1)
+        return F.kl_div(student_candidate_logits.log_softmax(dim=-1), teacher_probs, reduction="batchmean")
+
+
 @dataclass
 class ObjectiveSettings:
     """
@@ -271,6 +303,8 @@ class ObjectiveSettings:
         fusion_temperature (`float`): τ_F, the fusion logits enter Ŝ as m_ij / τ_F.
         lambda_dist (`float`): λ_dist, weight of L_dist.
         lambda_feat (`float`): λ_feat, weight of L_feat.
+        lambda_rank (`float`): λ_rank, weight of L_rank: needs hard-negative captions and the fusion teacher's match
+            logits over them, which the teacher cache stores when the run names its negative captions.
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
 
@@ -282,6 +316,7 @@ class ObjectiveSettings:
     fusion_temperature: float = 1.0
     lambda_dist: float = 1.0
     lambda_feat: float = 1.0
+    lambda_rank: float = 0.0
     identity_mix: float = 0.0
 
     def __post_init__(self):
@@ -291,6 +326,11 @@ class ObjectiveSettings:
             raise UserError(f"beta must be in [0, 1], got {self.beta!r}.")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
+        if not self.lambda_rank >= 0:
+            raise UserError(f"lambda_rank must be >= 0 (0: no ranking distillation), got {self.lambda_rank!r}.")
+        if self.lambda_rank and self.beta > 0:
+            raise UserError("lambda_rank > 0 reads the fusion teacher's scores of the hard negatives from the teacher "
+                            "cache, which an objective with beta > 0 does not use: set beta to 0, or lambda_rank to 0.")
         for name in ("teacher_temperature", "fusion_temperature"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}.")
@@ -311,11 +351,11 @@ class ObjectiveSettings:
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.lambda_dist or self.lambda_feat)
+        return bool(self.lambda_dist or self.lambda_feat or self.lambda_rank)
 
     @property
     def uses_fusion_teacher(self) -> bool:
-        return self.uses_teacher and (self.fusion_only or self.alpha != 0 or self.beta > 0)
+        return self.uses_teacher and (self.fusion_only or self.alpha != 0 or self.beta > 0 or self.lambda_rank > 0)
 
 
 # The ablation's settings (DESIGN §3, §9). Each is ObjectiveSettings with these fields changed.
@@ -325,8 +365,9 @@ class ObjectiveSettings:
 # mcad-shapes' validation split (DESIGN §3.5): a dual teacher is blind to relation flips, and the in-batch
 # distributions of a batch of near-duplicates then tell the student that a caption and its place-swapped sibling's
 # caption fit an image equally well, which held the student at 52-57% on flips where the labels alone teach 99%.
-# `fusion_only` and `clip_kd_feature` are `mcad_feature` without the dual teacher's and without the fusion teacher's
-# part.
+# `mcad_feature_rank` adds L_rank: the fusion teacher's ranking of each caption against its hard negatives (run it
+# with the negative captions named). `fusion_only` and `clip_kd_feature` are `mcad_feature` without the dual
+# teacher's and without the fusion teacher's part.
 OBJECTIVE_PRESETS = {
     "contrastive": {"lambda_dist": 0.0, "lambda_feat": 0.0},
     "clip_kd": {"alpha": 0.0, "beta": 0.0},
@@ -337,6 +378,7 @@ OBJECTIVE_PRESETS = {
     "fusion_only": {"fusion_only": True, "lambda_dist": 0.0},
     "mcad": {"alpha": 2.0},
     "mcad_feature": {"alpha": 2.0, "lambda_dist": 0.0},
+    "mcad_feature_rank": {"alpha": 2.0, "lambda_dist": 0.0, "lambda_rank": 1.0},
 }
 
 
@@ -357,11 +399,12 @@ class MCADLossOutput:
     contrastive: torch.Tensor
     distribution: torch.Tensor | None = None
     feature: torch.Tensor | None = None
+    ranking: torch.Tensor | None = None
 
 
 class MCADLoss(ContrastiveLoss):
     """
-    L = L_con + λ_dist · L_dist + λ_feat · L_feat, against the modified teacher of DESIGN §3.
+    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3.
 
     Args:
         settings ([`ObjectiveSettings`]): the knobs (see `objective_settings` for the named presets).
@@ -374,6 +417,7 @@ class MCADLoss(ContrastiveLoss):
         self.settings = settings
         self.distribution_loss = DistributionDistillationLoss(settings.identity_mix)
         self.feature_loss = FeatureDistillationLoss(student_dim, teacher_dim) if settings.lambda_feat else None
+        self.ranking_loss = RankingDistillationLoss(settings.fusion_temperature)
 
     @classmethod
     def from_preset(cls, name: str, student_dim: int, teacher_dim: int, **overrides) -> "MCADLoss":
@@ -390,8 +434,9 @@ class MCADLoss(ContrastiveLoss):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The modified teacher (v̂, t̂, Ŝ) from the teacher's pieces, with this objective's knobs."""
         s = self.settings
-        if s.uses_fusion_teacher and adapted_image_embeds is None:
-            raise ValueError("This objective uses the fusion teacher: pass adapted_image_embeds / adapted_text_embeds.")
+        if s.feature_alpha != 0 and adapted_image_embeds is None:
+            raise ValueError("This objective's targets read the fusion teacher's adapted features: pass "
+                             "adapted_image_embeds / adapted_text_embeds.")
         if adapted_image_embeds is None:
             image, text = teacher_image_embeds, teacher_text_embeds
         else:
@@ -411,6 +456,7 @@ class MCADLoss(ContrastiveLoss):
         fusion_logits: torch.Tensor | None = None,
         fusion_mask: torch.Tensor | None = None,
         negative_text_embeds: torch.Tensor | None = None,
+        candidate_match_logits: torch.Tensor | None = None,
     ) -> MCADLossOutput:
         """
         Args:
@@ -422,7 +468,10 @@ class MCADLoss(ContrastiveLoss):
                 P_t f, the fusion adapter's outputs for each positive pair.
             fusion_logits, fusion_mask (`torch.Tensor` of shape `(B, B)`, *optional*): the fusion teacher's match
                 logits m_ij where the mask is set (β > 0).
-            negative_text_embeds (`torch.Tensor` of shape `(N, d_S)`, *optional*): hard negatives for L_con.
+            negative_text_embeds (`torch.Tensor` of shape `(B·K, d_S)`, *optional*): hard negatives for L_con (and
+                L_rank): K per pair, pair by pair.
+            candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`, *optional*): the fusion teacher's match
+                logits of image i with its caption and with its K hard negatives, in that order (for L_rank).
         """
         s = self.settings
         student_logits, negative_logits = self.logits(image_embeds, text_embeds, logit_scale, negative_text_embeds)
@@ -449,7 +498,20 @@ class MCADLoss(ContrastiveLoss):
         if s.lambda_feat:
             feature = self.feature_loss(image_embeds, text_embeds, target_image, target_text)
             loss = loss + s.lambda_feat * feature
-        return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature)
+        ranking = None
+        if s.lambda_rank:
+            batch, candidates = (0, 0) if candidate_match_logits is None else candidate_match_logits.shape
+            if candidate_match_logits is None or (candidates > 1 and negative_logits is None):
+                raise ValueError("lambda_rank > 0 ranks each caption against its hard negatives: pass "
+                                 "negative_text_embeds and the fusion teacher's candidate_match_logits.")
+            student_candidates = student_logits.diagonal()[:, None]
+            if candidates > 1:  # image i's own negatives: columns i·K … i·K + K − 1 of its row of negative_logits
+                own = negative_logits.view(batch, batch, candidates - 1)[torch.arange(batch), torch.arange(batch)]
+                student_candidates = torch.cat([student_candidates, own], dim=1)
+            ranking = self.ranking_loss(student_candidates, candidate_match_logits)
+            loss = loss + s.lambda_rank * ranking
+        return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
+                              ranking=ranking)
 
 
 __all__ = [
@@ -461,6 +523,7 @@ __all__ = [
     "MCADLossOutput",
     "MatchingLoss",
     "ObjectiveSettings",
+    "RankingDistillationLoss",
     "info_nce",
     "modified_features",
     "modified_similarity",

@@ -5,13 +5,17 @@ For every pair i (in `flatten_pairs` order) it stores, as float16 in an Arrow da
     teacher_image_embeds  v_i        teacher_text_embeds  t_i
     adapted_image_embeds  P_v f_i    adapted_text_embeds  P_t f_i
 
-v̂, t̂ = modified_features(v, t, P_v f, P_t f, α) are formed from these at loss time: a change of α (or of any
-loss knob) reuses the cache, and with β = 0 distillation runs no teacher at all. The cache folder is named by a
+and, when the run names hard-negative caption columns (an objective with λ_rank > 0), also
+
+    candidate_match_logits  the fusion teacher's match logits of image i with its caption and its K hard negatives
+
+v̂, t̂ = modified_features(v, t, P_v f, P_t f, α) are formed from these at loss time: a change of α (or of any loss
+knob) reuses the cache, and with β = 0 distillation runs no teacher at all. The cache folder is named by a
 fingerprint of the teacher's files (weights, adapter, processors), the training split (its pairs are
-`flatten_pairs(split)`, in that order) and this format; a rerun with the same three reuses it, a change of any of them
-builds a new one. The split's own fingerprint names it: the pairs' fingerprint also hashes the image transform's
-source dataset, file path included, so the same split opened through another path (a symlinked run folder) would
-miss its cache.
+`flatten_pairs(split)`, in that order), the negative caption columns (if any) and this format; a rerun with the same
+reuses it, a change of any of them builds a new one. The split's own fingerprint names it: the pairs' fingerprint
+also hashes the image transform's source dataset, file path included, so the same split opened through another path
+(a symlinked run folder) would miss its cache.
 
 The folder also holds `cache_record.json`: those fingerprints, a hash of the split's captions and its pair count (which
 a dataset fingerprint kept across an edit of the data would miss) and the precision the teachers ran in. The cache
@@ -28,13 +32,14 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 
-from .data import to_rgb
+from .data import PER_CAPTION_COLUMNS, to_rgb
 from .errors import UserError
 from .teachers import MCADTeacher
 from .utils import atomic_directory, progress, recover_directory
@@ -44,6 +49,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: with its record
 RECORD_FILE = "cache_record.json"
 CACHE_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds", "adapted_image_embeds", "adapted_text_embeds")
+CANDIDATE_COLUMN = "candidate_match_logits"  # with negative caption columns: (1 + K) match logits per pair
 
 
 def teacher_fingerprint(teacher_dir: str | Path) -> str:
@@ -57,25 +63,42 @@ def teacher_fingerprint(teacher_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(teacher_dir: str | Path, split: datasets.Dataset) -> dict:
+def _grouped_column(negative_column: str) -> str:
+    """The grouped split's column (`swapped_captions`) of a pair-level negative caption column (`swapped_caption`)."""
+    grouped = {pair: image for image, pair in PER_CAPTION_COLUMNS.items() if pair != "canonical"}
+    if negative_column not in grouped:
+        raise UserError(f"negative caption column {negative_column!r} is not one the pairs carry; the hard-negative "
+                        f"columns are {sorted(grouped)} (from the split's {sorted(PER_CAPTION_COLUMNS)}).")
+    return grouped[negative_column]
+
+
+def cache_key(teacher_dir: str | Path, split: datasets.Dataset, negative_columns: Sequence[str] = ()) -> dict:
     """
     What the cache of these teachers over the pairs of this split (grouped by image) is made from: this format, the
-    teacher's files, the split's fingerprint, its captions and its number of pairs.
+    teacher's files, the split's fingerprint, its captions and its number of pairs, and with `negative_columns`
+    (pair-level names, e.g. `swapped_caption`) those columns and their text.
     """
     captions = list(split["captions"])
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "teacher": teacher_fingerprint(teacher_dir),
         "data": split._fingerprint,
         "captions": hashlib.sha256(json.dumps(captions).encode()).hexdigest(),
         "pairs": sum(len(image_captions) for image_captions in captions),
     }
+    if negative_columns:
+        negatives = {column: list(split[_grouped_column(column)]) for column in negative_columns}
+        key["negatives"] = {"columns": list(negative_columns),
+                            "text": hashlib.sha256(json.dumps(negatives).encode()).hexdigest()}
+    return key
 
 
 def cache_folder(output_dir: str | Path, key: dict) -> Path:
     """Where the cache of `key` (`cache_key`) lives under the run's output folder."""
-    name = hashlib.sha256(f"{key['format']}|{key['teacher']}|{key['data']}".encode())
-    return Path(output_dir) / "cache" / name.hexdigest()[:16]
+    name = f"{key['format']}|{key['teacher']}|{key['data']}"
+    if "negatives" in key:
+        name += f"|{key['negatives']['columns']}|{key['negatives']['text']}"
+    return Path(output_dir) / "cache" / hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def check_cache_record(folder: Path, expected: dict) -> None:
@@ -102,7 +125,9 @@ def check_cache_record(folder: Path, expected: dict) -> None:
 def nonfinite_values(rows: datasets.Dataset) -> dict[str, int]:
     """The number of NaN or infinite values in each cache column of `rows` that has any."""
     counts = {}
-    for name in CACHE_COLUMNS:
+    for name in (*CACHE_COLUMNS, CANDIDATE_COLUMN):
+        if name not in rows.column_names:
+            continue
         count = sum(int(np.count_nonzero(~np.isfinite(chunk.flatten().to_numpy(zero_copy_only=False))))
                     for chunk in rows.data.column(name).chunks)
         if count:
@@ -112,10 +137,10 @@ def nonfinite_values(rows: datasets.Dataset) -> dict[str, int]:
 
 @torch.no_grad()
 def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices: range, batch_size: int,
-                   captions_per_image: list[int]) -> dict[str, np.ndarray]:
+                   captions_per_image: list[int], negative_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The cache rows of the pairs of these images, in pair order."""
     dual, fusion = teacher.processors["dual"], teacher.processors["fusion"]
-    columns = {name: [] for name in CACHE_COLUMNS}
+    columns = {name: [] for name in (*CACHE_COLUMNS, *([CANDIDATE_COLUMN] if negative_columns else []))}
     for start in progress(range(image_indices.start, image_indices.stop, batch_size), desc="teacher cache"):
         rows = split[start:min(start + batch_size, image_indices.stop)]
         images = [to_rgb(image) for image in rows["image"]]
@@ -124,20 +149,36 @@ def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices:
             [i for i, count in enumerate(captions_per_image[start:start + len(images)]) for _ in range(count)]
         )
         dual_text = dual.tokenizer(captions, return_tensors="pt", padding=True, truncation=True)
-        fusion_text = fusion.tokenizer(captions, return_tensors="pt", padding=True, truncation=True)
+        # The fusion teacher reads the captions, then each negative column's captions, all paired with their image.
+        negatives = [_negatives(rows[_grouped_column(column)], column) for column in negative_columns]
+        fusion_text = fusion.tokenizer(captions + [text for column in negatives for text in column],
+                                       return_tensors="pt", padding=True, truncation=True)
         image_embeds = teacher.encode_images(dual.image_processor(images, return_tensors="pt")["pixel_values"])
         text_embeds = teacher.encode_texts(dual_text["input_ids"], dual_text["attention_mask"])
         fused = teacher.fuse(
             fusion.image_processor(images, return_tensors="pt")["pixel_values"],
             fusion_text["input_ids"],
             fusion_text["attention_mask"],
-            pairs=torch.stack([image_of_caption, torch.arange(len(captions))], dim=1),
+            pairs=torch.stack([image_of_caption.repeat(1 + len(negatives)),
+                               torch.arange(len(captions) * (1 + len(negatives)))], dim=1),
         )
-        adapted_image, adapted_text = teacher.adapter(fused.image_part(), fused.text_part())
-        values = (image_embeds[image_of_caption.to(image_embeds.device)], text_embeds, adapted_image, adapted_text)
-        for name, value in zip(CACHE_COLUMNS, values):
+        positives = slice(0, len(captions))
+        adapted_image, adapted_text = teacher.adapter(fused.image_part()[positives], fused.text_part()[positives])
+        values = [image_embeds[image_of_caption.to(image_embeds.device)], text_embeds, adapted_image, adapted_text]
+        if negatives:  # (pairs, 1 + K): the caption's logit, then each negative column's
+            values.append(fused.match_logits.view(1 + len(negatives), len(captions)).t())
+        for name, value in zip(columns, values):
             columns[name].append(value.float().cpu().numpy().astype(np.float16))
     return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def _negatives(per_image: list[list[str | None]], column: str) -> list[str]:
+    """One negative caption column of a batch of images, flattened in caption order; every caption must have one."""
+    flat = [text for texts in per_image for text in texts]
+    if not all(isinstance(text, str) for text in flat):
+        raise UserError(f"Some captions have no {column!r} hard negative; ranking distillation (lambda_rank > 0) "
+                        "needs one for every caption, as NegCLIP does.")
+    return flat
 
 
 def build_teacher_cache(
@@ -148,6 +189,7 @@ def build_teacher_cache(
     accelerator,
     batch_size: int = 64,
     overwrite: bool = False,
+    negative_columns: Sequence[str] = (),
 ) -> Path:
     """
     Write (or reuse) the cache of `teacher` over the pairs of `split` (rows in `flatten_pairs(split)` order); every
@@ -162,6 +204,9 @@ def build_teacher_cache(
         accelerator (`accelerate.Accelerator`): shards the images across its processes.
         batch_size (`int`): images per teacher call.
         overwrite (`bool`): build the cache again even where one is, and replace it.
+        negative_columns (`Sequence[str]`): pair-level hard-negative caption columns (e.g. `swapped_caption`): the
+            cache then also holds the fusion teacher's match logits of each image with its caption and these
+            negatives (`candidate_match_logits`, for λ_rank > 0).
 
     Returns:
         The cache folder.
@@ -170,7 +215,7 @@ def build_teacher_cache(
         `UserError`: a cache is there that was built from another teacher, data or precision (and not `overwrite`),
             or the teacher gave non-finite values.
     """
-    key = cache_key(teacher_dir, split)
+    key = cache_key(teacher_dir, split, negative_columns)
     record = {**key, "teacher_precision": str(teacher.autocast_dtype or torch.float32)}
     folder = cache_folder(output_dir, key)
     shard_dir = folder.parent / f".shards-{folder.name}"
@@ -186,7 +231,8 @@ def build_teacher_cache(
     captions_per_image = [len(captions) for captions in split["captions"]]
     world, rank = accelerator.num_processes, accelerator.process_index
     bounds = np.linspace(0, len(split), world + 1).astype(int)
-    rows = _encode_images(teacher, split, range(bounds[rank], bounds[rank + 1]), batch_size, captions_per_image)
+    rows = _encode_images(teacher, split, range(bounds[rank], bounds[rank + 1]), batch_size, captions_per_image,
+                          negative_columns)
     first_pair = sum(captions_per_image[:bounds[rank]])
     rows["pair_index"] = np.arange(first_pair, first_pair + len(rows["teacher_text_embeds"]), dtype=np.int64)
     datasets.Dataset.from_dict(rows).save_to_disk(str(shard_dir / f"rank_{rank}"))
@@ -231,7 +277,8 @@ class TeacherCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        rows = datasets.load_from_disk(str(self.folder)).select_columns(list(CACHE_COLUMNS))
+        rows = datasets.load_from_disk(str(self.folder))
+        rows = rows.select_columns([name for name in (*CACHE_COLUMNS, CANDIDATE_COLUMN) if name in rows.column_names])
         nonfinite = nonfinite_values(rows)
         if nonfinite:
             raise UserError(
@@ -241,12 +288,14 @@ class TeacherCache:
         self.rows = rows.with_format("torch")
 
     @classmethod
-    def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> "TeacherCache":
+    def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset,
+                negative_columns: Sequence[str] = ()) -> "TeacherCache":
         """
-        The cache of this run's teacher and training split, which the `cache` stage must have built (a UserError
-        otherwise, or when the cache found was built from another teacher or data).
+        The cache of this run's teacher, training split and (for λ_rank > 0) negative caption columns, which the
+        `cache` stage must have built (a UserError otherwise, or when the cache found was built from another teacher
+        or data).
         """
-        key = cache_key(teacher_dir, split)
+        key = cache_key(teacher_dir, split, negative_columns)
         folder = cache_folder(output_dir, key)
         if not folder.exists():
             raise UserError(
@@ -259,4 +308,4 @@ class TeacherCache:
     def targets(self, pair_index: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The cached targets of these pairs, as float32 tensors keyed like `MCADLoss.forward`'s arguments."""
         rows = self.rows[pair_index.tolist()]
-        return {name: rows[name].to(device=device, dtype=torch.float32) for name in CACHE_COLUMNS}
+        return {name: value.to(device=device, dtype=torch.float32) for name, value in rows.items()}

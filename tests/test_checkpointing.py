@@ -160,6 +160,44 @@ def test_a_cache_is_reused_only_for_the_same_teacher_data_and_precision(tiny_tea
     assert json.loads((folder / "cache_record.json").read_text())["teacher_precision"] == "torch.bfloat16"
 
 
+def test_a_ranking_cache_holds_the_fusion_teachers_scores_of_each_caption_and_its_negatives(tiny_teacher, tmp_path):
+    from modeling_mcad.data import flatten_pairs, to_rgb
+    from modeling_mcad.teacher_cache import CACHE_COLUMNS, TeacherCache, build_teacher_cache
+    from modeling_mcad.teachers import MCADTeacher
+
+    teacher_dir, split, _ = tiny_teacher
+    teacher = MCADTeacher.from_pretrained(teacher_dir)
+    negatives = ["swapped_caption", "flipped_caption"]
+    plain = build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, batch_size=4)
+    ranked = build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, batch_size=4,
+                                 negative_columns=negatives)
+    assert ranked != plain  # its own folder: the plain cache stays as it was
+    with pytest.raises(UserError, match="No teacher cache"):
+        TeacherCache.for_run(tmp_path, teacher_dir, split, ["swapped_caption"])
+    pair_index = torch.tensor([0, 7, 13])
+    plain_targets = TeacherCache.for_run(tmp_path, teacher_dir, split).targets(pair_index)
+    targets = TeacherCache.for_run(tmp_path, teacher_dir, split, negatives).targets(pair_index)
+    assert set(targets) == {*CACHE_COLUMNS, "candidate_match_logits"} and set(plain_targets) == set(CACHE_COLUMNS)
+    for name in CACHE_COLUMNS:  # the same targets, however many texts the fusion teacher read beside them
+        torch.testing.assert_close(targets[name], plain_targets[name], atol=2e-3, rtol=0)
+    pairs = flatten_pairs(split)
+    fusion = teacher.processors["fusion"]
+    for row, index in enumerate(pair_index.tolist()):
+        pair = pairs[index]
+        texts = [pair["caption"], pair["swapped_caption"], pair["flipped_caption"]]
+        tokens = fusion.tokenizer(texts, return_tensors="pt", padding=True)
+        pixels = fusion.image_processor([to_rgb(pair["image"])], return_tensors="pt")["pixel_values"]
+        expected = teacher.fuse(pixels, tokens["input_ids"], tokens["attention_mask"],
+                                pairs=torch.tensor([[0, 0], [0, 1], [0, 2]])).match_logits
+        torch.testing.assert_close(targets["candidate_match_logits"][row], expected, atol=2e-2, rtol=1e-2)
+
+    split_without = split.map(lambda row: {"flipped_captions": [None] * len(row["captions"])})
+    with pytest.raises(UserError, match="have no 'flipped_caption' hard negative"):
+        build_teacher_cache(teacher, teacher_dir, split_without, tmp_path, ONE_PROCESS, negative_columns=negatives)
+    with pytest.raises(UserError, match="negative caption column 'caption' is not one the pairs carry"):
+        build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, negative_columns=["caption"])
+
+
 def test_a_teacher_giving_nonfinite_values_is_refused_before_its_cache_is_written(tiny_teacher, tmp_path):
     from modeling_mcad.teacher_cache import build_teacher_cache
     from modeling_mcad.teachers import MCADTeacher

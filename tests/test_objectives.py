@@ -212,6 +212,47 @@ def test_fusion_only_targets_come_from_the_adapter_alone():
     assert out.distribution.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
+    """L_rank: per image, KL(softmax(m / τ_F) ‖ softmax(S)) over its caption and its own K = 2 negatives only."""
+    tau_f, lambda_rank = 2.0, 0.5
+    loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
+                                   lambda_rank=lambda_rank, fusion_temperature=tau_f)
+    # Negatives pair by pair: image i's are rows 2i, 2i + 1 (the others are only extra NegCLIP columns).
+    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]  # (caption, negative 1, negative 2) per image
+    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])] + [SCALE * dot(S_IMAGE[i], n) for n in negatives[2 * i:2 * i + 2]]
+               for i in range(3)]
+    l_rank = kl_rows([[m / tau_f for m in row] for row in match], student)
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
+    l_con = (cross_entropy_diagonal(negclip_rows) + cross_entropy_diagonal(transpose(s))) / 2
+
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.ranking.item() == pytest.approx(l_rank, rel=1e-5)
+    assert out.loss.item() == pytest.approx(l_con + lambda_rank * l_rank, rel=1e-5)
+    # A teacher that ranks exactly as the student does leaves nothing to learn; one caption alone, nothing to rank.
+    agreeing = torch.tensor(student) * tau_f
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  negative_text_embeds=negative, candidate_match_logits=agreeing)
+    assert out.ranking.item() == pytest.approx(0, abs=1e-6)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  candidate_match_logits=torch.tensor(match)[:, :1])
+    assert out.ranking.item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="candidate_match_logits"):
+        loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                negative_text_embeds=negative)
+
+
+def test_ranking_needs_the_cache_not_the_online_teacher():
+    with pytest.raises(ValueError, match="set beta to 0"):
+        objective_settings("mcad_feature_rank", beta=0.5)
+    with pytest.raises(ValueError, match="lambda_rank must be >= 0"):
+        objective_settings("mcad_feature", lambda_rank=-1.0)
+    assert objective_settings("clip_kd_feature", lambda_rank=1.0, lambda_feat=0.0).uses_fusion_teacher
+
+
 def test_presets_are_settings_of_one_module():
     contrastive = objective_settings("contrastive")
     assert not contrastive.uses_teacher

@@ -137,18 +137,27 @@ def test_caption_noise_makes_that_share_of_training_captions_false_and_nothing_e
             clean[name].cast_column("image", datasets.Image(decode=False))[:]
     train, original = noisy["train"], clean["train"]
     assert train["scene"] == original["scene"] and train["family"] == original["family"]
-    changed = false = 0
+    changed = false = undone = wrong_distractors = true_distractors = 0
     for row, before in zip(train, original):
         for place, (caption, true_caption) in enumerate(zip(row["captions"], before["captions"])):
             if caption != true_caption:
                 changed += 1
                 false += not caption_is_true(caption, row["scene"])
-                assert row["swapped_captions"][place] is None and row["flipped_captions"][place] is None
                 assert not row["canonical"][place]
+                # Its distractors are its own text's, as a rule-based miner makes them: for a colour swap or a
+                # relation flip, undoing it gives back the true caption; every other distractor is false.
+                distractors = {row["swapped_captions"][place], row["flipped_captions"][place]}
+                assert None not in distractors and caption not in distractors
+                undone += true_caption in distractors
+                wrong_distractors += sum(text != true_caption for text in distractors)
+                true_distractors += sum(text != true_caption and caption_is_true(text, row["scene"])
+                                        for text in distractors)
             else:
                 assert row["swapped_captions"][place] == before["swapped_captions"][place]
                 assert row["canonical"][place] == before["canonical"][place]
     assert 0.33 < changed / 750 < 0.47 and false / changed > 0.97  # another family's caption is rarely also true
+    assert 0.55 < undone / changed < 0.78  # two of the three kinds of noise
+    assert true_distractors / wrong_distractors < 0.03
     with pytest.raises(ValueError, match="caption_noise"):
         make_shapes(train=1, validation=0, test=0, caption_noise=1.5)
 

@@ -126,10 +126,18 @@ def test_distill_batches_whole_families_with_canonical_captions_first(caplog):
 def test_relation_flips_are_left_out_of_negclip_negatives_while_captions_are_canonical():
     # Two negatives per example, example by example: swap, flip, swap, flip, ...
     negatives = {"input_ids": torch.arange(12).view(6, 2), "attention_mask": torch.ones(6, 2)}
-    kept = train_mcad.without_flips(negatives, ["swapped_caption", "flipped_caption"])
+    columns = ["swapped_caption", "flipped_caption"]
+    # The fusion teacher's scores of (caption, swap, flip) per example leave with their negatives.
+    targets = {"teacher_image_embeds": torch.zeros(3, 4), "candidate_match_logits": torch.arange(9.0).view(3, 3)}
+    kept, kept_targets = train_mcad.without_flips(negatives, targets, columns)
     assert kept["input_ids"].tolist() == [[0, 1], [4, 5], [8, 9]] and kept["attention_mask"].shape == (3, 2)
-    assert train_mcad.without_flips(negatives, ["swapped_caption"]) is negatives
-    assert train_mcad.without_flips(negatives, ["flipped_caption"]) is None
+    assert kept_targets["candidate_match_logits"].tolist() == [[0, 1], [3, 4], [6, 7]]
+    assert kept_targets["teacher_image_embeds"] is targets["teacher_image_embeds"]
+    assert train_mcad.without_flips(negatives, None, columns)[1] is None
+    assert train_mcad.without_flips(negatives, targets, ["swapped_caption"]) == (negatives, targets)
+    only_flips = {**targets, "candidate_match_logits": torch.arange(6.0).view(3, 2)}
+    none_left, caption_only = train_mcad.without_flips(negatives, only_flips, ["flipped_caption"])
+    assert none_left is None and caption_only["candidate_match_logits"].tolist() == [[0], [2], [4]]
 
 
 def test_a_clip_text_tower_pools_at_the_student_tokenizers_end_token(tmp_path):
@@ -173,6 +181,22 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     assert single.column_names == sharded.column_names and single["pair_index"] == sharded["pair_index"]
     for column in ("teacher_image_embeds", "adapted_text_embeds"):
         torch.testing.assert_close(torch.tensor(single[column]), torch.tensor(sharded[column]), atol=2e-3, rtol=0)
+
+
+def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions_negatives(tmp_path):
+    negatives = ["swapped_caption", "flipped_caption"]
+    # The first epoch draws canonical captions and leaves relation flips out, with their scores; the second has both.
+    config = write_run(tmp_path / "run", objective="mcad_feature_rank", negative_captions=negatives, epochs=2,
+                       canonical_epochs=1)
+    run_script("cache", "distill", "--config", config)
+    log = [json.loads(line) for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and all(row["ranking"] > 0 and row["ranking"] < row["loss"] for row in log)
+    assert len(list((tmp_path / "run" / "cache").iterdir())) == 1  # the cache with the negatives' scores
+
+    refused = run_script("cache", "--config", write_run(tmp_path / "none", objective="mcad_feature_rank"),
+                         check=False)
+    assert refused.returncode == 2 and "--negative_captions names none" in refused.stderr
+    assert not (tmp_path / "none" / "cache").exists()
 
 
 @pytest.mark.slow

@@ -52,5 +52,15 @@ def test_recorded_seeds_are_refused_when_new_ones_could_not_be_paired_with_them(
         transfer_table.recorded_results(entry, students, teachers)
 
 
+def test_recorded_seeds_from_before_a_knob_was_added_still_pair_when_it_is_at_its_default():
+    entry = recorded_entry()
+    for row in entry["rows"].values():  # as recorded before lambda_rank existed
+        del row["settings"]["lambda_rank"]
+    assert len(transfer_table.recorded_results(entry, STUDENTS, TEACHERS)) == 4
+    entry["rows"]["mcad_feature"]["settings"]["lambda_rank"] = 1.0  # another objective than the row's now
+    with pytest.raises(SystemExit, match="could not be paired"):
+        transfer_table.recorded_results(entry, STUDENTS, TEACHERS)
+
+
 def test_a_setting_without_recorded_entry_resumes_nothing():
     assert transfer_table.recorded_results({}, STUDENTS, TEACHERS) == {}

@@ -22,7 +22,8 @@ Columns of every split of `make_shapes`:
   relates (or, without relations, the first two it lists) swapped; None where that would still be true (one
   object; without relations, two objects of one shape).
 - `flipped_captions` (`list[str | None]`): per caption, the same wording with the relation reversed ("left of" →
-  "right of"); None where the caption states no relation. A distractor is never a true description of its image.
+  "right of"); None where the caption states no relation. A distractor is never a true description of its image,
+  except in a train split made with `caption_noise`, whose wrong captions get the distractors of their own text.
 - `scene` (`str`): JSON `{"axis": "horizontal" | "vertical", "relations": bool, "objects": [{"shape", "colour",
   "size", "x", "y"}, ...]}`; objects in scene order (left to right, or top to bottom), `size` "small" / "large"
   (null with `num_sizes=1`), `x`, `y` the centre as a fraction of the image side.
@@ -289,29 +290,41 @@ def make_shapes(
     })
 
 
-def _corrupt_captions(columns: dict, fraction: float, rng: np.random.Generator) -> None:
+def _corrupt_captions(columns: dict, said: list[tuple["Scene", list["Wording"]]], fraction: float,
+                      rng: np.random.Generator) -> None:
     """
     Replace each caption of `columns`, with probability `fraction`, as web alt text goes wrong, one of three ways
     alike: its colours swapped, its relation flipped (its own distractors; where it has none, as the third way), or
-    the caption of an image of another family (a near-duplicate's could be true). A replaced caption gets no
-    distractors (None: nothing true is known to contrast it with) and is not canonical. A split of one family has no
-    other family's captions to borrow: those draws leave the caption as it is.
+    the caption of an image of another family (a near-duplicate's could be true). A replaced caption is not
+    canonical, and its distractors are made from its own text by the same rules, as a rule-based negative miner that
+    cannot know the caption is wrong would make them: the swap of a colour-swapped caption, or the flip of a flipped
+    one, is the true caption. `said` holds each image's scene and the wordings of its captions. A split of one family
+    has no other family's captions to borrow: those draws leave the caption as it is.
     """
     captions, swapped, flipped = columns["captions"], columns["swapped_captions"], columns["flipped_captions"]
     families = np.array(columns["family"])
-    originals = [list(row) for row in captions]
+    originals = [(list(row), list(swaps), list(flips)) for row, swaps, flips in zip(captions, swapped, flipped)]
     for image, row in enumerate(captions):
+        scene, wordings = said[image]
         others = np.flatnonzero(families != families[image])
         for place in np.flatnonzero(rng.random(len(row)) < fraction):
-            kind = rng.integers(3)
-            wrong = (swapped, flipped)[kind][image][place] if kind < 2 else None
-            if wrong is None and len(others):
-                other = originals[others[rng.integers(len(others))]]
-                wrong = other[rng.integers(len(other))]
-            if wrong is not None:
+            kind, wording = rng.integers(3), wordings[place]
+            if kind < 2 and (swapped, flipped)[kind][image][place] is not None:
+                wrong = replace(wording, swap_colours=kind == 0, flip=kind == 1).render(scene)
+                both = replace(wording, swap_colours=True, flip=True).render(scene)
+                # The rule undone gives the true caption; the other rule, where it applies, both changes.
+                swaps, flips = (row[place], both), (both, row[place])
+                swapped[image][place] = swaps[kind] if swapped[image][place] is not None else None
+                flipped[image][place] = flips[kind] if flipped[image][place] is not None else None
                 row[place] = wrong
-                swapped[image][place] = flipped[image][place] = None
-                columns["canonical"][image][place] = False
+            elif len(others):
+                other = others[rng.integers(len(others))]
+                borrowed = rng.integers(len(originals[other][0]))
+                row[place], swapped[image][place], flipped[image][place] = (
+                    texts[borrowed] for texts in originals[other])
+            else:
+                continue
+            columns["canonical"][image][place] = False
 
 
 def shapes_splits(data_dir: str | os.PathLike, seed: int = 0, **settings) -> datasets.DatasetDict:
@@ -334,16 +347,17 @@ def _make_split(rng: np.random.Generator, count: int, knobs: _Knobs, caption_noi
     seen: set[tuple] = set()
     described: set[tuple] = set()
     family = 0
+    said = []  # (scene, wordings) per image: the noise makes its distractors from the same wordings
     while len(columns["image"]) < count:
         for scene in _family(rng, knobs, seen)[: count - len(columns["image"])]:
-            _add_example(columns, rng, scene, family, knobs.image_size)
+            said.append((scene, _add_example(columns, rng, scene, family, knobs.image_size)))
             described.add(scene.key())
         family += 1
     if len(described) < count:
         logger.warning("mcad-shapes: the palette has fewer than %d distinct scenes, so the split repeats "
                        "descriptions; raise num_colors / num_shapes / num_sizes or lower the split size.", count)
     if caption_noise:
-        _corrupt_captions(columns, caption_noise, noise_rng)
+        _corrupt_captions(columns, said, caption_noise, noise_rng)
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
@@ -462,7 +476,9 @@ def _distractor(scene: Scene, wording: Wording, **change) -> str | None:
     return None if changed.statement(scene).is_true_of(scene) else changed.render(scene)
 
 
-def _add_example(columns: dict, rng: np.random.Generator, scene: Scene, family: int, image_size: int) -> None:
+def _add_example(columns: dict, rng: np.random.Generator, scene: Scene, family: int,
+                 image_size: int) -> list[Wording]:
+    """Draw one image of `scene` with its captions and distractors into `columns`; returns the captions' wordings."""
     layout = _layout(rng, scene)
     wordings = _wordings(rng, scene)
     columns["image"].append({"bytes": _render(rng, scene, layout, image_size), "path": None})
@@ -477,6 +493,7 @@ def _add_example(columns: dict, rng: np.random.Generator, scene: Scene, family: 
                     for obj, (x, y, _) in zip(scene.objects, layout)],
     }))
     columns["family"].append(family)
+    return wordings
 
 
 # --- drawing ---------------------------------------------------------------------------------------------------
