@@ -789,8 +789,9 @@ def training_sampler(config: TrainConfig, split, pairs):
         if "canonical" in pairs.column_names:
             canonical = pairs.with_format(None)["canonical"]
         else:
-            logger.warning("canonical_epochs=%d needs a `canonical` column, which the training split has not: every "
-                           "wording from the first epoch. Pass --canonical_epochs 0 to say so.", config.canonical_epochs)
+            logger.warning("canonical_epochs=%d needs a `canonical` column, which the training split has not: "
+                           "every wording from the first epoch. Pass --canonical_epochs 0 to say so.",
+                           config.canonical_epochs)
     return OneCaptionPerImageSampler(pairs, seed=config.seed, image_groups=image_groups, canonical=canonical,
                                      canonical_epochs=config.canonical_epochs if canonical is not None else 0)
 
@@ -941,7 +942,8 @@ def push(config: TrainConfig, accelerator) -> str | None:
         folder = output_dir / "export"
         if not (folder / "parity.json").exists():
             raise UserError(f"No export in {folder}: run the export stage first.")
-        results = json.loads((output_dir / "results.json").read_text()) if (output_dir / "results.json").exists() else {}
+        results_file = output_dir / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.exists() else {}
         student_row = next((row for name, row in results.items() if name.startswith("student")), None)
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".teacher-hub-") as staging:
             # The teacher's folder is written and checked first: a problem with it stops the push before the student

@@ -295,8 +295,8 @@ def markdown(teachers: dict, results: list[dict], speed: dict, mobile: dict, com
              f"Test split of mcad-shapes (1000 images, 5000 captions); students: the `shapes` preset, "
              f"{config['epochs']} epochs on {config['shapes']['train']} training images, batch {config['batch_size']} "
              f"(whole `{config['batch_groups']}` groups), lr {config['learning_rate']:g}, canonical captions for the "
-             f"first {config['canonical_epochs']} epochs; {jobs} students at a time. Wall time of the whole run (teachers "
-             f"included): {seconds / 60:.0f} min (2 CPU cores)"
+             f"first {config['canonical_epochs']} epochs; {jobs} students at a time. Wall time of the whole run "
+             f"(teachers included): {seconds / 60:.0f} min (2 CPU cores)"
              + (f", not counting the {reused} students earlier invocations had finished." if reused
                 else "."), "",
              "Gates (DESIGN §6.5): " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}"

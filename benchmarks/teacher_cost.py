@@ -78,7 +78,8 @@ def main() -> None:
         all_pairs = torch.cartesian_prod(torch.arange(batch), torch.arange(batch))
 
         def score(pairs):
-            return lambda: encoder(pixel_values, input_ids, attention_mask, pairs=pairs, batch_size=args.pair_batch_size)
+            return lambda: encoder(pixel_values, input_ids, attention_mask, pairs=pairs,
+                                   batch_size=args.pair_batch_size)
 
         with torch.no_grad():
             top_k_time, all_time = fastest_times([score(candidate_pairs), score(all_pairs)], args.repeats)

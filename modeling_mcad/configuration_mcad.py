@@ -34,7 +34,8 @@ table chair bed sofa couch room kitchen window door wall floor grass tree trees 
 sitting standing walking running riding holding playing eating looking wearing lying flying
 ball frisbee kite umbrella bag phone laptop book food pizza cake plate cup bottle clock sign
 """.split()
-PRESET_VOCABULARY = _SPECIAL_TOKENS + _CHARACTERS + ["##" + c for c in _CHARACTERS] + sorted(set(_WORDS) - set(_CHARACTERS))
+PRESET_VOCABULARY = (_SPECIAL_TOKENS + _CHARACTERS + ["##" + c for c in _CHARACTERS]
+                     + sorted(set(_WORDS) - set(_CHARACTERS)))
 PRESET_SPECIAL_TOKEN_IDS = {"pad_token_id": PRESET_VOCABULARY.index("[PAD]"),
                              "bos_token_id": PRESET_VOCABULARY.index("[CLS]"),
                              "eos_token_id": PRESET_VOCABULARY.index("[SEP]")}

@@ -47,9 +47,9 @@ class DistillationModule(nn.Module):
         Args:
             student_inputs: the student processor's `pixel_values`, `input_ids`, `attention_mask` (this process's
                 share of the global batch).
-            teacher_targets: the teacher targets (the keyword arguments of `MCADLoss.forward`) of the whole global batch, in the order
-                of the gathered student embeddings (from the cache or the online teacher): cheap to have on every
-                process, unlike the student's embeddings they need no gradients.
+            teacher_targets: the teacher targets (the keyword arguments of `MCADLoss.forward`) of the whole global
+                batch, in the order of the gathered student embeddings (from the cache or the online teacher): cheap
+                to have on every process, unlike the student's embeddings they need no gradients.
             negative_inputs: tokenized hard-negative captions for NegCLIP (`input_ids`, `attention_mask`).
         """
         output = self.student(**student_inputs)

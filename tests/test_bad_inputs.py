@@ -117,8 +117,9 @@ BAD_IMAGE_FILES = [case.file_name for case in CASES.values() if case.skipped == 
 USABLE_ROWS = GOOD_IMAGES + sum(case.problem is None for case in CASES.values())
 _SKIPPED = [case.skipped for case in CASES.values()]
 # What loading logs when it skips: an image whose only caption is bad is left without one.
-SKIP_COUNTS = (f"left out {_SKIPPED.count('image')} row(s) with a bad image, {_SKIPPED.count('caption')} bad caption(s) "
-               f"and {_SKIPPED.count('caption')} image(s) left without a caption")
+SKIP_COUNTS = (f"left out {_SKIPPED.count('image')} row(s) with a bad image, "
+               f"{_SKIPPED.count('caption')} bad caption(s) and {_SKIPPED.count('caption')} image(s) left without a "
+               "caption")
 
 
 def pixel(colour) -> torch.Tensor:

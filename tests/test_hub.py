@@ -2,7 +2,6 @@
 
 import ast
 import json
-from pathlib import Path
 
 import numpy as np
 import torch

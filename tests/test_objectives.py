@@ -127,7 +127,8 @@ def test_feature_term_by_hand():
             errors.append(sum((a - b) ** 2 for a, b in zip(mapped, y)))
         return sum(errors) / len(errors)
 
-    expected = (mean_squared_error(w_image, S_IMAGE, targets_image) + mean_squared_error(w_text, S_TEXT, targets_text)) / 2
+    expected = (mean_squared_error(w_image, S_IMAGE, targets_image)
+                + mean_squared_error(w_text, S_TEXT, targets_text)) / 2
     term = FeatureDistillationLoss(student_dim=2, teacher_dim=2)
     with torch.no_grad():
         term.image_projection.weight.copy_(torch.tensor(w_image))
