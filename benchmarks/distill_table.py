@@ -131,7 +131,10 @@ def row_settings(objective: str, overrides: dict) -> dict:
 
 def same_settings(recorded: dict | None, current: dict) -> bool:
     """Whether recorded objective settings are `current`; a knob added since is at its default (the old objective)."""
-    return recorded is not None and dataclasses.asdict(ObjectiveSettings(**recorded)) == current
+    try:
+        return recorded is not None and dataclasses.asdict(ObjectiveSettings(**recorded)) == current
+    except (TypeError, ValueError):  # a knob removed since, or settings no longer valid: another objective
+        return False
 
 
 def distill_run(base, root: Path, row: str, objective: str, overrides: dict, negatives: list, seed: int,

@@ -110,11 +110,11 @@ def teacher_rows(base: dict, root: Path, teacher: Path, rows: list) -> dict:
     """
     rows_file = root / "teacher_rows.json"
     train_mcad(["cache"], base, root / "config.yaml")  # found, if built before
-    ranked = {tuple(negatives): objective for _, objective, overrides, negatives in rows
+    ranked = {tuple(negatives): (objective, overrides) for _, objective, overrides, negatives in rows
               if row_settings(objective, overrides)["lambda_rank"]}
-    for negatives, objective in ranked.items():
-        train_mcad(["cache"], {**base, "objective": objective, "negative_captions": list(negatives)},
-                   root / "config_ranking.yaml")
+    for negatives, (objective, overrides) in ranked.items():
+        train_mcad(["cache"], {**base, "objective": objective, "objective_overrides": overrides,
+                               "negative_captions": list(negatives)}, root / "config_ranking.yaml")
     if rows_file.exists():
         return json.loads(rows_file.read_text())
     from modeling_mcad.shapes import teacher_gates

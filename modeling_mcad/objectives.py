@@ -353,10 +353,6 @@ class ObjectiveSettings:
     def uses_teacher(self) -> bool:
         return bool(self.lambda_dist or self.lambda_feat or self.lambda_rank)
 
-    @property
-    def uses_fusion_teacher(self) -> bool:
-        return self.uses_teacher and (self.fusion_only or self.alpha != 0 or self.beta > 0 or self.lambda_rank > 0)
-
 
 # The ablation's settings (DESIGN §3, §9). Each is ObjectiveSettings with these fields changed.
 #
@@ -417,7 +413,7 @@ class MCADLoss(ContrastiveLoss):
         self.settings = settings
         self.distribution_loss = DistributionDistillationLoss(settings.identity_mix)
         self.feature_loss = FeatureDistillationLoss(student_dim, teacher_dim) if settings.lambda_feat else None
-        self.ranking_loss = RankingDistillationLoss(settings.fusion_temperature)
+        self.ranking_loss = RankingDistillationLoss(settings.fusion_temperature) if settings.lambda_rank else None
 
     @classmethod
     def from_preset(cls, name: str, student_dim: int, teacher_dim: int, **overrides) -> "MCADLoss":
@@ -505,6 +501,10 @@ class MCADLoss(ContrastiveLoss):
                 raise ValueError("lambda_rank > 0 ranks each caption against its hard negatives: pass "
                                  "negative_text_embeds and the fusion teacher's candidate_match_logits.")
             student_candidates = student_logits.diagonal()[:, None]
+            if candidates > 1 and negative_logits.shape[1] != batch * (candidates - 1):
+                raise ValueError(f"candidate_match_logits has {candidates - 1} negative(s) per pair, so the "
+                                 f"{batch} pairs need {batch * (candidates - 1)} negative texts, pair by pair; "
+                                 f"got {negative_logits.shape[1]}.")
             if candidates > 1:  # image i's own negatives: columns i·K … i·K + K − 1 of its row of negative_logits
                 own = negative_logits.view(batch, batch, candidates - 1)[torch.arange(batch), torch.arange(batch)]
                 student_candidates = torch.cat([student_candidates, own], dim=1)

@@ -9,6 +9,10 @@ and, when the run names hard-negative caption columns (an objective with λ_rank
 
     candidate_match_logits  the fusion teacher's match logits of image i with its caption and its K hard negatives
 
+(float16 like the rest: about 3 significant digits, 0.008 at a logit of 12, well below what moves softmax(m / τ_F)
+at τ_F = 1; the fusion teacher reads the captions padded together with the negatives, so the other columns of such
+a cache differ from a plain cache's by float rounding, within 2e-3).
+
 v̂, t̂ = modified_features(v, t, P_v f, P_t f, α) are formed from these at loss time: a change of α (or of any loss
 knob) reuses the cache, and with β = 0 distillation runs no teacher at all. The cache folder is named by a
 fingerprint of the teacher's files (weights, adapter, processors), the training split (its pairs are
@@ -87,6 +91,11 @@ def cache_key(teacher_dir: str | Path, split: datasets.Dataset, negative_columns
         "pairs": sum(len(image_captions) for image_captions in captions),
     }
     if negative_columns:
+        missing = [column for column in negative_columns if _grouped_column(column) not in split.column_names]
+        if missing:
+            raise UserError(f"negative caption column(s) {missing} need the training split's "
+                            f"{[_grouped_column(column) for column in missing]}, which it has not (it has "
+                            f"{split.column_names}): leave them out of --negative_captions.")
         negatives = {column: list(split[_grouped_column(column)]) for column in negative_columns}
         key["negatives"] = {"columns": list(negative_columns),
                             "text": hashlib.sha256(json.dumps(negatives).encode()).hexdigest()}
@@ -150,7 +159,7 @@ def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices:
         )
         dual_text = dual.tokenizer(captions, return_tensors="pt", padding=True, truncation=True)
         # The fusion teacher reads the captions, then each negative column's captions, all paired with their image.
-        negatives = [_negatives(rows[_grouped_column(column)], column) for column in negative_columns]
+        negatives = [_negatives(rows[_grouped_column(column)], column, start) for column in negative_columns]
         fusion_text = fusion.tokenizer(captions + [text for column in negatives for text in column],
                                        return_tensors="pt", padding=True, truncation=True)
         image_embeds = teacher.encode_images(dual.image_processor(images, return_tensors="pt")["pixel_values"])
@@ -172,13 +181,17 @@ def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices:
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 
-def _negatives(per_image: list[list[str | None]], column: str) -> list[str]:
+def _negatives(per_image: list[list[str | None]], column: str, first_image: int) -> list[str]:
     """One negative caption column of a batch of images, flattened in caption order; every caption must have one."""
-    flat = [text for texts in per_image for text in texts]
-    if not all(isinstance(text, str) for text in flat):
-        raise UserError(f"Some captions have no {column!r} hard negative; ranking distillation (lambda_rank > 0) "
-                        "needs one for every caption, as NegCLIP does.")
-    return flat
+    for image, texts in enumerate(per_image, start=first_image):
+        if not all(isinstance(text, str) for text in texts):
+            raise UserError(
+                f"Image {image} of the training split has a caption without a {column!r} hard negative; ranking "
+                "distillation (lambda_rank > 0) needs one for every caption, as NegCLIP does. Leave that column out "
+                "of --negative_captions, set lambda_rank to 0, or use data whose every caption has one (mcad-shapes: "
+                "scenes of two related objects)."
+            )
+    return [text for texts in per_image for text in texts]
 
 
 def build_teacher_cache(
@@ -213,7 +226,8 @@ def build_teacher_cache(
 
     Raises:
         `UserError`: a cache is there that was built from another teacher, data or precision (and not `overwrite`),
-            or the teacher gave non-finite values.
+            the teacher gave non-finite values, or a negative column is unknown, missing from the split or lacks a
+            caption's negative.
     """
     key = cache_key(teacher_dir, split, negative_columns)
     record = {**key, "teacher_precision": str(teacher.autocast_dtype or torch.float32)}

@@ -192,8 +192,12 @@ def test_a_ranking_cache_holds_the_fusion_teachers_scores_of_each_caption_and_it
         torch.testing.assert_close(targets["candidate_match_logits"][row], expected, atol=2e-2, rtol=1e-2)
 
     split_without = split.map(lambda row: {"flipped_captions": [None] * len(row["captions"])})
-    with pytest.raises(UserError, match="have no 'flipped_caption' hard negative"):
+    with pytest.raises(UserError, match="Image 0 of the training split has a caption without a 'flipped_caption' "
+                                        "hard negative.*Leave that column out of --negative_captions"):
         build_teacher_cache(teacher, teacher_dir, split_without, tmp_path, ONE_PROCESS, negative_columns=negatives)
+    with pytest.raises(UserError, match=r"need the training split's \['flipped_captions'\], which it has not"):
+        build_teacher_cache(teacher, teacher_dir, split.remove_columns("flipped_captions"), tmp_path, ONE_PROCESS,
+                            negative_columns=negatives)
     with pytest.raises(UserError, match="negative caption column 'caption' is not one the pairs carry"):
         build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, negative_columns=["caption"])
 

@@ -244,6 +244,9 @@ def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
     with pytest.raises(ValueError, match="candidate_match_logits"):
         loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
                 negative_text_embeds=negative)
+    with pytest.raises(ValueError, match="need 6 negative texts, pair by pair; got 4"):
+        loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                negative_text_embeds=negative[:4], candidate_match_logits=torch.tensor(match))
 
 
 def test_ranking_needs_the_cache_not_the_online_teacher():
@@ -251,21 +254,21 @@ def test_ranking_needs_the_cache_not_the_online_teacher():
         objective_settings("mcad_feature_rank", beta=0.5)
     with pytest.raises(ValueError, match="lambda_rank must be >= 0"):
         objective_settings("mcad_feature", lambda_rank=-1.0)
-    assert objective_settings("clip_kd_feature", lambda_rank=1.0, lambda_feat=0.0).uses_fusion_teacher
+    assert objective_settings("contrastive", lambda_rank=1.0).uses_teacher  # the ranking alone distils a teacher
 
 
 def test_presets_are_settings_of_one_module():
     contrastive = objective_settings("contrastive")
     assert not contrastive.uses_teacher
-    assert objective_settings("clip_kd").alpha == 0 and not objective_settings("clip_kd").uses_fusion_teacher
+    assert objective_settings("clip_kd").alpha == 0 and objective_settings("clip_kd").feature_alpha == 0
     assert objective_settings("affinity").lambda_feat == 0
-    assert objective_settings("mcad").uses_fusion_teacher
+    assert objective_settings("fusion_only").feature_alpha == float("inf")
     # mcad is the paper's objective (features and distributions); mcad_feature distils the modified features only
     # (the demo's, chosen on validation), and its controls differ from it in one part each.
     mcad, mcad_feature = objective_settings("mcad"), objective_settings("mcad_feature")
     assert (mcad.alpha, mcad.lambda_dist, mcad.lambda_feat) == (2.0, 1.0, 1.0)
     assert (mcad_feature.alpha, mcad_feature.lambda_dist, mcad_feature.lambda_feat) == (2.0, 0.0, 1.0)
-    assert not objective_settings("clip_kd_feature").uses_fusion_teacher
+    assert objective_settings("clip_kd_feature").feature_alpha == 0
     assert objective_settings("clip_kd_feature").lambda_dist == objective_settings("fusion_only").lambda_dist == 0
     assert set(OBJECTIVE_PRESETS) >= {"contrastive", "clip_kd", "affinity", "fusion_only", "mcad", "mcad_feature"}
     with pytest.raises(ValueError, match="Unknown objective knob"):

@@ -145,7 +145,8 @@ def test_caption_noise_makes_that_share_of_training_captions_false_and_nothing_e
                 false += not caption_is_true(caption, row["scene"])
                 assert not row["canonical"][place]
                 # Its distractors are its own text's, as a rule-based miner makes them: for a colour swap or a
-                # relation flip, undoing it gives back the true caption; every other distractor is false.
+                # relation flip, undoing it gives back the true caption; the others are almost always false (both
+                # rules on two objects of one shape and size can give a true statement).
                 distractors = {row["swapped_captions"][place], row["flipped_captions"][place]}
                 assert None not in distractors and caption not in distractors
                 undone += true_caption in distractors

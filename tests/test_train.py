@@ -161,9 +161,15 @@ def test_a_clip_text_tower_pools_at_the_student_tokenizers_end_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_losses_of_one(tmp_path):
-    """Embeddings are gathered with gradients: 2 processes × B/2 train exactly like 1 process × B."""
-    config = write_run(tmp_path / "run")
+@pytest.mark.parametrize("objective", [{}, {"objective": "mcad_feature_rank",
+                                            "negative_captions": ["swapped_caption", "flipped_caption"]}],
+                         ids=["default", "ranking"])
+def test_two_processes_give_the_losses_of_one(tmp_path, objective):
+    """
+    Embeddings are gathered with gradients: 2 processes × B/2 train exactly like 1 process × B; with hard negatives
+    too, each process's own laid out pair by pair and matched to the gathered teacher scores.
+    """
+    config = write_run(tmp_path / "run", **objective)
     result = run_script("cache", "distill", "--config", config, processes=2)
     assert "num_processes=2" in result.stderr
     summary = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
@@ -179,8 +185,13 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     # The cache built by two processes, each on its share of the images, is the one-process cache.
     single, sharded = (load_from_disk(str(path)) for path in (sharded_cache, tmp_path / "sharded_cache"))
     assert single.column_names == sharded.column_names and single["pair_index"] == sharded["pair_index"]
-    for column in ("teacher_image_embeds", "adapted_text_embeds"):
-        torch.testing.assert_close(torch.tensor(single[column]), torch.tensor(sharded[column]), atol=2e-3, rtol=0)
+    # Absolute tolerances: float16 rounding of embeddings (|x| ≤ 1) and of match logits (|m| up to about 16).
+    tolerances = {"teacher_image_embeds": 2e-3, "adapted_text_embeds": 2e-3}
+    if "negative_captions" in objective:
+        tolerances["candidate_match_logits"] = 2e-2
+    for column, tolerance in tolerances.items():
+        torch.testing.assert_close(torch.tensor(single[column]), torch.tensor(sharded[column]), atol=tolerance,
+                                   rtol=0)
 
 
 def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions_negatives(tmp_path):
@@ -190,7 +201,7 @@ def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions
                        canonical_epochs=1)
     run_script("cache", "distill", "--config", config)
     log = [json.loads(line) for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
-    assert len(log) == 8 and all(row["ranking"] > 0 and row["ranking"] < row["loss"] for row in log)
+    assert len(log) == 8 and all(row["ranking"] > 0 for row in log)
     assert len(list((tmp_path / "run" / "cache").iterdir())) == 1  # the cache with the negatives' scores
 
     refused = run_script("cache", "--config", write_run(tmp_path / "none", objective="mcad_feature_rank"),
