@@ -560,12 +560,16 @@ def cache(config: TrainConfig, accelerator) -> Path:
                                negative_columns=ranked_negatives(config))
 
 
-def ranked_negatives(config: TrainConfig) -> list:
+def ranked_negatives(config: TrainConfig) -> list | None:
     """
-    The negative caption columns the fusion teacher scores into the cache: the run's `negative_captions` when its
-    objective ranks them (λ_rank > 0), else none. A ranking objective without negatives is refused.
+    The negative caption columns the fusion teacher scores into the cache beside each caption: the run's
+    `negative_captions` when its objective ranks them (λ_rank > 0), none (the caption's own score alone) for a match
+    threshold, and None (no scores) otherwise. A ranking objective without negatives is refused.
     """
-    if not run_objective(config).lambda_rank:
+    settings = run_objective(config)
+    if not settings.uses_match_scores:
+        return None
+    if not settings.lambda_rank:
         return []
     if not config.negative_captions:
         raise UserError(f"objective {config.objective!r} (lambda_rank > 0) ranks each caption against its hard "

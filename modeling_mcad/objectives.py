@@ -13,6 +13,8 @@ and, with hard-negative captions (each caption's rule-made distractors, e.g. its
 flipped), L_rank ranks each image's caption against that caption's distractors as the fusion teacher does:
 KL(softmax(m_i· / τ_F) ‖ softmax(S_i·)) over the candidates (the caption and its distractors), a listwise ranking
 distillation over hard candidates scored by the cross-encoder (as CPRD, arXiv 2407.07479, distils a ranking).
+With a match threshold, pairs whose caption the fusion teacher scores below it (m_ii < threshold: it judges them not
+matching, as BLIP's CapFilt filters web captions with its ITM head) leave L_con and L_rank.
 
 Every baseline of the ablation is a named preset of the same `MCADLoss` (`OBJECTIVE_PRESETS`), so every comparison
 runs one code path, and `ObjectiveSettings` is the one home of the knobs: the adapter fit, the teacher cache and the
@@ -128,6 +130,7 @@ def info_nce(
     logits: torch.Tensor,
     negative_logits: torch.Tensor | None = None,
     image_ids: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     CLIP's symmetric InfoNCE on B positive pairs: ½ [CE(S, diag) + CE(Sᵀ, diag)].
@@ -138,6 +141,8 @@ def info_nce(
             texts (NegCLIP): extra columns of the image→text rows only.
         image_ids (`torch.LongTensor` of shape `(B,)`, *optional*): pairs sharing an image id are not each other's
             negatives (several captions of one image in a batch).
+        positives (`torch.BoolTensor` of shape `(B,)`, *optional*): the pairs taken as positives (their rows and
+            columns are averaged; the others are only negatives). None: all. No positive gives 0.
     """
     if image_ids is not None:
         same_image = image_ids[:, None] == image_ids[None, :]
@@ -145,7 +150,11 @@ def info_nce(
         logits = logits.masked_fill(same_image, float("-inf"))
     targets = torch.arange(len(logits), device=logits.device)
     image_to_text = logits if negative_logits is None else torch.cat([logits, negative_logits], dim=1)
-    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    if positives is None:
+        return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    rows = F.cross_entropy(image_to_text, targets, reduction="none")
+    columns = F.cross_entropy(logits.t(), targets, reduction="none")
+    return ((rows + columns) * positives).sum() / (2 * positives.sum().clamp(min=1))
 
 
 class ContrastiveLoss(nn.Module):
@@ -274,16 +283,21 @@ class RankingDistillationLoss(nn.Module):
         super().__init__()
         self.fusion_temperature = fusion_temperature
 
-    def forward(self, student_candidate_logits: torch.Tensor, teacher_candidate_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_candidate_logits: torch.Tensor, teacher_candidate_logits: torch.Tensor,
+                positives: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             student_candidate_logits (`torch.Tensor` of shape `(B, 1 + K)`): S_i over the candidates, the caption
                 first.
             teacher_candidate_logits (`torch.Tensor` of shape `(B, 1 + K)`): m_i, the same candidates, same order.
+            positives (`torch.BoolTensor` of shape `(B,)`, *optional*): the pairs averaged over (None: all; none: 0).
         """
         teacher_logits = teacher_candidate_logits.to(student_candidate_logits.dtype) / self.fusion_temperature
         teacher_probs = teacher_logits.softmax(dim=-1)
-        return F.kl_div(student_candidate_logits.log_softmax(dim=-1), teacher_probs, reduction="batchmean")
+        per_pair = F.kl_div(student_candidate_logits.log_softmax(dim=-1), teacher_probs, reduction="none").sum(-1)
+        if positives is None:
+            return per_pair.mean()
+        return (per_pair * positives).sum() / positives.sum().clamp(min=1)
 
 
 @dataclass
@@ -305,6 +319,9 @@ class ObjectiveSettings:
         lambda_feat (`float`): λ_feat, weight of L_feat.
         lambda_rank (`float`): λ_rank, weight of L_rank: needs hard-negative captions and the fusion teacher's match
             logits over them, which the teacher cache stores when the run names its negative captions.
+        match_threshold (`float`, *optional*): pairs whose caption the fusion teacher scores below this match logit
+            are no positives of L_con and L_rank (BLIP's CapFilt filter: a noisy caption out); None keeps every
+            pair. The scores come from the teacher cache.
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
 
@@ -317,6 +334,7 @@ class ObjectiveSettings:
     lambda_dist: float = 1.0
     lambda_feat: float = 1.0
     lambda_rank: float = 0.0
+    match_threshold: float | None = None
     identity_mix: float = 0.0
 
     def __post_init__(self):
@@ -328,9 +346,13 @@ class ObjectiveSettings:
             raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
         if not self.lambda_rank >= 0:
             raise UserError(f"lambda_rank must be >= 0 (0: no ranking distillation), got {self.lambda_rank!r}.")
-        if self.lambda_rank and self.beta > 0:
-            raise UserError("lambda_rank > 0 reads the fusion teacher's scores of the hard negatives from the teacher "
-                            "cache, which an objective with beta > 0 does not use: set beta to 0, or lambda_rank to 0.")
+        if self.match_threshold is not None and not math.isfinite(self.match_threshold):
+            raise UserError(f"match_threshold must be a finite match logit or null (keep every pair), got "
+                            f"{self.match_threshold!r}.")
+        if self.uses_match_scores and self.beta > 0:
+            raise UserError("lambda_rank > 0 and match_threshold read the fusion teacher's scores from the teacher "
+                            "cache, which an objective with beta > 0 does not use: set beta to 0, or lambda_rank to 0 "
+                            "and match_threshold to null.")
         for name in ("teacher_temperature", "fusion_temperature"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}.")
@@ -351,7 +373,12 @@ class ObjectiveSettings:
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.lambda_dist or self.lambda_feat or self.lambda_rank)
+        return bool(self.lambda_dist or self.lambda_feat or self.lambda_rank or self.match_threshold is not None)
+
+    @property
+    def uses_match_scores(self) -> bool:
+        """Whether the loss reads the fusion teacher's cached match logits (`candidate_match_logits`)."""
+        return bool(self.lambda_rank) or self.match_threshold is not None
 
 
 # The ablation's settings (DESIGN §3, §9). Each is ObjectiveSettings with these fields changed.
@@ -362,8 +389,10 @@ class ObjectiveSettings:
 # distributions of a batch of near-duplicates then tell the student that a caption and its place-swapped sibling's
 # caption fit an image equally well, which held the student at 52-57% on flips where the labels alone teach 99%.
 # `mcad_feature_rank` adds L_rank: the fusion teacher's ranking of each caption against its hard negatives (run it
-# with the negative captions named). `fusion_only` and `clip_kd_feature` are `mcad_feature` without the dual
-# teacher's and without the fusion teacher's part.
+# with the negative captions named); `mcad_feature_rank_filter` also leaves out of L_con and L_rank the pairs the
+# fusion teacher's ITM head scores below a logit of 8 (on mcad-shapes its true pairs score 11.4-12.6, 1st-99th
+# percentile, and most captions of another image below 8). `fusion_only` and `clip_kd_feature` are `mcad_feature`
+# without the dual teacher's and without the fusion teacher's part.
 OBJECTIVE_PRESETS = {
     "contrastive": {"lambda_dist": 0.0, "lambda_feat": 0.0},
     "clip_kd": {"alpha": 0.0, "beta": 0.0},
@@ -375,6 +404,7 @@ OBJECTIVE_PRESETS = {
     "mcad": {"alpha": 2.0},
     "mcad_feature": {"alpha": 2.0, "lambda_dist": 0.0},
     "mcad_feature_rank": {"alpha": 2.0, "lambda_dist": 0.0, "lambda_rank": 1.0},
+    "mcad_feature_rank_filter": {"alpha": 2.0, "lambda_dist": 0.0, "lambda_rank": 1.0, "match_threshold": 8.0},
 }
 
 
@@ -396,11 +426,13 @@ class MCADLossOutput:
     distribution: torch.Tensor | None = None
     feature: torch.Tensor | None = None
     ranking: torch.Tensor | None = None
+    kept_fraction: torch.Tensor | None = None  # with a match threshold: the share of the batch kept as positives
 
 
 class MCADLoss(ContrastiveLoss):
     """
-    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3.
+    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3;
+    with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it.
 
     Args:
         settings ([`ObjectiveSettings`]): the knobs (see `objective_settings` for the named presets).
@@ -467,11 +499,19 @@ class MCADLoss(ContrastiveLoss):
             negative_text_embeds (`torch.Tensor` of shape `(B·K, d_S)`, *optional*): hard negatives for L_con (and
                 L_rank): K per pair, pair by pair.
             candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`, *optional*): the fusion teacher's match
-                logits of image i with its caption and with its K hard negatives, in that order (for L_rank).
+                logits of image i with its caption and with its K hard negatives, in that order (for L_rank and the
+                match threshold).
         """
         s = self.settings
         student_logits, negative_logits = self.logits(image_embeds, text_embeds, logit_scale, negative_text_embeds)
-        contrastive = info_nce(student_logits, negative_logits)
+        positives = kept = None
+        if s.match_threshold is not None:  # the pairs the fusion teacher judges matching stay positives
+            if candidate_match_logits is None:
+                raise ValueError("match_threshold filters pairs by the fusion teacher's match logits: pass "
+                                 "candidate_match_logits (its score of each pair's caption first).")
+            positives = candidate_match_logits[:, 0] >= s.match_threshold
+            kept = positives.float().mean()
+        contrastive = info_nce(student_logits, negative_logits, positives=positives)
         if not s.uses_teacher:
             return MCADLossOutput(loss=contrastive, contrastive=contrastive)
         if teacher_image_embeds is None or teacher_text_embeds is None:
@@ -508,10 +548,10 @@ class MCADLoss(ContrastiveLoss):
             if candidates > 1:  # image i's own negatives: columns i·K … i·K + K − 1 of its row of negative_logits
                 own = negative_logits.view(batch, batch, candidates - 1)[torch.arange(batch), torch.arange(batch)]
                 student_candidates = torch.cat([student_candidates, own], dim=1)
-            ranking = self.ranking_loss(student_candidates, candidate_match_logits)
+            ranking = self.ranking_loss(student_candidates, candidate_match_logits, positives)
             loss = loss + s.lambda_rank * ranking
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
-                              ranking=ranking)
+                              ranking=ranking, kept_fraction=kept)
 
 
 __all__ = [

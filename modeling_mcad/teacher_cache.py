@@ -5,9 +5,10 @@ For every pair i (in `flatten_pairs` order) it stores, as float16 in an Arrow da
     teacher_image_embeds  v_i        teacher_text_embeds  t_i
     adapted_image_embeds  P_v f_i    adapted_text_embeds  P_t f_i
 
-and, when the run names hard-negative caption columns (an objective with λ_rank > 0), also
+and, for an objective that reads the fusion teacher's scores (λ_rank > 0 or a match threshold), also
 
     candidate_match_logits  the fusion teacher's match logits of image i with its caption and its K hard negatives
+                            (K = 0 without λ_rank: the caption's own score)
 
 (float16 like the rest: about 3 significant digits, 0.008 at a logit of 12, well below what moves softmax(m / τ_F)
 at τ_F = 1; the fusion teacher reads the captions padded together with the negatives, so the other columns of such
@@ -76,11 +77,12 @@ def _grouped_column(negative_column: str) -> str:
     return grouped[negative_column]
 
 
-def cache_key(teacher_dir: str | Path, split: datasets.Dataset, negative_columns: Sequence[str] = ()) -> dict:
+def cache_key(teacher_dir: str | Path, split: datasets.Dataset, negative_columns: Sequence[str] | None = None) -> dict:
     """
     What the cache of these teachers over the pairs of this split (grouped by image) is made from: this format, the
-    teacher's files, the split's fingerprint, its captions and its number of pairs, and with `negative_columns`
-    (pair-level names, e.g. `swapped_caption`) those columns and their text.
+    teacher's files, the split's fingerprint, its captions and its number of pairs, and when the cache holds the
+    fusion teacher's scores (`negative_columns` not None: pair-level names, e.g. `swapped_caption`, maybe none) those
+    columns and their text.
     """
     captions = list(split["captions"])
     key = {
@@ -90,7 +92,7 @@ def cache_key(teacher_dir: str | Path, split: datasets.Dataset, negative_columns
         "captions": hashlib.sha256(json.dumps(captions).encode()).hexdigest(),
         "pairs": sum(len(image_captions) for image_captions in captions),
     }
-    if negative_columns:
+    if negative_columns is not None:
         missing = [column for column in negative_columns if _grouped_column(column) not in split.column_names]
         if missing:
             raise UserError(f"negative caption column(s) {missing} need the training split's "
@@ -146,10 +148,12 @@ def nonfinite_values(rows: datasets.Dataset) -> dict[str, int]:
 
 @torch.no_grad()
 def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices: range, batch_size: int,
-                   captions_per_image: list[int], negative_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+                   captions_per_image: list[int], negative_columns: Sequence[str] | None = None
+                   ) -> dict[str, np.ndarray]:
     """The cache rows of the pairs of these images, in pair order."""
     dual, fusion = teacher.processors["dual"], teacher.processors["fusion"]
-    columns = {name: [] for name in (*CACHE_COLUMNS, *([CANDIDATE_COLUMN] if negative_columns else []))}
+    scored = negative_columns is not None
+    columns = {name: [] for name in (*CACHE_COLUMNS, *([CANDIDATE_COLUMN] if scored else []))}
     for start in progress(range(image_indices.start, image_indices.stop, batch_size), desc="teacher cache"):
         rows = split[start:min(start + batch_size, image_indices.stop)]
         images = [to_rgb(image) for image in rows["image"]]
@@ -159,7 +163,7 @@ def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices:
         )
         dual_text = dual.tokenizer(captions, return_tensors="pt", padding=True, truncation=True)
         # The fusion teacher reads the captions, then each negative column's captions, all paired with their image.
-        negatives = [_negatives(rows[_grouped_column(column)], column, start) for column in negative_columns]
+        negatives = [_negatives(rows[_grouped_column(column)], column, start) for column in negative_columns or ()]
         fusion_text = fusion.tokenizer(captions + [text for column in negatives for text in column],
                                        return_tensors="pt", padding=True, truncation=True)
         image_embeds = teacher.encode_images(dual.image_processor(images, return_tensors="pt")["pixel_values"])
@@ -174,7 +178,7 @@ def _encode_images(teacher: MCADTeacher, split: datasets.Dataset, image_indices:
         positives = slice(0, len(captions))
         adapted_image, adapted_text = teacher.adapter(fused.image_part()[positives], fused.text_part()[positives])
         values = [image_embeds[image_of_caption.to(image_embeds.device)], text_embeds, adapted_image, adapted_text]
-        if negatives:  # (pairs, 1 + K): the caption's logit, then each negative column's
+        if scored:  # (pairs, 1 + K): the caption's logit, then each negative column's
             values.append(fused.match_logits.view(1 + len(negatives), len(captions)).t())
         for name, value in zip(columns, values):
             columns[name].append(value.float().cpu().numpy().astype(np.float16))
@@ -202,7 +206,7 @@ def build_teacher_cache(
     accelerator,
     batch_size: int = 64,
     overwrite: bool = False,
-    negative_columns: Sequence[str] = (),
+    negative_columns: Sequence[str] | None = None,
 ) -> Path:
     """
     Write (or reuse) the cache of `teacher` over the pairs of `split` (rows in `flatten_pairs(split)` order); every
@@ -217,9 +221,10 @@ def build_teacher_cache(
         accelerator (`accelerate.Accelerator`): shards the images across its processes.
         batch_size (`int`): images per teacher call.
         overwrite (`bool`): build the cache again even where one is, and replace it.
-        negative_columns (`Sequence[str]`): pair-level hard-negative caption columns (e.g. `swapped_caption`): the
-            cache then also holds the fusion teacher's match logits of each image with its caption and these
-            negatives (`candidate_match_logits`, for λ_rank > 0).
+        negative_columns (`Sequence[str]`, *optional*): the cache then also holds the fusion teacher's match logits
+            of each image with its caption and with these pair-level hard-negative caption columns (e.g.
+            `swapped_caption`; `[]`: the caption's alone) as `candidate_match_logits`, for λ_rank > 0 or a match
+            threshold. `None` (the default): no scores.
 
     Returns:
         The cache folder.
@@ -303,9 +308,10 @@ class TeacherCache:
 
     @classmethod
     def for_run(cls, output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset,
-                negative_columns: Sequence[str] = ()) -> "TeacherCache":
+                negative_columns: Sequence[str] | None = None) -> "TeacherCache":
         """
-        The cache of this run's teacher, training split and (for λ_rank > 0) negative caption columns, which the
+        The cache of this run's teacher, training split and scored negative caption columns (see
+        `build_teacher_cache`), which the
         `cache` stage must have built (a UserError otherwise, or when the cache found was built from another teacher
         or data).
         """

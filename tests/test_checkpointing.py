@@ -191,6 +191,13 @@ def test_a_ranking_cache_holds_the_fusion_teachers_scores_of_each_caption_and_it
                                 pairs=torch.tensor([[0, 0], [0, 1], [0, 2]])).match_logits
         torch.testing.assert_close(targets["candidate_match_logits"][row], expected, atol=2e-2, rtol=1e-2)
 
+    # A match threshold alone needs each caption's own score: a cache of its own, one column.
+    own = build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, batch_size=4, negative_columns=[])
+    assert own not in (plain, ranked)
+    own_scores = TeacherCache.for_run(tmp_path, teacher_dir, split, []).targets(pair_index)["candidate_match_logits"]
+    assert own_scores.shape == (3, 1)
+    torch.testing.assert_close(own_scores[:, 0], targets["candidate_match_logits"][:, 0], atol=2e-2, rtol=0)
+
     split_without = split.map(lambda row: {"flipped_captions": [None] * len(row["captions"])})
     with pytest.raises(UserError, match="Image 0 of the training split has a caption without a 'flipped_caption' "
                                         "hard negative.*Leave that column out of --negative_captions"):

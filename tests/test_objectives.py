@@ -249,9 +249,47 @@ def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
                 negative_text_embeds=negative[:4], candidate_match_logits=torch.tensor(match))
 
 
+def test_a_match_threshold_leaves_the_pairs_the_fusion_teacher_rejects_out_of_the_positives():
+    """With match_threshold, L_con and L_rank average over the pairs whose own match logit reaches it; the others
+    stay negatives of the kept ones."""
+    loss_fn = MCADLoss.from_preset("mcad_feature_rank_filter", student_dim=2, teacher_dim=2, alpha=0.0,
+                                   lambda_feat=0.0, match_threshold=8.0)
+    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    match = [[12.0, -2.0, 1.0], [2.0, 3.0, -1.0], [11.0, 2.0, -4.0]]  # pair 1 scores 2 < 8: its caption is wrong
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
+    kept = [0, 2]
+    rows = [-log_softmax(negclip_rows[i])[i] for i in kept]
+    columns = [-log_softmax(transpose(s)[i])[i] for i in kept]
+    l_con = (sum(rows) + sum(columns)) / (2 * len(kept))
+    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])] + [SCALE * dot(S_IMAGE[i], n) for n in negatives[2 * i:2 * i + 2]]
+               for i in kept]
+    l_rank = kl_rows([match[i] for i in kept], student)
+
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    assert out.ranking.item() == pytest.approx(l_rank, rel=1e-5)
+    assert out.kept_fraction.item() == pytest.approx(2 / 3)
+    # Every pair below the threshold: nothing is a positive, nothing is learnt from this batch.
+    rejected = MCADLoss.from_preset("mcad_feature_rank_filter", student_dim=2, teacher_dim=2, alpha=0.0,
+                                    lambda_feat=0.0, match_threshold=20.0)
+    out = rejected(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.loss.item() == 0 and out.kept_fraction.item() == 0
+    with pytest.raises(ValueError, match="match_threshold filters pairs"):
+        loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                negative_text_embeds=negative)
+    with pytest.raises(ValueError, match="match_threshold must be a finite match logit"):
+        objective_settings("mcad_feature", match_threshold=float("nan"))
+
+
 def test_ranking_needs_the_cache_not_the_online_teacher():
     with pytest.raises(ValueError, match="set beta to 0"):
         objective_settings("mcad_feature_rank", beta=0.5)
+    with pytest.raises(ValueError, match="set beta to 0"):
+        objective_settings("mcad_feature", match_threshold=8.0, beta=0.5)
     with pytest.raises(ValueError, match="lambda_rank must be >= 0"):
         objective_settings("mcad_feature", lambda_rank=-1.0)
     assert objective_settings("contrastive", lambda_rank=1.0).uses_teacher  # the ranking alone distils a teacher

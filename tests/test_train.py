@@ -140,6 +140,17 @@ def test_relation_flips_are_left_out_of_negclip_negatives_while_captions_are_can
     assert none_left is None and caption_only["candidate_match_logits"].tolist() == [[0], [2], [4]]
 
 
+def test_the_cache_scores_the_negatives_only_for_a_ranking_objective():
+    negatives = ["swapped_caption", "flipped_caption"]
+    scored = {objective: train_mcad.ranked_negatives(train_mcad.TrainConfig(objective=objective,
+                                                                              negative_captions=negatives))
+              for objective in ("mcad_feature", "mcad_feature_rank", "mcad_feature_rank_filter")}
+    assert scored == {"mcad_feature": None, "mcad_feature_rank": negatives, "mcad_feature_rank_filter": negatives}
+    threshold = train_mcad.TrainConfig(objective="mcad_feature", objective_overrides={"match_threshold": 8.0},
+                                       negative_captions=negatives)
+    assert train_mcad.ranked_negatives(threshold) == []  # each caption's own score, for the filter
+
+
 def test_a_clip_text_tower_pools_at_the_student_tokenizers_end_token(tmp_path):
     from .test_teachers import tiny_clip
 
