@@ -303,12 +303,15 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/transfer"))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--rows", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--rows", nargs="*", default=None, help="row names to run, in this order (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="students trained at once, one CPU thread each")
     parser.add_argument("--teacher", type=Path, default=Path("outputs/ablation/teacher"),
                         help="the pretrained teachers (trained by distill_table.py's recipe when missing)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's section and the plot")
     args = parser.parse_args()
+    unknown = sorted(set(args.rows or ()) - {row for row, *_ in ROWS})
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; the rows are {[row for row, *_ in ROWS]}")
     started = time.perf_counter()
     if not (args.teacher / "config.json").exists():
         if args.teacher != Path("outputs/ablation/teacher"):
@@ -323,7 +326,7 @@ def main() -> None:
         description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
         base = student_base(root, transfer, epochs, args.teacher)
-        run_rows = [row for row in ROWS if not args.rows or row[0] in args.rows]
+        run_rows = [next(row for row in ROWS if row[0] == name) for name in args.rows] if args.rows else ROWS
         teachers = teacher_rows(base, root, args.teacher, run_rows)
         if args.jobs > 1:
             base = {**base, "cpu_threads": 1}
