@@ -562,16 +562,14 @@ def cache(config: TrainConfig, accelerator) -> Path:
 
 def ranked_negatives(config: TrainConfig) -> list | None:
     """
-    The negative caption columns the fusion teacher scores into the cache beside each caption: the run's
-    `negative_captions` when its objective ranks them (λ_rank > 0), none (the caption's own score alone) for a match
-    threshold, and None (no scores) otherwise. A ranking objective without negatives is refused.
+    The negative caption columns the fusion teacher scores into the cache beside each caption, when the objective
+    reads those scores (λ_rank > 0 or a match threshold): the run's `negative_captions` (maybe none: the caption's own
+    score alone); None (no scores) otherwise. A ranking objective without negatives is refused.
     """
     settings = run_objective(config)
     if not settings.uses_match_scores:
         return None
-    if not settings.lambda_rank:
-        return []
-    if not config.negative_captions:
+    if settings.lambda_rank and not config.negative_captions:
         raise UserError(f"objective {config.objective!r} (lambda_rank > 0) ranks each caption against its hard "
                         "negatives, and --negative_captions names none: pass e.g. --negative_captions swapped_caption "
                         "flipped_caption, or set lambda_rank to 0.")

@@ -20,7 +20,9 @@ Students are the `shapes` preset in ordinary random batches (no family batching,
 transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs every seed, and a seed fixes the
 student's initialisation and batch order, so rows are compared by paired differences. Rows: `contrastive`, `negclip`
 (contrastive with each caption's colour-swap and relation-flip distractors as extra negatives; a wrong caption's are
-made from its own text, so undoing its error gives back the true caption as a "negative"), `clip_kd`,
+made from its own text, so undoing its error gives back the true caption as a "negative"), `negclip_filter` (negclip
+on the pairs the fusion teacher's ITM head scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no
+distillation), `clip_kd`,
 `clip_kd_feature`, `fusion_only` and the MCAD variants: `mcad` (the paper's objective: modified features and
 similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified features alone, λ_dist = 0), both with
 NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has and the other MCAD rows lack,
@@ -31,7 +33,7 @@ the pairs whose caption the fusion teacher's ITM head scores below 8 (BLIP's Cap
 are measured on the same test split. Each student is evaluated on the validation split, which chooses the MCAD
 variant (`chosen`), and on the test split, which is reported.
 
-About 6 hours on 2 CPU cores with the defaults (165 students of about 4.5 minutes on one thread, two at a time),
+About 6.5 hours on 2 CPU cores with the defaults (180 students of about 4.5 minutes on one thread, two at a time),
 and 25 minutes for the teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
@@ -73,6 +75,7 @@ from distill_table import (  # noqa: E402
     write_section,
 )
 
+from modeling_mcad.objectives import objective_settings  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
@@ -84,6 +87,7 @@ SETTINGS = {  # name: (description, transfer set, epochs)
 ROWS = [  # (row, objective, overrides, negative captions)
     ("contrastive", "contrastive", {}, []),
     ("negclip", "contrastive", {}, NEGATIVES),
+    ("negclip_filter", "contrastive", {"match_threshold": 8.0}, NEGATIVES),
     ("clip_kd", "clip_kd", {}, []),
     ("clip_kd_feature", "clip_kd_feature", {}, []),
     ("fusion_only", "fusion_only", {}, []),
@@ -108,12 +112,12 @@ def student_base(root: Path, transfer: dict, epochs: int, teacher: Path) -> dict
 def teacher_rows(base: dict, root: Path, teacher: Path, rows: list) -> dict:
     """
     The teachers' own test rows on this setting's test split (once), and the caches of the transfer set: the plain
-    one, and for each ranking row's negatives the one that also holds the fusion teacher's scores of them.
+    one, and for each row that reads the fusion teacher's scores (ranking, match threshold) the one that holds them.
     """
     rows_file = root / "teacher_rows.json"
     train_mcad(["cache"], base, root / "config.yaml")  # found, if built before
     ranked = {tuple(negatives): (objective, overrides) for _, objective, overrides, negatives in rows
-              if row_settings(objective, overrides)["lambda_rank"]}
+              if objective_settings(objective, **overrides).uses_match_scores}
     for negatives, (objective, overrides) in ranked.items():
         train_mcad(["cache"], {**base, "objective": objective, "objective_overrides": overrides,
                                "negative_captions": list(negatives)}, root / "config_ranking.yaml")
@@ -303,7 +307,8 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/transfer"))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--rows", nargs="*", default=None, help="row names to run, in this order (default: all)")
+    parser.add_argument("--rows", nargs="*", default=None, help="row names to run, in this order (default: all; "
+                        "`--rows` alone: none, only the teachers' rows and the summary)")
     parser.add_argument("--jobs", type=int, default=2, help="students trained at once, one CPU thread each")
     parser.add_argument("--teacher", type=Path, default=Path("outputs/ablation/teacher"),
                         help="the pretrained teachers (trained by distill_table.py's recipe when missing)")
@@ -326,7 +331,7 @@ def main() -> None:
         description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
         base = student_base(root, transfer, epochs, args.teacher)
-        run_rows = [next(row for row in ROWS if row[0] == name) for name in args.rows] if args.rows else ROWS
+        run_rows = ROWS if args.rows is None else [next(row for row in ROWS if row[0] == name) for name in args.rows]
         teachers = teacher_rows(base, root, args.teacher, run_rows)
         if args.jobs > 1:
             base = {**base, "cpu_threads": 1}

@@ -146,9 +146,10 @@ def test_the_cache_scores_the_negatives_only_for_a_ranking_objective():
                                                                               negative_captions=negatives))
               for objective in ("mcad_feature", "mcad_feature_rank", "mcad_feature_rank_filter")}
     assert scored == {"mcad_feature": None, "mcad_feature_rank": negatives, "mcad_feature_rank_filter": negatives}
-    threshold = train_mcad.TrainConfig(objective="mcad_feature", objective_overrides={"match_threshold": 8.0},
-                                       negative_captions=negatives)
-    assert train_mcad.ranked_negatives(threshold) == []  # each caption's own score, for the filter
+    threshold = {"objective": "contrastive", "objective_overrides": {"match_threshold": 8.0}}
+    assert train_mcad.ranked_negatives(train_mcad.TrainConfig(**threshold)) == []  # each caption's own score
+    # With negatives named, the same scores as a ranking run's: one cache serves both.
+    assert train_mcad.ranked_negatives(train_mcad.TrainConfig(**threshold, negative_captions=negatives)) == negatives
 
 
 def test_a_clip_text_tower_pools_at_the_student_tokenizers_end_token(tmp_path):
