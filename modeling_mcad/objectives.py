@@ -150,11 +150,16 @@ def info_nce(
         logits = logits.masked_fill(same_image, float("-inf"))
     targets = torch.arange(len(logits), device=logits.device)
     image_to_text = logits if negative_logits is None else torch.cat([logits, negative_logits], dim=1)
-    if positives is None:
-        return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.t(), targets)) / 2
     rows = F.cross_entropy(image_to_text, targets, reduction="none")
     columns = F.cross_entropy(logits.t(), targets, reduction="none")
-    return ((rows + columns) * positives).sum() / (2 * positives.sum().clamp(min=1))
+    return mean_over(rows + columns, positives) / 2
+
+
+def mean_over(values: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-pair `values` over the pairs where `positives` is set (all when None; 0 when none is)."""
+    if positives is None:
+        return values.mean()
+    return (values * positives).sum() / positives.sum().clamp(min=1)
 
 
 class ContrastiveLoss(nn.Module):
@@ -295,9 +300,7 @@ class RankingDistillationLoss(nn.Module):
         teacher_logits = teacher_candidate_logits.to(student_candidate_logits.dtype) / self.fusion_temperature
         teacher_probs = teacher_logits.softmax(dim=-1)
         per_pair = F.kl_div(student_candidate_logits.log_softmax(dim=-1), teacher_probs, reduction="none").sum(-1)
-        if positives is None:
-            return per_pair.mean()
-        return (per_pair * positives).sum() / positives.sum().clamp(min=1)
+        return mean_over(per_pair, positives)
 
 
 @dataclass
