@@ -4,6 +4,7 @@
     accelerate launch train_mcad.py distill evaluate --config configs/smoke.yaml --epochs 2
     python train_mcad.py export --output_dir outputs/demo
     python train_mcad.py push --output_dir outputs/demo --repo_id you/mcad-shapes --dry_run hub_folder
+    accelerate launch train_mcad.py distill evaluate --dataset DATA --streaming --max_steps 20000 --teacher FOLDER
 
 Stages, run in the order given (default: teachers cache distill evaluate):
     teachers  fine-tune the dual teacher and the fusion (cross-encoder) teacher on the training data, fit the
@@ -22,8 +23,10 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import logging
+import math
 import os
 import sys
 import types
@@ -82,6 +85,12 @@ class TrainConfig:
     eval_where: dict | None = None
     test_where: dict | None = None
     skip_bad_examples: bool = False
+    # Stream the training split instead of loading it: for a set too large to hold (a web-scale alt-text set). Its
+    # rows are checked as they arrive, one pair per caption, batches drawn from a shuffle buffer of `shuffle_buffer`
+    # pairs (a fresh order each pass); a stream has no length, so the run is `max_steps` long. The teachers then run
+    # online (no cache stage), from a saved --teacher: the teachers stage needs a split it can hold.
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
     # The largest image accepted, in pixels (null: PIL's decompression-bomb limit, about 89M). A batch decodes all its
     # images at once: 64 photos of 80 megapixels are 15 GB of pixels, so lower it for datasets of very large photos.
     max_image_pixels: int | None = None
@@ -125,6 +134,9 @@ class TrainConfig:
     # The shapes student on the ablation's teachers (validation RSUM, mcad, α = 1): 6 epochs of batch 64 at 5e-4
     # gave 558.5, batch 128 at 1e-3 523.3, 5 epochs 546.9 (docs/experiments).
     epochs: int = 6
+    # The run's length in optimizer steps instead of `epochs` passes (the cosine schedule spans it): the passes go on
+    # until it is reached. Needed with streaming.
+    max_steps: int | None = None
     batch_size: int = 64  # global batch: split across processes
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
@@ -276,7 +288,9 @@ def make_accelerator(config: TrainConfig):
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         # batch_size is the global batch: each process takes its slice of the same batch, so N processes see
         # exactly the pairs (and the loss) one process would.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # A streamed split is read whole by every process, each keeping its slice of each batch (not dispatched from
+        # the main process): the same pairs again.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
     )
@@ -308,13 +322,14 @@ def split_label(config: TrainConfig, role: str) -> str:
 
 def load_splits(config: TrainConfig, accelerator) -> dict:
     """The training, evaluation and test splits by role (`SPLIT_ROLES`), each grouped by image (`image`,
-    `captions`)."""
-    from modeling_mcad.data import load_image_text_dataset
+    `captions`); with `streaming`, the training split is a stream of pairs (`stream_image_text_pairs`)."""
+    from modeling_mcad.data import load_image_text_dataset, stream_image_text_pairs
 
     names = {role: getattr(config, f"{role}_split") for role in SPLIT_ROLES}
     if config.dataset != "mcad-shapes":
         own = {"path": "--dataset", "name_or_path": "--dataset", "split": "--train_split / --eval_split / --test_split",
-               "where": "--train_where / --eval_where / --test_where", "check_images": None, "streaming": None}
+               "where": "--train_where / --eval_where / --test_where", "check_images": None,
+               "streaming": "--streaming"}
         own |= {name: f"--{name}" for name in inspect.signature(load_image_text_dataset).parameters if name not in own
                 and name != "load_kwargs"}
         taken = [name for name in config.dataset_options if name in own]
@@ -323,15 +338,15 @@ def load_splits(config: TrainConfig, accelerator) -> dict:
             raise UserError(f"dataset_options {taken} cannot go to datasets.load_dataset here: "
                             + (f"set them with {', '.join(flags)}." if flags else "the split is read whole, "
                                "every image checked.") + " Leave them out of dataset_options.")
-        return {role: load_image_text_dataset(config.dataset, split=name, image_column=config.image_column,
-                                              caption_column=config.caption_column,
-                                              skip_bad_examples=config.skip_bad_examples,
-                                              max_image_pixels=config.max_image_pixels,
-                                              where=getattr(config, f"{role}_where"), image_root=config.image_root,
-                                              **config.dataset_options)
+        streamed = {"train": config.streaming, "eval": False, "test": False}  # evaluation reads a split whole
+        return {role: (stream_image_text_pairs if streamed[role] else load_image_text_dataset)(
+                    config.dataset, split=name, image_column=config.image_column,
+                    caption_column=config.caption_column, skip_bad_examples=config.skip_bad_examples,
+                    max_image_pixels=config.max_image_pixels, where=getattr(config, f"{role}_where"),
+                    image_root=config.image_root, **config.dataset_options)
                 for role, name in names.items()}
     filtered = [f"{role}_where" for role in SPLIT_ROLES if getattr(config, f"{role}_where")]
-    filtered += [name for name in ("dataset_options", "image_root") if getattr(config, name)]
+    filtered += [name for name in ("dataset_options", "image_root", "streaming") if getattr(config, name)]
     if filtered:
         raise UserError(f"{', '.join(filtered)} apply to a dataset that is read (its columns, files and loading); "
                         "mcad-shapes is generated: leave them out, or pass --dataset.")
@@ -460,6 +475,11 @@ def teachers(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_training import TeacherModels, train_dual_teacher, train_fusion_teacher
     from modeling_mcad.teachers import MCADTeacher
 
+    if config.streaming:
+        raise UserError("streaming: the teachers stage trains the teachers on the whole training split, which a "
+                        "stream does not hold. Train them on a split that fits (a run without --streaming, or a "
+                        "sample of the set), then distil from them: `train_mcad.py distill evaluate --streaming "
+                        "--max_steps N --teacher FOLDER`.")
     if config.teacher is not None:
         raise UserError(f"teacher={config.teacher!r} names a saved teacher to distil from, which the teachers stage "
                         "does not make: leave the teachers stage out (`train_mcad.py cache distill evaluate --teacher "
@@ -553,6 +573,10 @@ def teachers(config: TrainConfig, accelerator) -> Path:
 def cache(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.teacher_cache import build_teacher_cache
 
+    if config.streaming:
+        raise UserError("streaming: the cache stage stores the teachers' targets of every training pair by its row, "
+                        "and a stream has no rows to index; a streamed run's teachers run online in the distill "
+                        "stage. Leave the cache stage out: `train_mcad.py distill evaluate --streaming ...`.")
     teacher = load_teacher(config, accelerator.device)
     train = load_splits(config, accelerator)["train"]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
@@ -588,12 +612,12 @@ class Distillation:
     module: "torch.nn.Module"  # DistillationModule: the student and the objective's projections W
     processor: object  # the student's processor, saved with it
     loader: "torch.utils.data.DataLoader"
-    sampler: object  # the loader's OneCaptionPerImageSampler (its canonical epochs drive the NegCLIP curriculum)
+    canonical_epochs: int  # the first epochs draw canonical captions only (flips then leave NegCLIP's negatives)
     step: object  # optimization.TrainingStep
     total_steps: int
     settings: object  # the objective's ObjectiveSettings
-    cache: object = None  # TeacherCache when the objective reads cached targets (β = 0)
-    teacher: object = None  # MCADTeacher when it runs online (β > 0)
+    cache: object = None  # TeacherCache when the objective reads cached targets (β = 0, a split held whole)
+    teacher: object = None  # MCADTeacher when it runs online (β > 0, or a streamed split)
 
 
 def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
@@ -607,37 +631,64 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     from modeling_mcad.teacher_cache import TeacherCache
 
     settings = run_objective(config)
+    for name in ("max_steps", "shuffle_buffer"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}.")
+    if config.streaming:
+        check_streaming(config, settings)
     train = load_splits(config, accelerator)["train"]
-    pairs = flatten_pairs(train)
 
-    # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise.
+    # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise and for a
+    # stream (which has no rows for a cache to index).
     teacher = cache = None
     teacher_dim = 1
     if settings.uses_teacher:
         teacher = load_teacher(config, accelerator.device)
         check_adapter_fit(teacher, settings)
         teacher_dim = teacher.config.teacher_dim
-        if settings.beta == 0:
+        if settings.beta == 0 and not config.streaming:
             cache = TeacherCache.for_run(config.output_dir, teacher_folder(config), train, ranked_negatives(config))
             teacher = None
     student, processor = build_student(config)
     module = DistillationModule(student, MCADLoss(settings, student.config.projection_dim, teacher_dim))
 
     processors = {"student": processor, **(teacher.processors if teacher is not None else {})}
-    sampler = training_sampler(config, train, pairs)
-    loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, sampler=sampler,
+    if config.streaming:  # batches from a shuffle buffer, reshuffled each pass by set_epoch
+        pairs, canonical_epochs = train.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer), 0
+        order = {}
+    else:
+        pairs = flatten_pairs(train)
+        sampler = training_sampler(config, train, pairs)
+        canonical_epochs = sampler.canonical_epochs
+        # Its own generator: starting an epoch then draws no number from the global RNG, which drives dropout and
+        # which a resumed run restores as it was at the checkpoint.
+        order = {"sampler": sampler, "generator": torch.Generator().manual_seed(config.seed)}
+    loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, **order,
                         collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions,
                                                      max_image_pixels=config.max_image_pixels),
-                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
-                        # Its own generator: starting an epoch then draws no number from the global RNG, which
-                        # drives dropout and which a resumed run restores as it was at the checkpoint.
-                        generator=torch.Generator().manual_seed(config.seed))
-    total_steps = config.epochs * (len(loader) // config.gradient_accumulation_steps)
+                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+    # Accelerate also steps at the end of a pass, on the pass's last, incomplete accumulation.
+    total_steps = config.max_steps or config.epochs * math.ceil(len(loader) / config.gradient_accumulation_steps)
     optimizer, scheduler = adamw_with_cosine(module, config.learning_rate, total_steps, config.weight_decay,
                                              config.warmup_steps)
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     step = TrainingStep(module, optimizer, scheduler, config.max_grad_norm, accelerator)
-    return Distillation(module, processor, loader, sampler, step, total_steps, settings, cache, teacher)
+    return Distillation(module, processor, loader, canonical_epochs, step, total_steps, settings, cache, teacher)
+
+
+def check_streaming(config: TrainConfig, settings) -> None:
+    """Refuse what a streamed training split cannot do, naming the fix; warn of options it ignores."""
+    if config.max_steps is None:
+        raise UserError("streaming: a stream has no length, so the run's length cannot follow from --epochs: pass "
+                        "--max_steps N (optimizer steps; the cosine schedule spans them).")
+    if settings.uses_match_scores:
+        raise UserError(f"objective {config.objective!r} reads the fusion teacher's scores of each caption from the "
+                        "cache (lambda_rank > 0 or a match_threshold), and a streamed run has no cache: set "
+                        "lambda_rank to 0 and match_threshold to null, or train without --streaming.")
+    ignored = [name for name in ("batch_groups", "canonical_epochs") if getattr(config, name)]
+    if ignored:
+        logger.warning("streaming: %s do not apply to a stream (batches come from a shuffle buffer); pass "
+                       "--batch_groups null --canonical_epochs 0 to say so.", " and ".join(ignored))
 
 
 def check_adapter_fit(teacher, settings) -> None:
@@ -695,7 +746,10 @@ def distill(config: TrainConfig, accelerator) -> Path:
 
     nonfinite_in_a_row = 0
     samples_seen = 0
-    for epoch in range(state["epoch"], config.epochs):
+    # Passes over the training split: `epochs` of them, or with max_steps as many as it takes.
+    for epoch in itertools.count(state["epoch"]) if config.max_steps else range(state["epoch"], config.epochs):
+        if config.max_steps and state["global_step"] >= config.max_steps:
+            break
         loader.set_epoch(epoch)  # a fresh caption per image and a fresh order, the same on every process
         batches = loader
         if epoch == state["epoch"] and state["step_in_epoch"]:
@@ -710,7 +764,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
                 elif run.teacher is not None:
                     targets = online_teacher_targets(run.teacher, batch, run.settings, accelerator)
                 negatives = batch.get("negatives")
-                if epoch < run.sampler.canonical_epochs:
+                if epoch < run.canonical_epochs:
                     negatives, targets = without_flips(negatives, targets, config.negative_captions)
                 output = module(batch["student"], targets, negatives)
                 # Every process holds the same global loss, so all of them skip a non-finite step together.
@@ -719,7 +773,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
                     run.step(output.loss)
                 else:
                     run.step.skip()
-            samples_seen += len(batch["pair_index"])
+            samples_seen += len(batch["student"]["input_ids"])
             state["step_in_epoch"] += 1
             nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
             if not finite:
@@ -746,7 +800,13 @@ def distill(config: TrainConfig, accelerator) -> Path:
                     append_jsonl(output_dir / "distill_log.jsonl", {"step": state["global_step"], **logs})
             if state["global_step"] % config.checkpoint_every_steps == 0:
                 checkpoints.save(state)
-        state.update(epoch=epoch + 1, step_in_epoch=0)
+            if state["global_step"] == config.max_steps:  # reached within the pass
+                break
+        else:  # the pass ran to its end
+            if not state["step_in_epoch"]:  # and would run empty forever
+                raise UserError(f"the training split gave no batch of {config.batch_size} pairs (--batch_size) in a "
+                                "whole pass: give it more pairs, or a smaller batch size.")
+            state.update(epoch=epoch + 1, step_in_epoch=0)
         checkpoints.save(state)
     progress.close()
 
@@ -816,8 +876,9 @@ def without_flips(negatives, targets, columns: list):
 
 def online_teacher_targets(teacher, batch: dict, settings, accelerator) -> dict[str, torch.Tensor]:
     """
-    The teacher's targets for the global batch when β > 0: the fusion teacher scores each row's top-k candidates
-    across the whole batch, so every process gathers the batch's teacher inputs and computes the same targets.
+    The teacher's targets for the global batch when it runs online (β > 0, or a stream): the fusion teacher scores
+    each row's top-k candidates across the whole batch, so every process gathers the batch's teacher inputs and
+    computes the same targets.
     """
     from accelerate.utils import pad_across_processes
 

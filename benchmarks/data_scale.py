@@ -9,12 +9,14 @@ layouts of their Hub copies -> markdown for BENCHMARKS.md.
 - `coco`: yerevann/coco-karpathy's layout — Parquet metadata (`sentences`, `filepath`, `filename`) with the images as
   JPEG files (640 x 480) under COCO's folders on disk: 82,783 train + 30,504 restval + 5,000 + 5,000.
 - `web`: a web-style set of 3,000,000 rows, one alt text per row and an image path each (the files are not written:
-  it is loaded with `check_images=False` only, as such a set would be).
+  it is read with `check_images=False` only, as such a set would be): loaded whole, and streamed
+  (`stream_image_text_pairs`, as `train_mcad.py --streaming` reads it: one pass through a shuffle buffer of 10,000).
 
 Replicas are generated once into `--work_dir` (smooth random images, about the JPEG size of photos). Each
 measurement runs in a fresh process: the training split as `train_mcad.py` loads it (configs/flickr30k_clip_blip.yaml
 and configs/coco_karpathy_clip_blip.yaml: `where`, `image_column`, `image_root`), with every image checked
-(`check_images=True`, the default) and without, then `flatten_pairs`; wall time and peak RSS (VmHWM).
+(`check_images=True`, the default) and without, then `flatten_pairs`; wall time and peak RSS (VmHWM). The streamed
+row: the time to the first pair, to the end of one pass, and the peak RSS.
 """
 
 import argparse
@@ -154,6 +156,27 @@ def load_worker(name: str, folder: Path, check_images: bool) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
+def stream_worker(folder: Path) -> dict:
+    from modeling_mcad.data import stream_image_text_pairs
+
+    started = time.perf_counter()
+    stream = stream_image_text_pairs(folder, caption_column="caption", check_images=False,
+                                     cache_dir=str(folder / f"cache-{time.time_ns()}"))
+    stream = stream.shuffle(seed=0, buffer_size=10_000)
+    pairs, first = 0, None
+    for _ in stream:
+        pairs += 1
+        first = first or time.perf_counter() - started
+    return {"pairs": pairs, "first_s": first, "pass_s": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_worker(*args: str) -> dict:
+    """A measurement in a fresh process (its own peak RSS)."""
+    completed = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
+                               check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", nargs="+", choices=sorted(REPLICAS), default=["flickr30k"])
@@ -162,24 +185,32 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         name, folder, check = args.worker
-        print(json.dumps(load_worker(name, Path(folder), check == "True")))
+        print(json.dumps(stream_worker(Path(folder)) if check == "stream" else
+                         load_worker(name, Path(folder), check == "True")))
         return
-    rows = []
+    rows, streamed = [], []
     for name in args.replicas:
         folder = make_replica(name, args.work_dir / name)
         print(f"{name}: {(folder / 'complete').read_text().strip()}", file=sys.stderr)
         for check in (True, False) if name != "web" else (False,):
-            completed = subprocess.run([sys.executable, __file__, "--worker", name, str(folder), str(check)],
-                                       capture_output=True, text=True, check=True)
-            row = json.loads(completed.stdout.strip().splitlines()[-1])
+            row = run_worker(name, str(folder), str(check))
             rows.append((name, check, row))
             print(name, check, row, file=sys.stderr)
+        if name == "web":
+            streamed.append(run_worker(name, str(folder), "stream"))
+            print(name, "streamed", streamed[-1], file=sys.stderr)
     print("| replica | check_images | images | pairs | load + check (s) | flatten_pairs (s) | total (s) "
           "| peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, check, row in rows:
         print(f"| {name} | {check} | {row['images']:,} | {row['pairs']:,} | {row['load_s']:.1f} | "
               f"{row['flatten_s']:.1f} | {row['load_s'] + row['flatten_s']:.1f} | {row['peak_rss_mib']:.0f} |")
+    if streamed:
+        print("\n| replica, streamed | pairs | first pair (s) | one pass (s) | pairs / s | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|")
+        for row in streamed:
+            print(f"| web | {row['pairs']:,} | {row['first_s']:.1f} | {row['pass_s']:.1f} | "
+                  f"{row['pairs'] / row['pass_s']:,.0f} | {row['peak_rss_mib']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
   that are empty or not strings), so that no bad example can stop an epoch half-way; image modes are converted to
   RGB when batches are made (`to_rgb`).
 - `flatten_pairs(dataset)`: one row per (image, caption) pair for training; evaluation keeps the grouping.
+- `stream_image_text_pairs(name_or_path, split=...)`: a training split too large to hold (a web-scale alt-text set)
+  as a `datasets.IterableDataset` of (image, caption) pairs, checked as they stream by.
 - `OneCaptionPerImageSampler`: each epoch, every image once, with one of its captions drawn afresh (DESIGN §3: a
   contrastive batch must not hold an image twice).
 - `ImageTextCollator`: from the same raw image and caption, the inputs of every model, each made by its own
@@ -52,6 +54,7 @@ PER_CAPTION_COLUMNS = {"canonical": "canonical", "swapped_captions": "swapped_ca
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _MAX_LISTED_PROBLEMS = 10
 _CHUNK_ROWS = 1000  # rows read and checked at a time
+_JOINED_PATH_COLUMN = "mcad_image_file"  # the image path joined from several columns or under image_root
 
 
 # --- images ------------------------------------------------------------------------------------------------------
@@ -216,40 +219,18 @@ def load_image_text_dataset(
         load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `data_files`, `name`).
     """
     source = _load_source(name_or_path, split, **load_kwargs)
-    label = f"{name_or_path} (split {split!r}{f', where {dict(where)}' if where else ''})"
-    caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
-    path_columns = [image_column] if isinstance(image_column, str) else list(image_column)
-    for option, columns in (("image_column", path_columns), ("caption_column", caption_columns)):
-        if not columns or len(set(columns)) != len(columns):
-            raise UserError(f"{label}: {option}={columns} must name one column or a list of distinct columns.")
-    missing = [column for column in (*path_columns, *caption_columns, *(where or {}))
-               if column not in source.column_names]
-    if missing:
-        raise UserError(f"{label} has no column {missing}; its columns are {source.column_names}. "
-                        "Pass image_column= and caption_column= (a column, or a list of them) naming the image and "
-                        "caption columns, and where= keys naming columns.")
+    label = _split_label(name_or_path, split, where)
+    path_columns, caption_columns = _checked_columns(source.features, label, image_column, caption_column, where)
     if where:
         source = _rows_where(source, where, label)
     source = source.select_columns(list(dict.fromkeys([*path_columns, *caption_columns])))
     if len(path_columns) > 1 or image_root is not None:
-        image_column = "mcad_image_file"  # renamed `image` at the end
+        image_column = _JOINED_PATH_COLUMN  # renamed `image` at the end
         source = source.add_column(image_column, _image_paths(source, path_columns, image_root, label))
     else:
         image_column = path_columns[0]
-    source = source.select_columns([image_column, *caption_columns])
+    source = _as_images(source.select_columns([image_column, *caption_columns]), image_column, label)
     one_per_row = len(caption_columns) == 1 and _is_string(source.features[caption_columns[0]])
-    for column in caption_columns:
-        feature = source.features[column]
-        if not _is_string(feature) and not (isinstance(feature, (datasets.Sequence, datasets.LargeList))
-                                            and _is_string(feature.feature)):
-            raise UserError(f"{label}: column {column!r} holds {feature}, not captions; it must hold a string or a "
-                            "list of strings per row.")
-    if not isinstance(source.features[image_column], datasets.Image):
-        try:
-            source = source.cast_column(image_column, datasets.Image())
-        except (TypeError, ValueError, pa.ArrowInvalid) as error:
-            raise UserError(f"{label}: column {image_column!r} holds {source.features[image_column]}, not images "
-                            "or image file paths.") from error
     raw_images = source.cast_column(image_column, datasets.Image(decode=False))
 
     rows, captions, problems = [], [], []  # the rows kept (one per image), their captions, what was wrong
@@ -305,6 +286,156 @@ def load_image_text_dataset(
     return dataset.add_column("captions", captions, feature=datasets.List(datasets.Value("string")))
 
 
+def stream_image_text_pairs(
+    name_or_path: str | os.PathLike,
+    split: str = "train",
+    image_column: str | Sequence[str] = "image",
+    caption_column: str | Sequence[str] = "captions",
+    skip_bad_examples: bool = False,
+    max_image_pixels: int | None = None,
+    check_images: bool = True,
+    where: Mapping[str, Any] | None = None,
+    image_root: str | os.PathLike | None = None,
+    **load_kwargs,
+) -> datasets.IterableDataset:
+    """
+    Stream an image-text dataset too large to hold in memory (a web-scale alt-text set): a `datasets.IterableDataset`
+    of (image, caption) pairs, `image` (`datasets.Image`, not decoded: `ImageTextCollator` decodes a batch's images)
+    and `caption` (`str`). Only the rows on their way to a batch are held.
+
+    It reads the sources and layouts `load_image_text_dataset` reads, with the same options; streaming changes what
+    can be known up front:
+    - rows are checked as they stream by: a bad example (the image, with `check_images`, and the caption, as
+      `load_image_text_dataset` checks them) raises a `UserError` naming the row and its image where it is reached,
+      perhaps half-way through training, or with `skip_bad_examples=True` is left out and logged;
+    - rows are not grouped by image: each caption is a pair of its own, so an image listed in several rows can meet
+      itself as a negative in a batch (rare in a web-scale set);
+    - a `where` that no row matches gives an empty stream, and the number of pairs is unknown until the end.
+    Shuffle it with `.shuffle(seed=..., buffer_size=...)` and call `.set_epoch(epoch)` for a fresh order each epoch.
+
+    Args:
+        name_or_path, split, image_column, caption_column, skip_bad_examples, max_image_pixels, check_images, where,
+        image_root: as for `load_image_text_dataset` (rows named in messages are counted after `where`).
+        load_kwargs: passed to `datasets.load_dataset(..., streaming=True)`.
+    """
+    source = _load_source(name_or_path, split, streaming=True, **load_kwargs)
+    label = _split_label(name_or_path, split, where)
+    if source.features is None:  # a source whose columns datasets cannot tell without reading rows (JSON lines)
+        source = source._resolve_features()
+    features = source.features
+    path_columns, caption_columns = _checked_columns(features, label, image_column, caption_column, where)
+    joined = len(path_columns) > 1 or image_root is not None
+    if joined and not all(_is_string(features[column]) for column in path_columns):
+        raise UserError(f"{label}: image columns {path_columns} must hold file paths (strings) to be joined into a "
+                        f"path under image_root; they hold {[str(features[column]) for column in path_columns]}.")
+    image_feature = features[path_columns[0]]
+    if not joined and not (isinstance(image_feature, datasets.Image) or _is_string(image_feature)):
+        raise UserError(f"{label}: column {path_columns[0]!r} holds {image_feature}, not images or image file paths.")
+    if isinstance(image_feature, datasets.Image):
+        source = source.cast_column(path_columns[0], datasets.Image(decode=False))  # the collator decodes
+    if where:
+        source = source.filter(_RowsWhere(_where_values(features, where, label)), input_columns=list(where),
+                               batched=True)
+    pairs = _StreamedPairs(label, path_columns, caption_columns, image_root if joined else None,
+                           one_per_row=len(caption_columns) == 1 and _is_string(features[caption_columns[0]]),
+                           check_images=check_images, max_image_pixels=max_image_pixels,
+                           skip_bad_examples=skip_bad_examples)
+    return source.map(pairs, batched=True, with_indices=True, remove_columns=list(features),
+                      features=datasets.Features({"image": datasets.Image(decode=False),
+                                                  "caption": datasets.Value("string")}))
+
+
+class _RowsWhere:
+    """The filter of a streamed split's rows by `where` (`allowed`: per column, the values a row may hold)."""
+
+    def __init__(self, allowed: Mapping[str, set]):
+        self.allowed = dict(allowed)
+
+    def __call__(self, *columns: list) -> list[bool]:  # the `where` columns, in `allowed`'s order
+        return [all(value in values for value, values in zip(row, self.allowed.values())) for row in zip(*columns)]
+
+
+class _StreamedPairs:
+    """The map of a streamed split's rows to checked (image, caption) pairs (see `stream_image_text_pairs`)."""
+
+    def __init__(self, label: str, path_columns: list[str], caption_columns: list[str],
+                 image_root: str | os.PathLike | None, one_per_row: bool, check_images: bool,
+                 max_image_pixels: int | None, skip_bad_examples: bool):
+        self.label, self.path_columns, self.caption_columns = label, path_columns, caption_columns
+        self.image_root, self.one_per_row = image_root, one_per_row
+        self.check_images, self.max_image_pixels = check_images, max_image_pixels
+        self.skip_bad_examples = skip_bad_examples
+        self.problems = 0  # left out so far by this process (or DataLoader worker)
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        if self.image_root is not None or len(self.path_columns) > 1:
+            images = [{"path": path, "bytes": None}
+                      for path in _joined_paths([batch[column] for column in self.path_columns], self.image_root)]
+        else:
+            images = [{"path": value, "bytes": None} if isinstance(value, str) else value
+                      for value in batch[self.path_columns[0]]]
+        pairs = {"image": [], "caption": []}
+        for index, image, row_captions in zip(indices, images, _row_captions(batch, self.caption_columns)):
+            place = f"row {index} ({_image_label(image)})"
+            problem = check_image(image, self.max_image_pixels) if self.check_images else None
+            if problem is not None:
+                self._bad(f"{place}: {problem}")
+                continue
+            good, caption_problems = _check_captions(row_captions, self.one_per_row)
+            for caption_problem in caption_problems:
+                self._bad(f"{place}: {caption_problem}")
+            pairs["image"] += [image] * len(good)
+            pairs["caption"] += good
+        return pairs
+
+    def _bad(self, problem: str) -> None:
+        if not self.skip_bad_examples:
+            raise UserError(f"{self.label}: a bad example: {problem}. Fix or remove it, or pass skip_bad_examples=True "
+                            "(train_mcad.py --skip_bad_examples) to leave such examples out.")
+        self.problems += 1
+        if self.problems <= _MAX_LISTED_PROBLEMS or self.problems % 1000 == 0:
+            logger.warning("%s: left out %s (%d left out so far by this reader)", self.label, problem, self.problems)
+
+
+def _split_label(name_or_path, split: str, where: Mapping[str, Any] | None) -> str:
+    """How messages name the split read."""
+    return f"{name_or_path} (split {split!r}{f', where {dict(where)}' if where else ''})"
+
+
+def _checked_columns(features: datasets.Features, label: str, image_column, caption_column,
+                     where: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+    """The image (path) and caption columns as lists, once every named column is known to exist and to hold what
+    it must."""
+    caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
+    path_columns = [image_column] if isinstance(image_column, str) else list(image_column)
+    for option, columns in (("image_column", path_columns), ("caption_column", caption_columns)):
+        if not columns or len(set(columns)) != len(columns):
+            raise UserError(f"{label}: {option}={columns} must name one column or a list of distinct columns.")
+    missing = [column for column in (*path_columns, *caption_columns, *(where or {})) if column not in features]
+    if missing:
+        raise UserError(f"{label} has no column {missing}; its columns are {list(features)}. "
+                        "Pass image_column= and caption_column= (a column, or a list of them) naming the image and "
+                        "caption columns, and where= keys naming columns.")
+    for column in caption_columns:
+        feature = features[column]
+        if not _is_string(feature) and not (isinstance(feature, (datasets.Sequence, datasets.LargeList))
+                                            and _is_string(feature.feature)):
+            raise UserError(f"{label}: column {column!r} holds {feature}, not captions; it must hold a string or a "
+                            "list of strings per row.")
+    return path_columns, caption_columns
+
+
+def _as_images(source, image_column: str, label: str):
+    """`source` with `image_column` as `datasets.Image` (a column of file paths is cast)."""
+    if isinstance(source.features[image_column], datasets.Image):
+        return source
+    try:
+        return source.cast_column(image_column, datasets.Image())
+    except (TypeError, ValueError, pa.ArrowInvalid) as error:
+        raise UserError(f"{label}: column {image_column!r} holds {source.features[image_column]}, not images or "
+                        "image file paths.") from error
+
+
 def _row_captions(chunk: dict, columns: list[str]) -> Iterator:
     """Each row's captions: the one column's value, or the values of several columns gathered in a list (a column
     holding lists contributes its items; nulls are left out)."""
@@ -322,17 +453,34 @@ def _image_paths(source: datasets.Dataset, columns: list[str], root: str | os.Pa
                for column in columns):
         raise UserError(f"{label}: image columns {columns} must hold file paths (strings) to be joined into a path "
                         f"under image_root; they hold {[str(table.column(column).type) for column in columns]}.")
-    parts = zip(*(table.column(column).to_pylist() for column in columns))
-    return [os.path.join(root or "", *(part or "" for part in row)) for row in parts]
+    return _joined_paths([table.column(column).to_pylist() for column in columns], root)
+
+
+def _joined_paths(values: list[list], root: str | os.PathLike | None) -> list[str]:
+    """Per row, the values of the path columns (`values[column][row]`) joined by "/" under `root`."""
+    return [os.path.join(root or "", *(part or "" for part in row)) for row in zip(*values)]
 
 
 def _rows_where(source: datasets.Dataset, where: Mapping[str, Any], label: str) -> datasets.Dataset:
     """The rows of `source` whose columns equal `where`'s values (a list value: any of its items)."""
+    allowed = _where_values(source.features, where, label)
     columns = source.select_columns(list(where)).with_format("arrow")[:]  # only these columns are read
+    keep = np.ones(len(source), bool)
+    for column, values in allowed.items():
+        keep &= np.array([item in values for item in columns.column(column).to_pylist()], bool)
+    if not keep.any():
+        present = {column: sorted({str(item) for item in columns.column(column).to_pylist()})[:20]
+                   for column in allowed}
+        raise UserError(f"{label}: no row matches where={dict(where)}; the columns hold {present}.")
+    return source.select(np.flatnonzero(keep))
+
+
+def _where_values(features: datasets.Features, where: Mapping[str, Any], label: str) -> dict[str, set]:
+    """Per `where` column, the set of values a row may hold there, once they are known to be of the column's type."""
     allowed = {}
     for column, value in where.items():
         values = value if isinstance(value, (list, tuple)) else [value]
-        kind = columns.column(column).type
+        kind = features.arrow_schema.field(column).type
         wanted = (str if pa.types.is_string(kind) or pa.types.is_large_string(kind) else
                   bool if pa.types.is_boolean(kind) else int if pa.types.is_integer(kind) else
                   (int, float) if pa.types.is_floating(kind) else None)
@@ -345,17 +493,11 @@ def _rows_where(source: datasets.Dataset, where: Mapping[str, Any], label: str) 
             raise UserError(f"{label}: where[{column!r}] must be a value or a non-empty list of values of the column's "
                             f"type ({kind}), got {value!r}{advice}.")
         allowed[column] = set(values)
-    keep = np.ones(len(source), bool)
-    for column, values in allowed.items():
-        keep &= np.array([item in values for item in columns.column(column).to_pylist()], bool)
-    if not keep.any():
-        present = {column: sorted({str(item) for item in columns.column(column).to_pylist()})[:20]
-                   for column in allowed}
-        raise UserError(f"{label}: no row matches where={dict(where)}; the columns hold {present}.")
-    return source.select(np.flatnonzero(keep))
+    return allowed
 
 
-def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
+def _load_source(name_or_path, split: str, streaming: bool = False,
+                 **load_kwargs) -> datasets.Dataset | datasets.IterableDataset:
     path = Path(name_or_path)
     if path.is_dir() and ((path / datasets.config.DATASETDICT_JSON_FILENAME).exists()
                           or (path / datasets.config.DATASET_STATE_JSON_FILENAME).exists()):
@@ -363,10 +505,11 @@ def _load_source(name_or_path, split: str, **load_kwargs) -> datasets.Dataset:
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass split= one of them.")
-            return loaded[split]
-        return loaded
+            loaded = loaded[split]
+        # Memory-mapped already; as a stream, one shard per Arrow file (shuffled in order among themselves).
+        return loaded.to_iterable_dataset(num_shards=max(1, len(loaded.cache_files))) if streaming else loaded
     try:
-        return datasets.load_dataset(str(name_or_path), split=split, **load_kwargs)
+        return datasets.load_dataset(str(name_or_path), split=split, streaming=streaming, **load_kwargs)
     except (pa.ArrowInvalid, datasets.exceptions.DatasetGenerationError) as error:
         undecodable = _undecodable_metadata(path) if path.is_dir() else None
         if undecodable:
@@ -751,4 +894,4 @@ class ImageTextCollator:
 
 __all__ = ["ImageTextCollator", "ImageTooLargeError", "OneCaptionPerImageSampler", "TextTable", "TrainingPairs",
            "check_image", "encode_images", "encode_texts", "flatten_pairs", "load_image_text_dataset", "open_image",
-           "to_rgb"]
+           "stream_image_text_pairs", "to_rgb"]

@@ -195,7 +195,7 @@ def test_odd_layout_options_are_refused_by_name(flickr30k, tmp_path, capsys):
         load_image_text_dataset(flickr30k, revison="main", **common)
     streaming = train_mcad.TrainConfig.from_sources(None, {"dataset": str(flickr30k),
                                                            "dataset_options": {"streaming": True}})
-    with pytest.raises(UserError, match=r"dataset_options \['streaming'\] cannot go .*the split is read whole"):
+    with pytest.raises(UserError, match=r"dataset_options \['streaming'\] cannot go .*set them with --streaming"):
         train_mcad.load_splits(streaming, accelerator=None)
     with pytest.raises(SystemExit) as exit:
         train_mcad.parse_args(["--train_where", "{split: train"])
