@@ -102,9 +102,10 @@ class TrainConfig:
     # At lr 1e-3 a CLIP from scratch sits on a plateau (159 validation RSUM after 8000 images × 3 epochs); at 5e-4
     # the same steps reach 400 and five epochs 500, above the bag-of-words floors.
     dual_teacher_training: dict = field(default_factory=lambda: {"epochs": 5, "lr": 5e-4, "batch_size": 128})
-    # Overrides of the fusion teacher's training function's defaults. The shapes fusion teacher:
-    # `modeling_mcad.shapes.train_fusion_stack` (steps, canonical_steps, lr, batch_size, ...). A published
-    # cross-encoder (BLIP, ViLT) with train_teachers: `teacher_training.train_fusion_teacher` (epochs, lr, ...).
+    # Overrides of the fusion teacher's training function's defaults. The shapes fusion teacher on mcad-shapes:
+    # `modeling_mcad.shapes.train_fusion_stack` (steps, canonical_steps, lr, batch_size, ...). On other data, and a
+    # published cross-encoder (BLIP, ViLT) with train_teachers: `teacher_training.train_fusion_teacher` (epochs, lr,
+    # batch_size, ...).
     fusion_teacher_training: dict = field(default_factory=dict)
     teacher_batch_size: int = 64  # images per teacher call in the cache stage
     adapter_objective: str = "one_sided"  # "regression", "one_sided" or "two_sided" (DESIGN §4)
@@ -491,10 +492,6 @@ def teachers(config: TrainConfig, accelerator) -> Path:
         if (config.dual_teacher, config.fusion_teacher) != ("shapes", "shapes"):
             raise UserError("dual_teacher and fusion_teacher are both 'shapes' or both Hub ids / folders.")
         sizes = known_keys(shapes_world.shapes_teachers, "shapes_teachers", config.shapes_teachers)
-    # The options are checked before anything is loaded or trained.
-    train_fusion = shapes_world.train_fusion_stack if shapes else train_fusion_teacher
-    dual_options = known_keys(train_dual_teacher, "dual_teacher_training", config.dual_teacher_training)
-    fusion_options = known_keys(train_fusion, "fusion_teacher_training", config.fusion_teacher_training)
     if teacher_folder(config).exists():
         if not config.overwrite_output_dir:
             raise UserError(
@@ -505,6 +502,14 @@ def teachers(config: TrainConfig, accelerator) -> Path:
         logger.warning("--overwrite_output_dir: the teachers in %s will be replaced", teacher_folder(config))
     settings = run_objective(config)
     splits = load_splits(config, accelerator)
+    # The shapes fusion teacher's own recipe (family siblings, grounding, relation readout) reads mcad-shapes' scene
+    # graph; on other data, and for published teachers, the fusion teacher learns by matching against negatives the
+    # dual teacher mines, as BLIP and ALBEF do.
+    shapes_recipe = shapes and {"scene", "family"} <= set(splits["train"].column_names)
+    train_fusion = shapes_world.train_fusion_stack if shapes_recipe else train_fusion_teacher
+    # The options are checked before anything is trained.
+    dual_options = known_keys(train_dual_teacher, "dual_teacher_training", config.dual_teacher_training)
+    fusion_options = known_keys(train_fusion, "fusion_teacher_training", config.fusion_teacher_training)
     if accelerator.is_main_process:
         train = splits["train"]
         if shapes:
@@ -519,8 +524,9 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             for model in (models.dual, models.fusion):
                 model.requires_grad_(True)
             pairs = TrainingPairs.from_split(train, models.processors)  # every image and text preprocessed once
-            if not shapes:  # the generic recipe mines its negatives with the dual teacher, through its processor
+            if not shapes_recipe:  # the generic recipe mines its negatives with the dual teacher, through its processor
                 fusion_options["dual_processor"] = models.dual_processor
+            logger.info("the fusion teacher trains with %s", train_fusion.__name__)
             train_dual_teacher(models.dual, models.dual_processor, train, seed=config.seed, pairs=pairs,
                                autocast_dtype=precision, **dual_options)
             train_fusion(models.fusion, models.fusion_processor, train, dual_teacher=models.dual, seed=config.seed,
@@ -551,18 +557,27 @@ def teachers(config: TrainConfig, accelerator) -> Path:
         with atomic_directory(teacher_folder(config)) as temporary:
             teacher.save_pretrained(temporary)
 
-        evaluation = splits["eval"]
-        if {"swapped_captions", "flipped_captions", "scene"} <= set(evaluation.column_names):
-            from modeling_mcad.shapes import teacher_gates
-
-            gates = teacher_gates(teacher, evaluation)
-            report["gates"] = {split_label(config, "eval"): gates["gates"]}
-            report["validation_rows"] = gates["rows"]
-            print(f"\nTeachers on the {split_label(config, 'eval')} split:\n\n{results_table(gates['rows'])}\n")
-            print("gates: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in gates["gates"].items()))
+        gates = gates_on(teacher, splits["eval"])
+        report["gates"] = {split_label(config, "eval"): gates["gates"]}
+        report["validation_rows"] = gates["rows"]
+        print(f"\nTeachers on the {split_label(config, 'eval')} split:\n\n{results_table(gates['rows'])}\n")
+        print("gates: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in gates["gates"].items()))
         atomic_write_text(Path(config.output_dir) / "teacher_report.json", json.dumps(report, indent=2))
     accelerator.wait_for_everyone()
     return teacher_folder(config)
+
+
+def gates_on(teacher, split) -> dict:
+    """
+    The teachers' gates on a split (`teacher_gates`): mcad-shapes' where the split has its scene graph and
+    distractors (bag-of-words floors, binding), otherwise any split's (a chance floor, the fusion teacher as a
+    re-ranker).
+    """
+    if {"swapped_captions", "flipped_captions", "scene"} <= set(split.column_names):
+        from modeling_mcad.shapes import teacher_gates
+    else:
+        from modeling_mcad.evaluation import teacher_gates
+    return teacher_gates(teacher, split)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -923,7 +938,7 @@ RESULT_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", 
 
 def evaluate(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad import MCADModel, MCADProcessor
-    from modeling_mcad.evaluation import dual_teacher_encoders, evaluate_model, student_encoders
+    from modeling_mcad.evaluation import evaluate_model, student_encoders
 
     splits = load_splits(config, accelerator)
     results = {}
@@ -932,12 +947,7 @@ def evaluate(config: TrainConfig, accelerator) -> Path:
         output_dir = Path(config.output_dir)
         if teacher_folder(config).exists():
             teacher = load_teacher(config)  # in its own precision, as the cache ran it; the student in float32
-            if {"swapped_captions", "flipped_captions", "scene"} <= set(test.column_names):
-                from modeling_mcad.shapes import teacher_gates
-
-                results.update(teacher_gates(teacher, test)["rows"])  # with the fusion teacher as a re-ranker
-            else:
-                results["dual teacher"] = evaluate_model(*dual_teacher_encoders(teacher), test)
+            results.update(gates_on(teacher, test)["rows"])  # with the fusion teacher as a re-ranker
         student_dir = output_dir / "student"
         if not student_dir.exists():
             raise UserError(f"No student in {student_dir}: run the distill stage first.")

@@ -172,6 +172,13 @@ class MCADFusionModel(PreTrainedModel):
         model.unimodal.load_state_dict(dual.state_dict())
         return model
 
+    def use_dual_teacher(self, dual: CLIPModel | None = None) -> None:
+        """Freeze the unimodal encoders, after copying `dual` (the trained dual teacher) into them when given: only
+        the stack trains then, as ALBEF and BLIP fuse aligned unimodal states."""
+        if dual is not None:
+            self.unimodal.load_state_dict(dual.state_dict())
+        self.unimodal.requires_grad_(False).eval()
+
     def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The unimodal vision encoder's token states ([CLS] first), `(images, 1 + patches, vision width)`."""
         return self.unimodal.vision_model(pixel_values=pixel_values).last_hidden_state

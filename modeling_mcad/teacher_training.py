@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from .cross_encoders import CrossEncoder, FusionOutput, cross_encoder_class
 from .data import TextTable, TrainingPairs
 from .errors import UserError
+from .fusion_model import MCADFusionModel
 from .objectives import ContrastiveLoss, MatchingLoss
 from .optimization import TrainingStep, adamw_with_cosine, autocast
 from .teachers import MCADTeacher, dual_image_embeds, dual_text_embeds
@@ -294,6 +295,8 @@ def train_fusion_teacher(
     """
     start = time.perf_counter()
     prepare_cpu(model)
+    if isinstance(model, MCADFusionModel):  # a stack over the dual teacher's token states: the trained ones
+        model.use_dual_teacher(dual_teacher)
     pairs = pairs if pairs is not None else TrainingPairs.from_split(train_split, {"fusion": processor,
                                                                                    "dual": dual_processor})
     caption_rows, caption_position = torch.unique(pairs.caption_row, return_inverse=True)

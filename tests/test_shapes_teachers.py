@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel
 
-from modeling_mcad import MCADModel
+from modeling_mcad import MCADModel, evaluation
 from modeling_mcad.fusion_model import MCADFusionModel, sincos_positions
 from modeling_mcad.shapes import (
     ORIENTATION_WORDS,
@@ -224,7 +224,7 @@ def test_gates_pass_a_near_perfect_dual_teacher_and_an_oracle_fusion_teacher():
     # Image 0 is among caption 0's top 2: the oracle puts it first.
     assert (reranked["i2t_r1"], reranked["t2i_r1"], reranked["rsum"]) == (100.0, 100.0, 600.0)
     # Within a bag of words the matchers rank at random: far below the dual teacher at R@1.
-    assert all(metrics["rsum"] < 500 for metrics in gates["matchers"].values())
+    assert all(metrics["rsum"] < 500 for metrics in gates["floors"].values())
     assert gates["gates"] == {"dual_beats_matchers": True, "fusion_beats_dual_binding": True,
                               "reranking_beats_dual": True, "passed": True, "fusion_binding_above_90": True}
     assert gates["rows"]["fusion teacher (re-ranks dual top-2)"]["binding_accuracy"] == 100.0
@@ -243,12 +243,30 @@ def test_gates_fail_a_bag_of_words_dual_teacher():
     teachers = ScriptedTeachers(torch.from_numpy(image_embeds), blind_to_binding(torch.from_numpy(caption_embeds)),
                                 match)
     gates = teacher_gates(teachers, split, top_k=2)
-    matchers = gates["matchers"]
-    assert gates["dual"]["rsum"] == matchers["colour_shape_orientation"]["rsum"] > matchers["colour_shape"]["rsum"]
+    matchers = gates["floors"]
+    assert (gates["dual"]["rsum"] == matchers["bag of words (colour_shape_orientation)"]["rsum"]
+            > matchers["bag of words (colour_shape)"]["rsum"])
     assert (gates["fusion"]["swap_accuracy"], gates["fusion"]["flip_accuracy"]) == (100.0, 75.0)
     assert gates["fusion"]["binding_accuracy"] == 87.5 and gates["dual"]["binding_accuracy"] == 50.0
     assert not gates["gates"]["dual_beats_matchers"] and gates["gates"]["fusion_beats_dual_binding"]
     assert not gates["gates"]["passed"] and not gates["gates"]["fusion_binding_above_90"]
+
+
+def test_gates_on_a_split_that_is_not_mcad_shapes_have_a_chance_floor_and_no_binding():
+    """Any split grouped by image (no scene, no distractors): the dual teacher against random embeddings, the fusion
+    teacher as a re-ranker; a re-ranker that reverses the oracle fails."""
+    split = gate_split().remove_columns(["swapped_captions", "flipped_captions", "scene"])
+    image_embeds, text_embeds = near_perfect_dual()
+    gates = evaluation.teacher_gates(ScriptedTeachers(image_embeds, text_embeds, oracle_match), split, top_k=2)
+    assert gates["fusion"] == {} and "binding_accuracy" not in gates["dual"]
+    assert gates["reranked"]["rsum"] == 600.0 and gates["floors"]["chance (random embeddings)"]["rsum"] < 500
+    assert gates["gates"] == {"dual_beats_matchers": True, "reranking_beats_dual": True, "passed": True}
+    assert list(gates["rows"]) == ["dual teacher", "fusion teacher (re-ranks dual top-2)", "chance (random embeddings)"]
+
+    reversed_oracle = evaluation.teacher_gates(
+        ScriptedTeachers(image_embeds, text_embeds, lambda image, text: -oracle_match(image, text)), split, top_k=2)
+    assert reversed_oracle["reranked"]["rsum"] < 587.5
+    assert reversed_oracle["gates"] == {"dual_beats_matchers": True, "reranking_beats_dual": False, "passed": False}
 
 
 def test_gates_fail_a_fusion_teacher_no_better_than_the_dual_teacher():

@@ -321,6 +321,67 @@ def test_smoke_config_runs_every_stage_and_saves_a_loadable_student(tmp_path):
     assert loaded == {"model": "MCADModel", "processor": "MCADProcessor"}
 
 
+def own_photos(folder: Path, images: dict[str, int], seed: int = 0) -> Path:
+    """
+    An imagefolder of a user's own photos, nothing of mcad-shapes in it: counts of coloured blobs on a backdrop,
+    captioned in other words ("three teal lanterns against a dusk sky", "a lone ochre kite ..."), several wordings
+    per image, no scene graph, no distractors.
+    """
+    import random
+
+    from PIL import Image, ImageDraw
+
+    colours = {"teal": (0, 128, 128), "ochre": (204, 119, 34), "crimson": (220, 20, 60), "lilac": (200, 162, 200)}
+    things = ["lanterns", "kites", "mugs", "pebbles"]
+    backdrops = {"a dusk sky": (40, 40, 90), "sand": (230, 210, 160), "snow": (245, 245, 245)}
+    counts = ["a lone", "two", "three", "4"]
+    rng = random.Random(seed)
+    for split, count in images.items():
+        (folder / split).mkdir(parents=True)
+        rows = []
+        for index in range(count):
+            colour, thing, backdrop = rng.choice(list(colours)), rng.choice(things), rng.choice(list(backdrops))
+            number = rng.randrange(4)
+            image = Image.new("RGB", (40, 40), backdrops[backdrop])
+            draw = ImageDraw.Draw(image)
+            for blob in range(number + 1):
+                x, y = rng.randrange(30), rng.randrange(30)
+                draw.ellipse([x, y, x + 8 + 2 * things.index(thing), y + 8], fill=colours[colour])
+            image.save(folder / split / f"{index}.jpg")
+            singular = thing[:-1] if number == 0 else thing
+            rows.append({"file_name": f"{index}.jpg", "captions": [
+                f"{counts[number]} {colour} {singular} against {backdrop}",
+                f"photo: {singular} ({colour}) x{number + 1}, on {backdrop}",
+            ]})
+        (folder / split / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_own_photos_that_are_not_mcad_shapes_run_through_every_stage(tmp_path):
+    """The default teachers on a user's own data: the teachers stage trains both from scratch with the generic
+    recipe (the fusion teacher by matching against negatives the dual teacher mines), reports the gates measured on
+    the user's validation split, and every later stage runs; a failed gate is in the report, not hidden."""
+    photos = own_photos(tmp_path / "photos", {"train": 64, "validation": 16, "test": 16})
+    output = tmp_path / "run"
+    result = run_script("teachers", "cache", "distill", "evaluate", "export", "push", "--config",
+                        REPO_ROOT / "configs" / "smoke.yaml", "--dataset", photos, "--output_dir", output,
+                        "--batch_size", 16, "--fusion_teacher_training", "{epochs: 2, batch_size: 16}",
+                        "--batch_groups", "null", "--canonical_epochs", 0, "--repo_id", "you/own-photos",
+                        "--dry_run", tmp_path / "hub")
+    assert "the fusion teacher trains with train_fusion_teacher" in result.stderr
+    report = json.loads((output / "teacher_report.json").read_text())
+    gates = report["gates"]["validation"]
+    assert set(gates) == {"dual_beats_matchers", "reranking_beats_dual", "passed"}
+    assert gates["passed"] == (gates["dual_beats_matchers"] and gates["reranking_beats_dual"])
+    assert "gates: dual_beats_matchers " in result.stdout and "chance (random embeddings)" in report["validation_rows"]
+    results = json.loads((output / "results.json").read_text())
+    assert list(results) == ["dual teacher", "fusion teacher (re-ranks dual top-10)", "chance (random embeddings)",
+                             "student (mcad_feature)"]
+    assert results["student (mcad_feature)"]["rsum"] > 0 and "swap_accuracy" not in results["dual teacher"]
+    assert (tmp_path / "hub" / "model.safetensors").is_file() and (tmp_path / "hub" / "README.md").is_file()
+
+
 def test_push_publishes_the_teacher_and_another_run_distils_from_it(exported_student, tmp_path):
     """The modified teacher as a Hub citizen: push writes it (code, processors, adapter, report, card) beside the
     student; it loads where the package is absent; another run distils from the published folder."""

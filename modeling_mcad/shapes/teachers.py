@@ -266,9 +266,7 @@ def train_fusion_stack(
         raise ValueError("train_fusion_stack needs mcad-shapes columns `scene` and `family` (the scene graph gives the "
                          "siblings, the grounding and the object order); build the split with make_shapes.")
     pairs = pairs if pairs is not None else TrainingPairs.from_split(train_split, {"fusion": processor})
-    if dual_teacher is not None:
-        model.unimodal.load_state_dict(dual_teacher.state_dict())
-    model.unimodal.requires_grad_(False).eval()
+    model.use_dual_teacher(dual_teacher)
     images = fusion_image_states(model, pairs.pixel_values["fusion"])
     targets = FusionStackTargets.from_pairs(pairs, train_split, processor.tokenizer)
     # Only the stack trains: the frozen encoders are left out of the optimiser and have no gradients.
