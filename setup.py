@@ -23,6 +23,7 @@ setup(
         "transformers>=5.20,<6",
         "accelerate>=1.10",
         "datasets>=4.0",
+        "fsspec>=2023.1",  # images by URL in a streamed split (datasets depends on it too)
         "safetensors>=0.5",  # weights, and the gallery index of mcad-search
         "pyarrow>=15",  # mcad-search export (Parquet); datasets needs it too
         "huggingface_hub>=1.0",

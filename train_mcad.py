@@ -87,10 +87,14 @@ class TrainConfig:
     skip_bad_examples: bool = False
     # Stream the training split instead of loading it: for a set too large to hold (a web-scale alt-text set). Its
     # rows are checked as they arrive, one pair per caption, batches drawn from a shuffle buffer of `shuffle_buffer`
-    # pairs (a fresh order each pass); a stream has no length, so the run is `max_steps` long. The teachers then run
-    # online (no cache stage), from a saved --teacher: the teachers stage needs a split it can hold.
+    # pairs filled from `shuffle_shards` shards at a time (a fresh order each pass); a stream has no length, so the run
+    # is `max_steps` long. The teachers then run online (no cache stage), from a saved --teacher: the teachers stage
+    # needs a split it can hold. Each shard read at once holds a row group: with images embedded in Parquet, lower
+    # shuffle_shards to save memory (Flickr30K replica, 2000 JPEGs a row group: 10 shards 2.0 GB peak, 3 1.2 GB, 1
+    # 0.8 GB; BENCHMARKS.md).
     streaming: bool = False
     shuffle_buffer: int = 10_000
+    shuffle_shards: int = 10
     # The largest image accepted, in pixels (null: PIL's decompression-bomb limit, about 89M). A batch decodes all its
     # images at once: 64 photos of 80 megapixels are 15 GB of pixels, so lower it for datasets of very large photos.
     max_image_pixels: int | None = None
@@ -321,16 +325,19 @@ def split_label(config: TrainConfig, role: str) -> str:
     return getattr(config, f"{role}_split") + (f"[{', '.join(f'{k}={v}' for k, v in where.items())}]" if where else "")
 
 
-def load_splits(config: TrainConfig, accelerator) -> dict:
-    """The training, evaluation and test splits by role (`SPLIT_ROLES`), each grouped by image (`image`,
-    `captions`); with `streaming`, the training split is a stream of pairs (`stream_image_text_pairs`)."""
+def load_splits(config: TrainConfig, accelerator, roles: tuple = SPLIT_ROLES) -> dict:
+    """
+    The splits of `roles` (of `SPLIT_ROLES`: training, evaluation, test), each grouped by image (`image`, `captions`).
+    With `streaming`, the training split is a stream of pairs (`stream_image_text_pairs`) and the others are read
+    as streams too and held (`stream_source`), so that the training split is never prepared whole.
+    """
     from modeling_mcad.data import load_image_text_dataset, stream_image_text_pairs
 
-    names = {role: getattr(config, f"{role}_split") for role in SPLIT_ROLES}
+    names = {role: getattr(config, f"{role}_split") for role in roles}
     if config.dataset != "mcad-shapes":
         own = {"path": "--dataset", "name_or_path": "--dataset", "split": "--train_split / --eval_split / --test_split",
                "where": "--train_where / --eval_where / --test_where", "check_images": None,
-               "streaming": "--streaming"}
+               "streaming": "--streaming", "stream_source": "--streaming"}
         own |= {name: f"--{name}" for name in inspect.signature(load_image_text_dataset).parameters if name not in own
                 and name != "load_kwargs"}
         taken = [name for name in config.dataset_options if name in own]
@@ -339,12 +346,13 @@ def load_splits(config: TrainConfig, accelerator) -> dict:
             raise UserError(f"dataset_options {taken} cannot go to datasets.load_dataset here: "
                             + (f"set them with {', '.join(flags)}." if flags else "the split is read whole, "
                                "every image checked.") + " Leave them out of dataset_options.")
-        streamed = {"train": config.streaming, "eval": False, "test": False}  # evaluation reads a split whole
-        return {role: (stream_image_text_pairs if streamed[role] else load_image_text_dataset)(
-                    config.dataset, split=name, image_column=config.image_column,
-                    caption_column=config.caption_column, skip_bad_examples=config.skip_bad_examples,
-                    max_image_pixels=config.max_image_pixels, where=getattr(config, f"{role}_where"),
-                    image_root=config.image_root, **config.dataset_options)
+        options = {"image_column": config.image_column, "caption_column": config.caption_column,
+                   "skip_bad_examples": config.skip_bad_examples, "max_image_pixels": config.max_image_pixels,
+                   "image_root": config.image_root, **config.dataset_options}
+        return {role: stream_image_text_pairs(config.dataset, split=name, where=config.train_where, **options)
+                if role == "train" and config.streaming else
+                load_image_text_dataset(config.dataset, split=name, where=getattr(config, f"{role}_where"),
+                                        stream_source=config.streaming, **options)
                 for role, name in names.items()}
     filtered = [f"{role}_where" for role in SPLIT_ROLES if getattr(config, f"{role}_where")]
     filtered += [name for name in ("dataset_options", "image_root", "streaming") if getattr(config, name)]
@@ -501,7 +509,7 @@ def teachers(config: TrainConfig, accelerator) -> Path:
             )
         logger.warning("--overwrite_output_dir: the teachers in %s will be replaced", teacher_folder(config))
     settings = run_objective(config)
-    splits = load_splits(config, accelerator)
+    splits = load_splits(config, accelerator, ("train", "eval"))
     # The shapes fusion teacher's own recipe (family siblings, grounding, relation readout) reads mcad-shapes' scene
     # graph; on other data, and for published teachers, the fusion teacher learns by matching against negatives the
     # dual teacher mines, as BLIP and ALBEF do.
@@ -593,7 +601,7 @@ def cache(config: TrainConfig, accelerator) -> Path:
                         "and a stream has no rows to index; a streamed run's teachers run online in the distill "
                         "stage. Leave the cache stage out: `train_mcad.py distill evaluate --streaming ...`.")
     teacher = load_teacher(config, accelerator.device)
-    train = load_splits(config, accelerator)["train"]
+    train = load_splits(config, accelerator, ("train",))["train"]
     return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
                                batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir,
                                negative_columns=ranked_negatives(config))
@@ -646,12 +654,12 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     from modeling_mcad.teacher_cache import TeacherCache
 
     settings = run_objective(config)
-    for name in ("max_steps", "shuffle_buffer"):
+    for name in ("max_steps", "shuffle_buffer", "shuffle_shards"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}.")
     if config.streaming:
         check_streaming(config, settings)
-    train = load_splits(config, accelerator)["train"]
+    train = load_splits(config, accelerator, ("train",))["train"]
 
     # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise and for a
     # stream (which has no rows for a cache to index).
@@ -669,19 +677,23 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
 
     processors = {"student": processor, **(teacher.processors if teacher is not None else {})}
     if config.streaming:  # batches from a shuffle buffer, reshuffled each pass by set_epoch
-        pairs, canonical_epochs = train.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer), 0
+        pairs = train.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer,
+                              max_buffer_input_shards=config.shuffle_shards)
+        canonical_epochs = 0
         order = {}
     else:
         pairs = flatten_pairs(train)
         sampler = training_sampler(config, train, pairs)
-        canonical_epochs = sampler.canonical_epochs
-        # Its own generator: starting an epoch then draws no number from the global RNG, which drives dropout and
-        # which a resumed run restores as it was at the checkpoint.
-        order = {"sampler": sampler, "generator": torch.Generator().manual_seed(config.seed)}
+        canonical_epochs, order = sampler.canonical_epochs, {"sampler": sampler}
     loader = DataLoader(pairs, batch_size=config.batch_size, drop_last=True, **order,
                         collate_fn=ImageTextCollator(processors, negative_columns=config.negative_captions,
                                                      max_image_pixels=config.max_image_pixels),
-                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+                        # Its own generator: starting a pass then draws no number from the global RNG, which drives
+                        # dropout and which a resumed run restores as it was at the checkpoint.
+                        generator=torch.Generator().manual_seed(config.seed))
+    if config.max_steps:
+        logger.info("the run is max_steps=%d optimizer steps long (epochs is not read)", config.max_steps)
     # Accelerate also steps at the end of a pass, on the pass's last, incomplete accumulation.
     total_steps = config.max_steps or config.epochs * math.ceil(len(loader) / config.gradient_accumulation_steps)
     optimizer, scheduler = adamw_with_cosine(module, config.learning_rate, total_steps, config.weight_decay,
@@ -700,10 +712,11 @@ def check_streaming(config: TrainConfig, settings) -> None:
         raise UserError(f"objective {config.objective!r} reads the fusion teacher's scores of each caption from the "
                         "cache (lambda_rank > 0 or a match_threshold), and a streamed run has no cache: set "
                         "lambda_rank to 0 and match_threshold to null, or train without --streaming.")
-    ignored = [name for name in ("batch_groups", "canonical_epochs") if getattr(config, name)]
+    ignored = {"batch_groups": "--batch_groups null", "canonical_epochs": "--canonical_epochs 0"}
+    ignored = {name: flag for name, flag in ignored.items() if getattr(config, name)}
     if ignored:
-        logger.warning("streaming: %s do not apply to a stream (batches come from a shuffle buffer); pass "
-                       "--batch_groups null --canonical_epochs 0 to say so.", " and ".join(ignored))
+        logger.warning("streaming: %s do not apply to a stream (batches come from a shuffle buffer); pass %s to say "
+                       "so.", " and ".join(ignored), " ".join(ignored.values()))
 
 
 def check_adapter_fit(teacher, settings) -> None:
@@ -819,8 +832,10 @@ def distill(config: TrainConfig, accelerator) -> Path:
                 break
         else:  # the pass ran to its end
             if not state["step_in_epoch"]:  # and would run empty forever
-                raise UserError(f"the training split gave no batch of {config.batch_size} pairs (--batch_size) in a "
-                                "whole pass: give it more pairs, or a smaller batch size.")
+                raise UserError(f"the training split {split_label(config, 'train')} gave no batch of "
+                                f"{config.batch_size} pairs (--batch_size) in a whole pass: --train_where keeps no "
+                                "row, every row was left out as bad (--skip_bad_examples), or it holds fewer pairs "
+                                "than a batch. Fix the split or where, or lower --batch_size.")
             state.update(epoch=epoch + 1, step_in_epoch=0)
         checkpoints.save(state)
     progress.close()
@@ -940,7 +955,7 @@ def evaluate(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad import MCADModel, MCADProcessor
     from modeling_mcad.evaluation import evaluate_model, student_encoders
 
-    splits = load_splits(config, accelerator)
+    splits = load_splits(config, accelerator, ("test",))
     results = {}
     if accelerator.is_main_process:
         test = splits["test"]
@@ -979,7 +994,7 @@ def results_table(results: dict[str, dict]) -> str:
 def export(config: TrainConfig, accelerator) -> Path:
     from modeling_mcad.export import export_variants
 
-    splits = load_splits(config, accelerator)
+    splits = load_splits(config, accelerator, ("eval",))
     if accelerator.is_main_process:
         output_dir = Path(config.output_dir)
         report = export_variants(output_dir / "student", output_dir / "export", eval_split=splits["eval"],
@@ -1009,7 +1024,7 @@ def push(config: TrainConfig, accelerator) -> str | None:
         if not (teacher_folder(config) / "config.json").is_file():
             raise UserError(f"No teacher in {teacher_folder(config)} to publish to {config.teacher_repo_id}: run "
                             "the teachers stage first, or leave --teacher_repo_id out.")
-    splits = load_splits(config, accelerator)
+    splits = load_splits(config, accelerator, ("test",))
     if accelerator.is_main_process:
         output_dir = Path(config.output_dir)
         folder = output_dir / "export"
@@ -1123,9 +1138,19 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except UserError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {user_message(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_message(error: UserError) -> str:
+    """The error's own message; one raised in a DataLoader worker (a streamed row's check) comes back from torch as
+    `Caught UserError in DataLoader worker process N. Original Traceback ...` ending with that message."""
+    message = str(error)
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    return message
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ layouts of their Hub copies -> markdown for BENCHMARKS.md.
 - `coco`: yerevann/coco-karpathy's layout — Parquet metadata (`sentences`, `filepath`, `filename`) with the images as
   JPEG files (640 x 480) under COCO's folders on disk: 82,783 train + 30,504 restval + 5,000 + 5,000.
 - `web`: a web-style set of 3,000,000 rows, one alt text per row and an image path each (the files are not written:
-  it is read with `check_images=False` only, as such a set would be): loaded whole, and streamed
-  (`stream_image_text_pairs`, as `train_mcad.py --streaming` reads it: one pass through a shuffle buffer of 10,000).
+  it is read with `check_images=False` only, as such a set would be).
+
+Every replica is also streamed (`stream_image_text_pairs`, as `train_mcad.py --streaming` reads it, with every image
+checked but the web set's: one pass through a shuffle buffer of 10,000).
 
 Replicas are generated once into `--work_dir` (smooth random images, about the JPEG size of photos). Each
 measurement runs in a fresh process: the training split as `train_mcad.py` loads it (configs/flickr30k_clip_blip.yaml
@@ -137,18 +139,23 @@ def peak_rss_mib() -> float:
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
 
-def load_worker(name: str, folder: Path, check_images: bool) -> dict:
-    from modeling_mcad.data import flatten_pairs, load_image_text_dataset
-
+def training_split(name: str, folder: Path) -> tuple[Path, dict]:
+    """The replica's source and the options `train_mcad.py` reads its training split with (the shipped configs)."""
     options = {"flickr30k": {"split": "test", "where": {"split": "train"}, "caption_column": "caption",
                              "data_dir": "TEST"},
                "coco": {"split": "train+restval", "image_column": ["filepath", "filename"],
                         "image_root": folder / "images", "caption_column": "sentences"},
                "web": {"caption_column": "caption"}}[name]
-    source = folder / "hub" if name == "coco" else folder
+    return (folder / "hub" if name == "coco" else folder), {**options,
+                                                             "cache_dir": str(folder / f"cache-{time.time_ns()}")}
+
+
+def load_worker(name: str, folder: Path, check_images: bool) -> dict:
+    from modeling_mcad.data import flatten_pairs, load_image_text_dataset
+
+    source, options = training_split(name, folder)
     started = time.perf_counter()
-    split = load_image_text_dataset(source, check_images=check_images,
-                                    cache_dir=str(folder / f"cache-{time.time_ns()}"), **options)
+    split = load_image_text_dataset(source, check_images=check_images, **options)
     loaded = time.perf_counter()
     pairs = flatten_pairs(split)
     done = time.perf_counter()
@@ -156,12 +163,12 @@ def load_worker(name: str, folder: Path, check_images: bool) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
-def stream_worker(folder: Path) -> dict:
+def stream_worker(name: str, folder: Path, check_images: bool) -> dict:
     from modeling_mcad.data import stream_image_text_pairs
 
+    source, options = training_split(name, folder)
     started = time.perf_counter()
-    stream = stream_image_text_pairs(folder, caption_column="caption", check_images=False,
-                                     cache_dir=str(folder / f"cache-{time.time_ns()}"))
+    stream = stream_image_text_pairs(source, check_images=check_images, **options)
     stream = stream.shuffle(seed=0, buffer_size=10_000)
     pairs, first = 0, None
     for _ in stream:
@@ -185,8 +192,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         name, folder, check = args.worker
-        print(json.dumps(stream_worker(Path(folder)) if check == "stream" else
-                         load_worker(name, Path(folder), check == "True")))
+        streamed, check = check.startswith("stream-"), check.removeprefix("stream-")
+        worker = stream_worker if streamed else load_worker
+        print(json.dumps(worker(name, Path(folder), check == "True")))
         return
     rows, streamed = [], []
     for name in args.replicas:
@@ -196,9 +204,10 @@ def main() -> None:
             row = run_worker(name, str(folder), str(check))
             rows.append((name, check, row))
             print(name, check, row, file=sys.stderr)
-        if name == "web":
-            streamed.append(run_worker(name, str(folder), "stream"))
-            print(name, "streamed", streamed[-1], file=sys.stderr)
+        # Streamed as train_mcad.py --streaming reads it (every image checked), but the web set, whose images
+        # are not written.
+        streamed.append((name, name != "web", run_worker(name, str(folder), f"stream-{name != 'web'}")))
+        print(name, "streamed", streamed[-1], file=sys.stderr)
     print("| replica | check_images | images | pairs | load + check (s) | flatten_pairs (s) | total (s) "
           "| peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -206,10 +215,11 @@ def main() -> None:
         print(f"| {name} | {check} | {row['images']:,} | {row['pairs']:,} | {row['load_s']:.1f} | "
               f"{row['flatten_s']:.1f} | {row['load_s'] + row['flatten_s']:.1f} | {row['peak_rss_mib']:.0f} |")
     if streamed:
-        print("\n| replica, streamed | pairs | first pair (s) | one pass (s) | pairs / s | peak RSS (MiB) |")
-        print("|---|---|---|---|---|---|")
-        for row in streamed:
-            print(f"| web | {row['pairs']:,} | {row['first_s']:.1f} | {row['pass_s']:.1f} | "
+        print("\n| replica, streamed | check_images | pairs | first pair (s) | one pass (s) | pairs / s "
+              "| peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|---|")
+        for name, check, row in streamed:
+            print(f"| {name} | {check} | {row['pairs']:,} | {row['first_s']:.1f} | {row['pass_s']:.1f} | "
                   f"{row['pairs'] / row['pass_s']:,.0f} | {row['peak_rss_mib']:.0f} |")
 
 

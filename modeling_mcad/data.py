@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
@@ -54,6 +55,9 @@ PER_CAPTION_COLUMNS = {"canonical": "canonical", "swapped_captions": "swapped_ca
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _MAX_LISTED_PROBLEMS = 10
 _CHUNK_ROWS = 1000  # rows read and checked at a time
+# Rows a stream turns into pairs at a time: each pair carries its image, so 1000 rows of five captions and embedded
+# photos would be 5000 images in flight (about 1.3 GB more peak memory on the Flickr30K replica than 64 rows).
+_STREAM_BATCH_ROWS = 64
 _JOINED_PATH_COLUMN = "mcad_image_file"  # the image path joined from several columns or under image_root
 
 
@@ -127,6 +131,8 @@ def check_image(image, max_image_pixels: int | None = None) -> str | None:
     What is wrong with an image value (see `open_image`), or None when it decodes fully and converts to RGB.
     Images over `max_image_pixels` (default: PIL's decompression-bomb limit) are refused before being decoded.
     """
+    if image is None:
+        return "no image (null)"
     if isinstance(image, Mapping) and not image.get("bytes"):
         path = image.get("path")
         if not path:
@@ -153,9 +159,12 @@ def check_image(image, max_image_pixels: int | None = None) -> str | None:
 
 
 def _image_label(value) -> str:
+    """How messages name an image: its file, or the hash of its embedded bytes."""
     if isinstance(value, Mapping) and value.get("path"):
         return str(value["path"])
-    return "embedded image"
+    if isinstance(value, Mapping) and value.get("bytes"):
+        return f"embedded image sha1:{hashlib.sha1(value['bytes']).hexdigest()[:12]}"
+    return "no image"
 
 
 def _image_key(value) -> str:
@@ -178,6 +187,7 @@ def load_image_text_dataset(
     check_images: bool = True,
     where: Mapping[str, Any] | None = None,
     image_root: str | os.PathLike | None = None,
+    stream_source: bool = False,
     **load_kwargs,
 ) -> datasets.Dataset:
     """
@@ -216,20 +226,28 @@ def load_image_text_dataset(
             messages are counted after the filter.
         image_root (`str` or `os.PathLike`, *optional*): the folder relative image paths are read from (e.g. where
             COCO's `train2014/` and `val2014/` are).
+        stream_source (`bool`): read the split as a stream and hold only its rows (those `where` keeps):
+            `datasets.load_dataset` otherwise prepares every split of the source first, which beside a web-scale
+            training split (`stream_image_text_pairs`) means downloading and converting all of it.
         load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `data_files`, `name`).
     """
-    source = _load_source(name_or_path, split, **load_kwargs)
+    source = _load_source(name_or_path, split, streaming=stream_source, **load_kwargs)
     label = _split_label(name_or_path, split, where)
-    path_columns, caption_columns = _checked_columns(source.features, label, image_column, caption_column, where)
-    if where:
+    path_columns, caption_columns = _checked_columns(source.features, label, image_column, caption_column, where,
+                                                     image_root)
+    if stream_source:
+        source = _held(source, _where_values(source.features, where, label) if where else {}, label)
+    elif where:
         source = _rows_where(source, where, label)
     source = source.select_columns(list(dict.fromkeys([*path_columns, *caption_columns])))
     if len(path_columns) > 1 or image_root is not None:
         image_column = _JOINED_PATH_COLUMN  # renamed `image` at the end
-        source = source.add_column(image_column, _image_paths(source, path_columns, image_root, label))
+        source = source.add_column(image_column, _image_paths(source, path_columns, image_root))
     else:
         image_column = path_columns[0]
-    source = _as_images(source.select_columns([image_column, *caption_columns]), image_column, label)
+    source = source.select_columns([image_column, *caption_columns])
+    if not isinstance(source.features[image_column], datasets.Image):  # file paths
+        source = source.cast_column(image_column, datasets.Image())
     one_per_row = len(caption_columns) == 1 and _is_string(source.features[caption_columns[0]])
     raw_images = source.cast_column(image_column, datasets.Image(decode=False))
 
@@ -306,8 +324,10 @@ def stream_image_text_pairs(
     It reads the sources and layouts `load_image_text_dataset` reads, with the same options; streaming changes what
     can be known up front:
     - rows are checked as they stream by: a bad example (the image, with `check_images`, and the caption, as
-      `load_image_text_dataset` checks them) raises a `UserError` naming the row and its image where it is reached,
-      perhaps half-way through training, or with `skip_bad_examples=True` is left out and logged;
+      `load_image_text_dataset` checks them) raises a `UserError` naming its image (file, or hash of the embedded
+      bytes) and captions where it is reached, perhaps half-way through training, or with `skip_bad_examples=True`
+      is left out and logged (a streamed row has no stable number: shards and buffers reorder it);
+    - images given by URL (a Hub imagefolder streamed: `hf://...`) are fetched as their rows stream by;
     - rows are not grouped by image: each caption is a pair of its own, so an image listed in several rows can meet
       itself as a negative in a batch (rare in a web-scale set);
     - a `where` that no row matches gives an empty stream, and the number of pairs is unknown until the end.
@@ -315,34 +335,60 @@ def stream_image_text_pairs(
 
     Args:
         name_or_path, split, image_column, caption_column, skip_bad_examples, max_image_pixels, check_images, where,
-        image_root: as for `load_image_text_dataset` (rows named in messages are counted after `where`).
+        image_root: as for `load_image_text_dataset`.
         load_kwargs: passed to `datasets.load_dataset(..., streaming=True)`.
     """
     source = _load_source(name_or_path, split, streaming=True, **load_kwargs)
     label = _split_label(name_or_path, split, where)
-    if source.features is None:  # a source whose columns datasets cannot tell without reading rows (JSON lines)
-        source = source._resolve_features()
     features = source.features
-    path_columns, caption_columns = _checked_columns(features, label, image_column, caption_column, where)
-    joined = len(path_columns) > 1 or image_root is not None
-    if joined and not all(_is_string(features[column]) for column in path_columns):
-        raise UserError(f"{label}: image columns {path_columns} must hold file paths (strings) to be joined into a "
-                        f"path under image_root; they hold {[str(features[column]) for column in path_columns]}.")
-    image_feature = features[path_columns[0]]
-    if not joined and not (isinstance(image_feature, datasets.Image) or _is_string(image_feature)):
-        raise UserError(f"{label}: column {path_columns[0]!r} holds {image_feature}, not images or image file paths.")
-    if isinstance(image_feature, datasets.Image):
+    if features is None:
+        raise UserError(f"datasets cannot tell the columns of {label} without reading it (a JSON source): stream a "
+                        "Parquet or imagefolder copy, or load it without streaming.")
+    path_columns, caption_columns = _checked_columns(features, label, image_column, caption_column, where,
+                                                     image_root)
+    if isinstance(features[path_columns[0]], datasets.Image):
         source = source.cast_column(path_columns[0], datasets.Image(decode=False))  # the collator decodes
     if where:
         source = source.filter(_RowsWhere(_where_values(features, where, label)), input_columns=list(where),
                                batched=True)
-    pairs = _StreamedPairs(label, path_columns, caption_columns, image_root if joined else None,
+    pairs = _StreamedPairs(label, path_columns, caption_columns, image_root,
                            one_per_row=len(caption_columns) == 1 and _is_string(features[caption_columns[0]]),
                            check_images=check_images, max_image_pixels=max_image_pixels,
                            skip_bad_examples=skip_bad_examples)
-    return source.map(pairs, batched=True, with_indices=True, remove_columns=list(features),
+    return source.map(pairs, batched=True, batch_size=_STREAM_BATCH_ROWS, remove_columns=list(features),
                       features=datasets.Features({"image": datasets.Image(decode=False),
                                                   "caption": datasets.Value("string")}))
+
+
+def _fetched(image: dict) -> dict:
+    """An image value with its bytes read when its path is a URL (`hf://`, `https://`: a Hub folder streamed), which
+    PIL cannot open; as it is otherwise."""
+    path = image.get("path")
+    if image.get("bytes") or not path or "://" not in path:
+        return image
+    try:
+        with fsspec.open(path, "rb") as remote:  # hf:// by huggingface_hub's file system, with the user's token
+            return {"path": path, "bytes": remote.read()}
+    except (OSError, ValueError) as error:  # left to the check, which names the row
+        logger.debug("cannot fetch %s: %s", path, error)
+        return image
+
+
+def _held(stream: datasets.IterableDataset, allowed: Mapping[str, set], label: str) -> datasets.Dataset:
+    """The rows of a stream whose columns hold `allowed` values (see `_where_values`), in memory (a split small
+    enough to hold), their images as they are stored (never decoded and encoded again)."""
+    images = [name for name, feature in stream.features.items() if isinstance(feature, datasets.Image)]
+    for name in images:
+        stream = stream.cast_column(name, datasets.Image(decode=False))
+    if allowed:
+        stream = stream.filter(_RowsWhere(allowed), input_columns=list(allowed), batched=True)
+    rows = list(stream)
+    if not rows:
+        raise UserError(f"{label}: no row{' matches where' if allowed else ''}; check the split and where.")
+    held = datasets.Dataset.from_list(rows, features=stream.features)
+    for name in images:
+        held = held.cast_column(name, datasets.Image())
+    return held
 
 
 class _RowsWhere:
@@ -367,16 +413,16 @@ class _StreamedPairs:
         self.skip_bad_examples = skip_bad_examples
         self.problems = 0  # left out so far by this process (or DataLoader worker)
 
-    def __call__(self, batch: dict, indices: list[int]) -> dict:
+    def __call__(self, batch: dict) -> dict:
         if self.image_root is not None or len(self.path_columns) > 1:
             images = [{"path": path, "bytes": None}
                       for path in _joined_paths([batch[column] for column in self.path_columns], self.image_root)]
         else:
-            images = [{"path": value, "bytes": None} if isinstance(value, str) else value
+            images = [{"path": value, "bytes": None} if isinstance(value, str) or value is None else value
                       for value in batch[self.path_columns[0]]]
         pairs = {"image": [], "caption": []}
-        for index, image, row_captions in zip(indices, images, _row_captions(batch, self.caption_columns)):
-            place = f"row {index} ({_image_label(image)})"
+        for image, row_captions in zip(map(_fetched, images), _row_captions(batch, self.caption_columns)):
+            place = f"the row of {_image_label(image)} (captions {str(row_captions)[:100]})"
             problem = check_image(image, self.max_image_pixels) if self.check_images else None
             if problem is not None:
                 self._bad(f"{place}: {problem}")
@@ -403,9 +449,9 @@ def _split_label(name_or_path, split: str, where: Mapping[str, Any] | None) -> s
 
 
 def _checked_columns(features: datasets.Features, label: str, image_column, caption_column,
-                     where: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+                     where: Mapping[str, Any] | None, image_root) -> tuple[list[str], list[str]]:
     """The image (path) and caption columns as lists, once every named column is known to exist and to hold what
-    it must."""
+    it must: images or file paths (several columns, or one under `image_root`: paths to join), captions."""
     caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
     path_columns = [image_column] if isinstance(image_column, str) else list(image_column)
     for option, columns in (("image_column", path_columns), ("caption_column", caption_columns)):
@@ -422,18 +468,15 @@ def _checked_columns(features: datasets.Features, label: str, image_column, capt
                                             and _is_string(feature.feature)):
             raise UserError(f"{label}: column {column!r} holds {feature}, not captions; it must hold a string or a "
                             "list of strings per row.")
+    if len(path_columns) > 1 or image_root is not None:
+        if not all(_is_string(features[column]) for column in path_columns):
+            raise UserError(f"{label}: image columns {path_columns} must hold file paths (strings) to be joined into "
+                            f"a path under image_root; they hold {[str(features[c]) for c in path_columns]}. Pass "
+                            "image_column= naming the path columns, or leave image_root out for a column of images.")
+    elif not (isinstance(features[path_columns[0]], datasets.Image) or _is_string(features[path_columns[0]])):
+        raise UserError(f"{label}: column {path_columns[0]!r} holds {features[path_columns[0]]}, not images or image "
+                        "file paths; pass image_column= naming the column of images.")
     return path_columns, caption_columns
-
-
-def _as_images(source, image_column: str, label: str):
-    """`source` with `image_column` as `datasets.Image` (a column of file paths is cast)."""
-    if isinstance(source.features[image_column], datasets.Image):
-        return source
-    try:
-        return source.cast_column(image_column, datasets.Image())
-    except (TypeError, ValueError, pa.ArrowInvalid) as error:
-        raise UserError(f"{label}: column {image_column!r} holds {source.features[image_column]}, not images or "
-                        "image file paths.") from error
 
 
 def _row_captions(chunk: dict, columns: list[str]) -> Iterator:
@@ -446,13 +489,9 @@ def _row_captions(chunk: dict, columns: list[str]) -> Iterator:
              for caption in (value if isinstance(value, list) else [value])] for values in rows)
 
 
-def _image_paths(source: datasets.Dataset, columns: list[str], root: str | os.PathLike | None, label: str) -> list[str]:
+def _image_paths(source: datasets.Dataset, columns: list[str], root: str | os.PathLike | None) -> list[str]:
     """Each row's image file: its path columns' values joined by "/", under `root` when given."""
     table = source.select_columns(columns).with_format("arrow")[:]
-    if not all(pa.types.is_string(table.column(column).type) or pa.types.is_large_string(table.column(column).type)
-               for column in columns):
-        raise UserError(f"{label}: image columns {columns} must hold file paths (strings) to be joined into a path "
-                        f"under image_root; they hold {[str(table.column(column).type) for column in columns]}.")
     return _joined_paths([table.column(column).to_pylist() for column in columns], root)
 
 

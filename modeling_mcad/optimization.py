@@ -60,7 +60,7 @@ def adamw_with_cosine(
     """
     if total_steps < 1:
         raise UserError(f"total_steps must be >= 1, got {total_steps}: the data gives no full batch. Lower batch_size "
-                        "(or gradient_accumulation_steps), or train on more data.")
+                        "or train on more data.")
     optimizer = torch.optim.AdamW(parameter_groups(module, weight_decay), lr=lr)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
 

@@ -20,6 +20,7 @@ from modeling_mcad.data import (
     OneCaptionPerImageSampler,
     flatten_pairs,
     load_image_text_dataset,
+    stream_image_text_pairs,
     to_rgb,
 )
 from modeling_mcad.shapes import make_shapes, to_imagefolder
@@ -85,6 +86,12 @@ def test_missing_column_is_named(shapes, tmp_path):
     shapes.save_to_disk(str(tmp_path / "dict"))
     with pytest.raises(ValueError, match=r"no column \['caption'\].*columns are \[.*'captions'"):
         load_image_text_dataset(tmp_path / "dict", caption_column="caption")
+    # A column that holds neither images nor paths is named with the fix, loaded or streamed.
+    with pytest.raises(ValueError, match=r"column 'family' holds Value\('int64'\), not images or image file paths; "
+                                        r"pass image_column="):
+        load_image_text_dataset(tmp_path / "dict", image_column="family")
+    with pytest.raises(ValueError, match=r"image columns \['family', 'scene'\] must hold file paths"):
+        stream_image_text_pairs(tmp_path / "dict", image_column=["family", "scene"])
 
 
 # --- pairs and sampling --------------------------------------------------------------------------------------------

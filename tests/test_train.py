@@ -222,6 +222,22 @@ def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions
     assert not (tmp_path / "none" / "cache").exists()
 
 
+def test_max_steps_and_an_incomplete_accumulation_count_the_steps_accelerate_takes(tmp_path):
+    """128 images in batches of 32: 4 batches a pass. Accumulating 3, Accelerate also steps on a pass's last, lone
+    batch (2 steps a pass, 4 in 2 epochs, the schedule's length); max_steps 5 runs into a second pass and stops."""
+    config = write_run(tmp_path / "run", objective="contrastive", epochs=2, gradient_accumulation_steps=3)
+    run_script("distill", "--config", config)
+    summary = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
+    assert summary["global_steps"] == 4 and len(losses(tmp_path / "run")) == 4
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
+    assert all(later < earlier for earlier, later in zip(rates[1:], rates[2:]))  # one cosine to the 4th step
+
+    run_script("distill", "--config", config, "--gradient_accumulation_steps", 1, "--max_steps", 5,
+               "--overwrite_output_dir")
+    summary = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
+    assert summary["global_steps"] == 5 and summary["samples_per_process"] == [5 * 32]
+
+
 @pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
     config = write_run(tmp_path / "run", objective="contrastive", learning_rate=1e25, epochs=3,
