@@ -89,8 +89,8 @@ class TrainConfig:
     # rows are checked as they arrive, one pair per caption, batches drawn from a shuffle buffer of `shuffle_buffer`
     # pairs filled from `shuffle_shards` shards at a time (a fresh order each pass); a stream has no length, so the run
     # is `max_steps` long. The teachers then run online (no cache stage), from a saved --teacher: the teachers stage
-    # needs a split it can hold. Each shard read at once holds a row group: with images embedded in Parquet, lower
-    # shuffle_shards to save memory (Flickr30K replica, 2000 JPEGs a row group: 10 shards 2.0 GB peak, 3 1.2 GB, 1
+    # needs a split it can hold. Each shard read at once adds memory: with images embedded in Parquet, lower
+    # shuffle_shards to save it (Flickr30K replica, 2000 JPEGs a row group: 10 shards 2.0 GB peak, 3 1.2 GB, 1
     # 0.8 GB; BENCHMARKS.md).
     streaming: bool = False
     shuffle_buffer: int = 10_000

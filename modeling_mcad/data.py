@@ -55,8 +55,8 @@ PER_CAPTION_COLUMNS = {"canonical": "canonical", "swapped_captions": "swapped_ca
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _MAX_LISTED_PROBLEMS = 10
 _CHUNK_ROWS = 1000  # rows read and checked at a time
-# Rows a stream turns into pairs at a time: each pair carries its image, so 1000 rows of five captions and embedded
-# photos would be 5000 images in flight (about 1.3 GB more peak memory on the Flickr30K replica than 64 rows).
+# Rows a stream turns into pairs at a time: each pair carries its image, so datasets' default of 1000 rows of five
+# captions and embedded photos would hold 5000 copies of image bytes at once.
 _STREAM_BATCH_ROWS = 64
 _JOINED_PATH_COLUMN = "mcad_image_file"  # the image path joined from several columns or under image_root
 
