@@ -1,13 +1,13 @@
 """When the teachers know more than the labels: MCAD on transfer settings, paired over seeds.
 
     python benchmarks/transfer_table.py [--output_dir outputs/transfer] [--settings small noisy]
-        [--seeds 0 1 2 3 4] [--jobs 2] [--teacher outputs/ablation/teacher] [--write]
+        [--seeds 0 1 2 3 4] [--jobs 2] [--teacher FOLDER] [--write]
 
 The ablation (distill_table.py) trains teachers and students on the same labelled images, where the labels alone
 teach the students what the teachers know. Here the teachers are pretrained once, on images the students never
-see: the ablation's teachers (the demo's recipe on 10 000 mcad-shapes images of data seed 0; distill_table.py's
-`outputs/ablation/teacher`, trained here with its recipe when missing). The students learn from a *transfer set* of
-data seed 7:
+see (`PRETRAINING`: the demo's recipe on 10 000 mcad-shapes images of data seed 0, with the fusion teacher trained
+700 steps instead of 350, long enough to learn relation flips; `OUTPUT_DIR/pretraining/teacher`, trained when
+missing; `--teacher` names another). The students learn from a *transfer set* of data seed 7:
 
 - `tiny`: 500 images with clean captions, where a contrastive student stays well below the teachers (about 425
   RSUM against their 470): the labels teach less than the teachers know;
@@ -66,7 +66,6 @@ from distill_table import (  # noqa: E402
     mean_std,
     paired_difference,
     paired_differences,
-    prepare_teachers,
     row_settings,
     run_folder,
     same_settings,
@@ -76,7 +75,16 @@ from distill_table import (  # noqa: E402
 )
 
 from modeling_mcad.objectives import objective_settings  # noqa: E402
+from modeling_mcad.teacher_cache import teacher_fingerprint  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
+
+# The teachers every setting distils from, pretrained once on 10 000 images of data seed 0 (other images than the
+# students'): the ablation's recipe with the fusion teacher trained twice as long as the demo's 350 steps, long enough
+# to learn relation flips (95% at step 700, docs/experiments/2026-11-29-fusion-teacher.md), which 500 labelled images
+# teach a student only to about 80%: a real cross-encoder has seen far more than a student's transfer set. The dual
+# teacher is the ablation's, trained by the same deterministic recipe.
+PRETRAINING = {"shapes": {**SHAPES, "train": 10000},
+               "fusion_teacher_training": {"steps": 700, "canonical_steps": 200}}
 
 TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
 SETTINGS = {  # name: (description, transfer set, epochs)
@@ -109,12 +117,25 @@ def student_base(root: Path, transfer: dict, epochs: int, teacher: Path) -> dict
             "checkpoint_every_steps": 100}
 
 
+def prepare_pretrained_teachers(root: Path) -> Path:
+    """The teachers of `PRETRAINING`, trained in `root` (once: about 25 minutes on 2 cores) by the teachers stage."""
+    if not (root / "teacher" / "config.json").exists():
+        train_mcad(["teachers"], {"output_dir": str(root), **PRETRAINING}, root / "config.yaml",
+                   ["--overwrite_output_dir"] if (root / "teacher").exists() else [])
+    return root / "teacher"
+
+
 def teacher_rows(base: dict, root: Path, teacher: Path, rows: list) -> dict:
     """
     The teachers' own test rows on this setting's test split (once), and the caches of the transfer set: the plain
     one, and for each row that reads the fusion teacher's scores (ranking, match threshold) the one that holds them.
+    A setting's folder serves one teacher: its runs would otherwise be reused with another (SystemExit).
     """
     rows_file = root / "teacher_rows.json"
+    fingerprint = teacher_fingerprint(teacher)
+    if rows_file.exists() and json.loads(rows_file.read_text()).get("teacher") != fingerprint:
+        raise SystemExit(f"{root} holds the students of another teacher than {teacher}: pass a new --output_dir, or "
+                         "the teacher they were trained with.")
     train_mcad(["cache"], base, root / "config.yaml")  # found, if built before
     ranked = {tuple(negatives): (objective, overrides) for _, objective, overrides, negatives in rows
               if objective_settings(objective, **overrides).uses_match_scores}
@@ -122,12 +143,12 @@ def teacher_rows(base: dict, root: Path, teacher: Path, rows: list) -> dict:
         train_mcad(["cache"], {**base, "objective": objective, "objective_overrides": overrides,
                                "negative_captions": list(negatives)}, root / "config_ranking.yaml")
     if rows_file.exists():
-        return json.loads(rows_file.read_text())
+        return json.loads(rows_file.read_text())["rows"]
     from modeling_mcad.shapes import teacher_gates
     from modeling_mcad.teachers import MCADTeacher
 
     rows = teacher_gates(MCADTeacher.from_pretrained(teacher), shapes_split(base))["rows"]
-    atomic_write_text(rows_file, json.dumps(rows, indent=2))
+    atomic_write_text(rows_file, json.dumps({"teacher": fingerprint, "rows": rows}, indent=2))
     return rows
 
 
@@ -196,23 +217,33 @@ def student_settings(base: dict) -> dict:
     return {key: value for key, value in base.items() if key not in ("output_dir", "teacher", "cpu_threads")}
 
 
+def teachers_read(objective: str, overrides: dict, teachers: dict) -> dict:
+    """The test rows of the teachers a row's students read: none, the dual teacher's, or both teachers'."""
+    settings = objective_settings(objective, **overrides)
+    read = {"dual", "fusion"} if settings.uses_fusion_teacher else {"dual"} if settings.uses_teacher else set()
+    return {name: row for name, row in teachers.items() if name.split()[0] in read and name.split()[1] == "teacher"}
+
+
 def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[str, int], dict]:
     """
     The students a setting's entry of transfer.json records, as `distill_run` results by (row, seed): an earlier
-    machine's, to be paired with this one's. Refused (SystemExit) when they were measured with other teachers or
-    other student settings, or a row's objective settings have changed since.
+    machine's, to be paired with this one's. Refused (SystemExit) when they were measured with other student
+    settings, a row's objective settings have changed since, or a teacher the row reads gave other test rows (a row
+    that reads only the dual teacher is kept when only the fusion teacher changed).
     """
     if not entry:
         return {}
     problems = []
     if entry.get("students") != students:
         problems.append(f"the students' settings were {entry.get('students')}, now {students}")
-    if entry.get("teachers") != teachers:
-        problems.append(f"the teachers' test rows were {entry.get('teachers')}, now {teachers}")
-    current = {row: row_settings(objective, overrides) for row, objective, overrides, _ in ROWS}
-    problems += [f"row {name!r} was trained with {row.get('settings')}, now {current.get(name)}"
-                 for name, row in entry["rows"].items()
-                 if name not in current or not same_settings(row.get("settings"), current[name])]
+    current = {row: (row_settings(objective, overrides), objective, overrides) for row, objective, overrides, _ in ROWS}
+    for name, row in entry["rows"].items():
+        if name not in current or not same_settings(row.get("settings"), current[name][0]):
+            problems.append(f"row {name!r} was trained with {row.get('settings')}, now {current.get(name, [None])[0]}")
+        elif teachers_read(*current[name][1:], entry["teachers"]) != teachers_read(*current[name][1:], teachers):
+            problems.append(f"row {name!r} was trained with other teachers (test rows "
+                            f"{teachers_read(*current[name][1:], entry['teachers'])}, now "
+                            f"{teachers_read(*current[name][1:], teachers)})")
     if problems:
         raise SystemExit(f"{RESULTS} records students that new ones could not be paired with: {'; '.join(problems)}. "
                          "Keep those results elsewhere (e.g. commit them) and remove the setting's entry to start it "
@@ -222,7 +253,7 @@ def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[
             for name, row in entry["rows"].items() for seed, run in row["seeds"].items()}
 
 
-def summary(description: str, students: dict, teachers: dict, probe: dict, results: list[dict]) -> dict:
+def summary(description: str, teacher: str, students: dict, teachers: dict, probe: dict, results: list[dict]) -> dict:
     """The setting's entry of transfer.json: rows by seed, the MCAD variant chosen on validation, paired tests."""
     by_row: dict[str, list[dict]] = {}
     for result in results:
@@ -242,7 +273,8 @@ def summary(description: str, students: dict, teachers: dict, probe: dict, resul
         if None not in cells.values():
             paired[name] = {key: {"mean": mean, "standard_error": error, "seeds": count}
                             for key, (mean, error, count) in cells.items()}
-    return {"description": description, "students": students, "chosen": chosen, "teachers": teachers,
+    return {"description": description, "teacher": teacher, "students": students, "chosen": chosen,
+            "teachers": teachers,
             "target_binding_probe": probe,
             "rows": rows, "paired_chosen_minus_row": paired}
 
@@ -251,7 +283,7 @@ def markdown(report: dict, command: str) -> str:
     lines = [SECTION, "", f"```\n{command}\n```", "", __doc__.split("\n\n", 2)[2].split("\n\nAbout ")[0], ""]
     for setting, entry in report["settings"].items():
         chosen = entry["chosen"]
-        lines += [f"### `{setting}`: {entry['description']}", "",
+        lines += [f"### `{setting}`: {entry['description']}", "", f"Teachers: `{entry.get('teacher')}`.", "",
                   "| model | seeds | " + " | ".join(METRICS) + " | validation RSUM |",
                   "|---|---|" + "---|" * (len(METRICS) + 1)]
         for name, row in entry["teachers"].items():
@@ -310,20 +342,20 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="row names to run, in this order (default: all; "
                         "`--rows` alone: none, only the teachers' rows and the summary)")
     parser.add_argument("--jobs", type=int, default=2, help="students trained at once, one CPU thread each")
-    parser.add_argument("--teacher", type=Path, default=Path("outputs/ablation/teacher"),
-                        help="the pretrained teachers (trained by distill_table.py's recipe when missing)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a saved MCADTeacher to distil from (default: OUTPUT_DIR/pretraining/teacher, trained by "
+                        "the PRETRAINING recipe when missing)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's section and the plot")
     args = parser.parse_args()
     unknown = sorted(set(args.rows or ()) - {row for row, *_ in ROWS})
     if unknown:
         parser.error(f"unknown row(s) {unknown}; the rows are {[row for row, *_ in ROWS]}")
     started = time.perf_counter()
-    if not (args.teacher / "config.json").exists():
-        if args.teacher != Path("outputs/ablation/teacher"):
-            raise SystemExit(f"No teacher in {args.teacher}: pass a saved MCADTeacher folder, or leave --teacher out "
-                             "to train the ablation's (outputs/ablation/teacher, about 25 minutes).")
-        prepare_teachers({"output_dir": "outputs/ablation", "shapes": {**SHAPES, "train": 10000}},
-                         Path("outputs/ablation"))
+    if args.teacher is None:
+        args.teacher = prepare_pretrained_teachers(args.output_dir / "pretraining")
+    elif not (args.teacher / "config.json").exists():
+        raise SystemExit(f"No teacher in {args.teacher}: pass a saved MCADTeacher folder, or leave --teacher out to "
+                         f"train this benchmark's ({args.output_dir / 'pretraining'}, about 25 minutes).")
     if args.jobs > 1:
         torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
     report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
@@ -355,7 +387,8 @@ def main() -> None:
                 result = json.loads(path.read_text()) if path.exists() else recorded.get((row, seed))
                 if result is not None:
                     results.append(result)
-        report["settings"][setting] = summary(description, students, teachers, target_probe(base, root), results)
+        report["settings"][setting] = summary(description, args.teacher.as_posix(), students, teachers,
+                                              target_probe(base, root), results)
     report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))

@@ -379,6 +379,12 @@ class ObjectiveSettings:
         return bool(self.lambda_dist or self.lambda_feat or self.lambda_rank or self.match_threshold is not None)
 
     @property
+    def uses_fusion_teacher(self) -> bool:
+        """Whether the loss reads anything of the fusion teacher (its adapted features, its match logits), not only
+        the dual teacher's v, t: what a result depends on when only one of the teachers changes."""
+        return self.uses_teacher and (self.feature_alpha != 0 or self.beta > 0 or self.uses_match_scores)
+
+    @property
     def uses_match_scores(self) -> bool:
         """Whether the loss reads the fusion teacher's cached match logits (`candidate_match_logits`)."""
         return bool(self.lambda_rank) or self.match_threshold is not None

@@ -295,6 +295,17 @@ def test_ranking_needs_the_cache_not_the_online_teacher():
     assert objective_settings("contrastive", lambda_rank=1.0).uses_teacher  # the ranking alone distils a teacher
 
 
+def test_which_teacher_an_objective_reads():
+    # A result depends on the fusion teacher exactly when the loss reads its adapted features or its scores.
+    assert not objective_settings("contrastive").uses_fusion_teacher  # α = 1 by default, but nothing distilled
+    assert not objective_settings("clip_kd").uses_fusion_teacher
+    assert not objective_settings("clip_kd_feature").uses_fusion_teacher
+    assert objective_settings("fusion_only").uses_fusion_teacher
+    assert objective_settings("mcad_feature").uses_fusion_teacher
+    assert objective_settings("clip_kd", beta=0.5).uses_fusion_teacher  # its match logits blended into Ŝ
+    assert objective_settings("contrastive", match_threshold=8.0).uses_fusion_teacher  # its scores filter the pairs
+
+
 def test_presets_are_settings_of_one_module():
     contrastive = objective_settings("contrastive")
     assert not contrastive.uses_teacher

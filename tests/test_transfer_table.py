@@ -13,7 +13,9 @@ import transfer_table  # noqa: E402
 
 from modeling_mcad.objectives import objective_settings  # noqa: E402
 
-TEACHERS = {"dual teacher": {"rsum": 469.76, "binding_accuracy": 71.06}}
+FUSION = "fusion teacher (re-ranks dual top-10)"
+TEACHERS = {"dual teacher": {"rsum": 469.76, "binding_accuracy": 71.06}, FUSION: {"rsum": 473.84},
+            "bag of words (colour_shape)": {"rsum": 425.16}}
 STUDENTS = {"shapes": {"seed": 7, "train": 500}, "epochs": 128}
 
 
@@ -24,26 +26,25 @@ def finished(row: str, objective: str, seed: int, rsum: float) -> dict:
             **metrics, "rsum": rsum, "validation": {"rsum": rsum + 1}}
 
 
-def recorded_entry() -> dict:
-    results = [finished("contrastive", "contrastive", seed, 400 + seed) for seed in (0, 1)]
-    results += [finished("mcad_feature", "mcad_feature", seed, 410 + 3 * seed) for seed in (0, 1)]
+def recorded_entry(rows=(("contrastive", 400), ("mcad_feature", 410))) -> dict:
+    results = [finished(row, row, seed, rsum + 3 * seed) for row, rsum in rows for seed in (0, 1)]
     # Through JSON, as the entry is committed and read back on another machine.
-    return json.loads(json.dumps(transfer_table.summary("tiny", STUDENTS, TEACHERS, {}, results)))
+    return json.loads(json.dumps(transfer_table.summary("tiny", "teacher", STUDENTS, TEACHERS, {}, results)))
 
 
 def test_recorded_seeds_come_back_as_the_results_they_were_made_from():
     recorded = transfer_table.recorded_results(recorded_entry(), STUDENTS, TEACHERS)
     assert sorted(recorded) == [("contrastive", 0), ("contrastive", 1), ("mcad_feature", 0), ("mcad_feature", 1)]
-    again = transfer_table.summary("tiny", STUDENTS, TEACHERS, {}, list(recorded.values()))
+    again = transfer_table.summary("tiny", "teacher", STUDENTS, TEACHERS, {}, list(recorded.values()))
     assert again == recorded_entry()  # summarising the recorded results reproduces the entry
-    assert again["paired_chosen_minus_row"]["contrastive"]["rsum"]["mean"] == pytest.approx(11.0)
+    assert again["paired_chosen_minus_row"]["contrastive"]["rsum"]["mean"] == pytest.approx(10.0)
 
 
 @pytest.mark.parametrize("change", ["teachers", "students", "row settings"])
 def test_recorded_seeds_are_refused_when_new_ones_could_not_be_paired_with_them(change):
     entry, students, teachers = recorded_entry(), STUDENTS, TEACHERS
     if change == "teachers":  # e.g. teachers retrained on another CPU, which came out different
-        teachers = {"dual teacher": {"rsum": 467.6, "binding_accuracy": 71.6}}
+        teachers = {**TEACHERS, "dual teacher": {"rsum": 467.6, "binding_accuracy": 71.6}}
     elif change == "students":
         students = {**STUDENTS, "epochs": 64}
     else:  # the row's preset changed since the seeds were trained
@@ -64,3 +65,20 @@ def test_recorded_seeds_from_before_a_knob_was_added_still_pair_when_it_is_at_it
 
 def test_a_setting_without_recorded_entry_resumes_nothing():
     assert transfer_table.recorded_results({}, STUDENTS, TEACHERS) == {}
+
+
+def test_a_row_is_refused_only_when_a_teacher_it_reads_has_changed():
+    entry = recorded_entry((("contrastive", 400), ("clip_kd", 405), ("mcad_feature", 410)))
+    other_fusion = {**TEACHERS, FUSION: {"rsum": 490.0}}  # e.g. the fusion teacher trained longer
+    with pytest.raises(SystemExit, match="'mcad_feature' was trained with other teachers"):
+        transfer_table.recorded_results(entry, STUDENTS, other_fusion)
+    del entry["rows"]["mcad_feature"]  # the rows of the fusion teacher removed: the others pair with new seeds
+    assert sorted(transfer_table.recorded_results(entry, STUDENTS, other_fusion)) == [
+        ("clip_kd", 0), ("clip_kd", 1), ("contrastive", 0), ("contrastive", 1)]
+    other_dual = {**other_fusion, "dual teacher": {"rsum": 467.6}}
+    with pytest.raises(SystemExit, match="'clip_kd' was trained with other teachers"):
+        transfer_table.recorded_results(entry, STUDENTS, other_dual)
+    del entry["rows"]["clip_kd"]
+    assert len(transfer_table.recorded_results(entry, STUDENTS, other_dual)) == 2  # contrastive reads no teacher
+    other_words = {**TEACHERS, "bag of words (colour_shape)": {"rsum": 1.0}}  # not a teacher any row reads
+    assert len(transfer_table.recorded_results(recorded_entry(), STUDENTS, other_words)) == 4
