@@ -28,13 +28,15 @@ similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified fea
 NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has and the other MCAD rows lack,
 and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank (each caption ranked against
 its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the fusion teacher can tell a
-wrong caption from its true distractor, and `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank
-the pairs whose caption the fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter). The teachers' own rows
+wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's scores
+sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head), and
+`mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion teacher's ITM
+head scores below 8 (BLIP's CapFilt filter). The teachers' own rows
 are measured on the same test split. Each student is evaluated on the validation split, which chooses the MCAD
 variant (`chosen`), and on the test split, which is reported.
 
 About 6.5 hours on 2 CPU cores with the defaults (180 students of about 4.5 minutes on one thread, two at a time),
-and 25 minutes for the teachers when they are not there yet.
+and 21 minutes for the teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
 resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far (a
@@ -104,6 +106,7 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_negatives", "mcad", {}, NEGATIVES),
     ("mcad_feature_negatives", "mcad_feature", {}, NEGATIVES),
     ("mcad_feature_rank", "mcad_feature_rank", {}, NEGATIVES),
+    ("mcad_feature_rank_sharp", "mcad_feature_rank", {"fusion_temperature": 0.1}, NEGATIVES),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),
 ]
 METRICS = ("i2t_r1", "t2i_r1", "rsum", "swap_accuracy", "flip_accuracy", "binding_accuracy")
