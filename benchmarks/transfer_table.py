@@ -31,9 +31,9 @@ its distractors as the fusion teacher scores them, λ_rank = 1), the row through
 wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's scores
 sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head), and
 `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion teacher's ITM
-head scores below 8 (BLIP's CapFilt filter). The teachers' own rows
-are measured on the same test split. Each student is evaluated on the validation split, which chooses the MCAD
-variant (`chosen`), and on the test split, which is reported.
+head scores below 8 (BLIP's CapFilt filter). The teachers' own rows are measured on the same test split. Each
+student is evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which
+is reported.
 
 About 6.5 hours on 2 CPU cores with the defaults (180 students of about 4.5 minutes on one thread, two at a time),
 and 21 minutes for the teachers when they are not there yet.
@@ -121,7 +121,7 @@ def student_base(root: Path, transfer: dict, epochs: int, teacher: Path) -> dict
 
 
 def prepare_pretrained_teachers(root: Path) -> Path:
-    """The teachers of `PRETRAINING`, trained in `root` (once: about 25 minutes on 2 cores) by the teachers stage."""
+    """The teachers of `PRETRAINING`, trained in `root` (once: about 21 minutes on 2 cores) by the teachers stage."""
     if not (root / "teacher" / "config.json").exists():
         train_mcad(["teachers"], {"output_dir": str(root), **PRETRAINING}, root / "config.yaml",
                    ["--overwrite_output_dir"] if (root / "teacher").exists() else [])
@@ -223,8 +223,8 @@ def student_settings(base: dict) -> dict:
 def teachers_read(objective: str, overrides: dict, teachers: dict) -> dict:
     """The test rows of the teachers a row's students read: none, the dual teacher's, or both teachers'."""
     settings = objective_settings(objective, **overrides)
-    read = {"dual", "fusion"} if settings.uses_fusion_teacher else {"dual"} if settings.uses_teacher else set()
-    return {name: row for name, row in teachers.items() if name.split()[0] in read and name.split()[1] == "teacher"}
+    read = ("dual", "fusion") if settings.uses_fusion_teacher else ("dual",) if settings.uses_teacher else ()
+    return {name: row for name, row in teachers.items() if name.startswith(tuple(f"{t} teacher" for t in read))}
 
 
 def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[str, int], dict]:
@@ -239,14 +239,15 @@ def recorded_results(entry: dict, students: dict, teachers: dict) -> dict[tuple[
     problems = []
     if entry.get("students") != students:
         problems.append(f"the students' settings were {entry.get('students')}, now {students}")
-    current = {row: (row_settings(objective, overrides), objective, overrides) for row, objective, overrides, _ in ROWS}
+    objectives = {row: (objective, overrides) for row, objective, overrides, _ in ROWS}
     for name, row in entry["rows"].items():
-        if name not in current or not same_settings(row.get("settings"), current[name][0]):
-            problems.append(f"row {name!r} was trained with {row.get('settings')}, now {current.get(name, [None])[0]}")
-        elif teachers_read(*current[name][1:], entry["teachers"]) != teachers_read(*current[name][1:], teachers):
-            problems.append(f"row {name!r} was trained with other teachers (test rows "
-                            f"{teachers_read(*current[name][1:], entry['teachers'])}, now "
-                            f"{teachers_read(*current[name][1:], teachers)})")
+        settings = row_settings(*objectives[name]) if name in objectives else None
+        if settings is None or not same_settings(row.get("settings"), settings):
+            problems.append(f"row {name!r} was trained with {row.get('settings')}, now {settings}")
+            continue
+        before, now = (teachers_read(*objectives[name], rows) for rows in (entry["teachers"], teachers))
+        if before != now:
+            problems.append(f"row {name!r} was trained with other teachers (test rows {before}, now {now})")
     if problems:
         raise SystemExit(f"{RESULTS} records students that new ones could not be paired with: {'; '.join(problems)}. "
                          "Keep those results elsewhere (e.g. commit them) and remove the setting's entry to start it "
@@ -277,9 +278,7 @@ def summary(description: str, teacher: str, students: dict, teachers: dict, prob
             paired[name] = {key: {"mean": mean, "standard_error": error, "seeds": count}
                             for key, (mean, error, count) in cells.items()}
     return {"description": description, "teacher": teacher, "students": students, "chosen": chosen,
-            "teachers": teachers,
-            "target_binding_probe": probe,
-            "rows": rows, "paired_chosen_minus_row": paired}
+            "teachers": teachers, "target_binding_probe": probe, "rows": rows, "paired_chosen_minus_row": paired}
 
 
 def markdown(report: dict, command: str) -> str:
@@ -358,7 +357,7 @@ def main() -> None:
         args.teacher = prepare_pretrained_teachers(args.output_dir / "pretraining")
     elif not (args.teacher / "config.json").exists():
         raise SystemExit(f"No teacher in {args.teacher}: pass a saved MCADTeacher folder, or leave --teacher out to "
-                         f"train this benchmark's ({args.output_dir / 'pretraining'}, about 25 minutes).")
+                         f"train this benchmark's ({args.output_dir / 'pretraining'}, about 21 minutes).")
     if args.jobs > 1:
         torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
     report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
