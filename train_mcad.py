@@ -610,16 +610,18 @@ def cache(config: TrainConfig, accelerator) -> Path:
 def ranked_negatives(config: TrainConfig) -> list | None:
     """
     The negative caption columns the fusion teacher scores into the cache beside each caption, when the objective
-    reads those scores (λ_rank > 0 or a match threshold): the run's `negative_captions` (maybe none: the caption's own
-    score alone); None (no scores) otherwise. A ranking objective without negatives is refused.
+    reads those scores (λ_rank > 0, a match threshold or a correction margin): the run's `negative_captions` (maybe
+    none: the caption's own score alone); None (no scores) otherwise. A ranking or correcting objective without
+    negatives is refused.
     """
     settings = run_objective(config)
     if not settings.uses_match_scores:
         return None
-    if settings.lambda_rank and not config.negative_captions:
-        raise UserError(f"objective {config.objective!r} (lambda_rank > 0) ranks each caption against its hard "
-                        "negatives, and --negative_captions names none: pass e.g. --negative_captions swapped_caption "
-                        "flipped_caption, or set lambda_rank to 0.")
+    if (settings.lambda_rank or settings.correction_margin is not None) and not config.negative_captions:
+        raise UserError(f"objective {config.objective!r} (lambda_rank > 0 or a correction_margin) ranks or corrects "
+                        "each caption by its hard negatives, and --negative_captions names none: pass e.g. "
+                        "--negative_captions swapped_caption flipped_caption, or set lambda_rank to 0 and "
+                        "correction_margin to null.")
     return list(config.negative_captions)
 
 
@@ -710,8 +712,9 @@ def check_streaming(config: TrainConfig, settings) -> None:
                         "--max_steps N (optimizer steps; the cosine schedule spans them).")
     if settings.uses_match_scores:
         raise UserError(f"objective {config.objective!r} reads the fusion teacher's scores of each caption from the "
-                        "cache (lambda_rank > 0 or a match_threshold), and a streamed run has no cache: set "
-                        "lambda_rank to 0 and match_threshold to null, or train without --streaming.")
+                        "cache (lambda_rank > 0, a match_threshold or a correction_margin), and a streamed run has no "
+                        "cache: set lambda_rank to 0 and match_threshold and correction_margin to null, or train "
+                        "without --streaming.")
     ignored = {"batch_groups": "--batch_groups null", "canonical_epochs": "--canonical_epochs 0"}
     ignored = {name: flag for name, flag in ignored.items() if getattr(config, name)}
     if ignored:

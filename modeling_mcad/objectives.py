@@ -14,7 +14,10 @@ flipped), L_rank ranks each image's caption against that caption's distractors a
 KL(softmax(m_i· / τ_F) ‖ softmax(S_i·)) over the candidates (the caption and its distractors), a listwise ranking
 distillation over hard candidates scored by the cross-encoder (as CPRD, arXiv 2407.07479, distils a ranking).
 With a match threshold, pairs whose caption the fusion teacher scores below it (m_ii < threshold: it judges them not
-matching, as BLIP's CapFilt filters web captions with its ITM head) leave L_con and L_rank.
+matching, as BLIP's CapFilt filters web captions with its ITM head) leave L_con and L_rank. With a correction margin,
+a pair whose caption the fusion teacher scores below one of its hard negatives by at least the margin trades places
+with that negative in L_con (a wrong caption corrected: the colour swap of a swapped caption is the true one), and
+the match threshold reads the corrected caption's score; L_rank, a KL over the same candidates, is unchanged.
 
 Every baseline of the ablation is a named preset of the same `MCADLoss` (`OBJECTIVE_PRESETS`), so every comparison
 runs one code path, and `ObjectiveSettings` is the one home of the knobs: the adapter fit, the teacher cache and the
@@ -121,6 +124,53 @@ def top_k_candidates(image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: i
         mask.scatter_(1, similarity.topk(k, dim=1).indices, True)
         mask.scatter_(0, similarity.topk(k, dim=0).indices, True)
     return mask
+
+
+def corrected_captions(
+    text_embeds: torch.Tensor,
+    negative_text_embeds: torch.Tensor | None,
+    candidate_match_logits: torch.Tensor,
+    margin: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.BoolTensor]:
+    """
+    Captions corrected by the fusion teacher: where it scores one of a pair's hard negatives at least `margin` above
+    the pair's caption, that negative becomes the pair's caption and the caption takes its place among the negatives
+    (the best-scored negative, where several are). Their scores trade places alike, so the caption's score stays first
+    (the one a match threshold reads). A wrong caption whose distractor is the true one (web alt text with its
+    colours swapped or its relation reversed; a rule-made distractor of a wrong caption undoes the error) is then
+    learnt as the truth, not pushed away.
+
+    Args:
+        text_embeds (`torch.Tensor` of shape `(B, d)`): the captions' embeddings.
+        negative_text_embeds (`torch.Tensor` of shape `(B·K, d)`): K hard negatives per pair, pair by pair; None
+            when K = 0 (nothing is corrected).
+        candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`): the fusion teacher's match logits of image i
+            with its caption and its K negatives, in that order.
+        margin (`float`): how far (in match logits) a negative must score above the caption to replace it.
+
+    Returns:
+        `(text_embeds, negative_text_embeds, candidate_match_logits, corrected)`, the first three with the corrected
+        pairs' caption and negative exchanged, and `corrected` (`torch.BoolTensor` of shape `(B,)`) the pairs that were.
+    """
+    batch, candidates = candidate_match_logits.shape
+    if candidates == 1:  # no negatives (e.g. a canonical epoch without the flips): nothing to correct to
+        return text_embeds, negative_text_embeds, candidate_match_logits, torch.zeros(batch, dtype=torch.bool,
+                                                                                      device=text_embeds.device)
+    if negative_text_embeds is None or len(negative_text_embeds) != batch * (candidates - 1):
+        raise ValueError(f"candidate_match_logits has {candidates - 1} negative(s) per pair for {batch} pairs, so "
+                         f"the correction needs {batch * (candidates - 1)} negative texts, pair by pair; got "
+                         f"{0 if negative_text_embeds is None else len(negative_text_embeds)}.")
+    negatives = negative_text_embeds.view(batch, candidates - 1, -1)
+    best_score, best = candidate_match_logits[:, 1:].max(dim=1)
+    corrected = best_score - candidate_match_logits[:, 0] >= margin
+    # exchanged[i, c]: pair i's caption and its negative c trade places
+    exchanged = F.one_hot(best, candidates - 1).bool() & corrected[:, None]
+    new_text = torch.where(corrected[:, None], negatives[torch.arange(batch), best], text_embeds)
+    new_negatives = torch.where(exchanged[..., None], text_embeds[:, None, :], negatives)
+    caption_score = candidate_match_logits[:, :1]
+    scores = torch.cat([torch.where(corrected[:, None], best_score[:, None], caption_score),
+                        torch.where(exchanged, caption_score, candidate_match_logits[:, 1:])], dim=1)
+    return new_text, new_negatives.reshape(batch * (candidates - 1), -1), scores, corrected
 
 
 # --- Losses ----------------------------------------------------------------------------------------------------------
@@ -325,6 +375,11 @@ class ObjectiveSettings:
         match_threshold (`float`, *optional*): pairs whose caption the fusion teacher scores below this match logit
             are no positives of L_con and L_rank (BLIP's CapFilt filter: a noisy caption out); None keeps every
             pair. The scores come from the teacher cache.
+        correction_margin (`float`, *optional*): a pair whose caption the fusion teacher scores at least this far
+            below one of its hard negatives takes that negative as its caption in L_con, the caption as a negative
+            (`corrected_captions`; a match threshold then reads the corrected caption's score); None corrects none.
+            Needs the negatives and their cached scores, and λ_dist = 0: L_dist's teacher distributions are those
+            of the captions as given.
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
 
@@ -338,6 +393,7 @@ class ObjectiveSettings:
     lambda_feat: float = 1.0
     lambda_rank: float = 0.0
     match_threshold: float | None = None
+    correction_margin: float | None = None
     identity_mix: float = 0.0
 
     def __post_init__(self):
@@ -352,10 +408,18 @@ class ObjectiveSettings:
         if self.match_threshold is not None and not math.isfinite(self.match_threshold):
             raise UserError(f"match_threshold must be a finite match logit or null (keep every pair), got "
                             f"{self.match_threshold!r}.")
+        if self.correction_margin is not None and not (math.isfinite(self.correction_margin)
+                                                        and self.correction_margin >= 0):
+            raise UserError(f"correction_margin must be a finite match logit margin >= 0 or null (correct no caption), "
+                            f"got {self.correction_margin!r}.")
+        if self.correction_margin is not None and self.lambda_dist:
+            raise UserError("correction_margin changes the captions L_con contrasts, while L_dist's teacher "
+                            "distributions are those of the captions as given (the cached teacher features): set "
+                            "lambda_dist to 0, or correction_margin to null.")
         if self.uses_match_scores and self.beta > 0:
-            raise UserError("lambda_rank > 0 and match_threshold read the fusion teacher's scores from the teacher "
-                            "cache, which an objective with beta > 0 does not use: set beta to 0, or lambda_rank to 0 "
-                            "and match_threshold to null.")
+            raise UserError("lambda_rank > 0, match_threshold and correction_margin read the fusion teacher's scores "
+                            "from the teacher cache, which an objective with beta > 0 does not use: set beta to 0, or "
+                            "lambda_rank to 0 and match_threshold and correction_margin to null.")
         for name in ("teacher_temperature", "fusion_temperature"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}.")
@@ -376,7 +440,7 @@ class ObjectiveSettings:
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.lambda_dist or self.lambda_feat or self.lambda_rank or self.match_threshold is not None)
+        return bool(self.lambda_dist or self.lambda_feat or self.uses_match_scores)
 
     @property
     def uses_fusion_teacher(self) -> bool:
@@ -387,7 +451,7 @@ class ObjectiveSettings:
     @property
     def uses_match_scores(self) -> bool:
         """Whether the loss reads the fusion teacher's cached match logits (`candidate_match_logits`)."""
-        return bool(self.lambda_rank) or self.match_threshold is not None
+        return bool(self.lambda_rank) or self.match_threshold is not None or self.correction_margin is not None
 
 
 # The ablation's settings (DESIGN §3, §9). Each is ObjectiveSettings with these fields changed.
@@ -436,12 +500,14 @@ class MCADLossOutput:
     feature: torch.Tensor | None = None
     ranking: torch.Tensor | None = None
     kept_fraction: torch.Tensor | None = None  # with a match threshold: the share of the batch kept as positives
+    corrected_fraction: torch.Tensor | None = None  # with a correction margin: the share of captions corrected
 
 
 class MCADLoss(ContrastiveLoss):
     """
     L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3;
-    with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it.
+    with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it; with a
+    correction margin, L_con contrasts the captions it corrects (`corrected_captions`).
 
     Args:
         settings ([`ObjectiveSettings`]): the knobs (see `objective_settings` for the named presets).
@@ -508,11 +574,19 @@ class MCADLoss(ContrastiveLoss):
             negative_text_embeds (`torch.Tensor` of shape `(B·K, d_S)`, *optional*): hard negatives for L_con (and
                 L_rank): K per pair, pair by pair.
             candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`, *optional*): the fusion teacher's match
-                logits of image i with its caption and with its K hard negatives, in that order (for L_rank and the
-                match threshold).
+                logits of image i with its caption and with its K hard negatives, in that order (for L_rank, the
+                match threshold and the correction).
         """
         s = self.settings
-        student_logits, negative_logits = self.logits(image_embeds, text_embeds, logit_scale, negative_text_embeds)
+        contrasted_text, corrected = text_embeds, None  # L_feat regresses each caption's own target, corrected or not
+        if s.correction_margin is not None:
+            if candidate_match_logits is None:
+                raise ValueError("correction_margin corrects a caption by its hard negatives' match logits: pass "
+                                 "negative_text_embeds and the fusion teacher's candidate_match_logits.")
+            contrasted_text, negative_text_embeds, candidate_match_logits, corrected = corrected_captions(
+                text_embeds, negative_text_embeds, candidate_match_logits, s.correction_margin)
+        student_logits, negative_logits = self.logits(image_embeds, contrasted_text, logit_scale,
+                                                      negative_text_embeds)
         positives = kept = None
         if s.match_threshold is not None:  # the pairs the fusion teacher judges matching stay positives
             if candidate_match_logits is None:
@@ -560,7 +634,8 @@ class MCADLoss(ContrastiveLoss):
             ranking = self.ranking_loss(student_candidates, candidate_match_logits, positives)
             loss = loss + s.lambda_rank * ranking
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
-                              ranking=ranking, kept_fraction=kept)
+                              ranking=ranking, kept_fraction=kept,
+                              corrected_fraction=None if corrected is None else corrected.float().mean())
 
 
 __all__ = [
@@ -573,6 +648,7 @@ __all__ = [
     "MatchingLoss",
     "ObjectiveSettings",
     "RankingDistillationLoss",
+    "corrected_captions",
     "info_nce",
     "modified_features",
     "modified_similarity",

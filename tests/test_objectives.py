@@ -285,6 +285,65 @@ def test_a_match_threshold_leaves_the_pairs_the_fusion_teacher_rejects_out_of_th
         objective_settings("mcad_feature", match_threshold=float("nan"))
 
 
+def test_a_caption_the_fusion_teacher_ranks_below_its_negative_by_the_margin_trades_places_with_it():
+    """With correction_margin, pair 1's second negative (scored 3.0 above its caption) becomes its caption in L_con and
+    the caption its negative; pair 0's (0.5 above: under the margin) and pair 2's stay as they are. L_rank is the same
+    KL over the same candidates, their scores reordered alike."""
+    loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
+                                   correction_margin=1.0)
+    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    match = [[10.0, 10.5, 2.0], [8.0, 6.0, 11.0], [11.0, 2.0, -4.0]]
+    texts = [S_TEXT[0], negatives[3], S_TEXT[2]]  # pair 1's caption is its second negative now ...
+    corrected_negatives = [*negatives[:3], S_TEXT[1], *negatives[4:]]  # ... and its caption that negative
+    corrected_match = [match[0], [11.0, 6.0, 8.0], match[2]]
+    s = matrix(S_IMAGE, texts, SCALE)
+    negclip_rows = [row + [SCALE * dot(image, n) for n in corrected_negatives] for row, image in zip(s, S_IMAGE)]
+    l_con = (sum(-log_softmax(negclip_rows[i])[i] for i in range(3))
+             + sum(-log_softmax(transpose(s)[i])[i] for i in range(3))) / 6
+    student = [[SCALE * dot(S_IMAGE[i], texts[i])] + [SCALE * dot(S_IMAGE[i], n)
+                                                       for n in corrected_negatives[2 * i:2 * i + 2]] for i in range(3)]
+
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    assert out.ranking.item() == pytest.approx(kl_rows(corrected_match, student), rel=1e-5)
+    assert out.corrected_fraction.item() == pytest.approx(1 / 3)
+    # With the threshold too, the corrected caption's score (11) decides whether pair 1 stays a positive.
+    filtered = MCADLoss.from_preset("mcad_feature_rank_filter", student_dim=2, teacher_dim=2, alpha=0.0,
+                                    lambda_feat=0.0, correction_margin=1.0, match_threshold=9.0)
+    out = filtered(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.kept_fraction.item() == 1 and out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    # Without negatives (a canonical epoch that leaves the flips out may leave none) there is nothing to correct to.
+    alone = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                    candidate_match_logits=torch.tensor(match)[:, :1])
+    assert alone.corrected_fraction.item() == 0
+    assert alone.contrastive.item() == pytest.approx(cross_entropy_diagonal(matrix(S_IMAGE, S_TEXT, SCALE)) / 2
+                                                     + cross_entropy_diagonal(transpose(matrix(S_IMAGE, S_TEXT, SCALE)))
+                                                     / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="the correction needs 6 negative texts, pair by pair; got 0"):
+        loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                candidate_match_logits=torch.tensor(match))
+    with pytest.raises(ValueError, match="correction_margin corrects a caption"):
+        loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                negative_text_embeds=negative)
+    # L_feat regresses each caption's own target, whichever text L_con contrasts.
+    with_features = [MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0,
+                                          correction_margin=margin) for margin in (1.0, None)]
+    with_features[1].load_state_dict(with_features[0].state_dict())
+    features = [loss(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                     negative_text_embeds=negative, candidate_match_logits=torch.tensor(match)).feature.item()
+                for loss in with_features]
+    assert features[0] == pytest.approx(features[1])
+    for margin in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="correction_margin must be a finite match logit margin >= 0"):
+            objective_settings("mcad_feature_rank", correction_margin=margin)
+    with pytest.raises(ValueError, match="set lambda_dist to 0"):
+        objective_settings("mcad", correction_margin=0.1)
+    assert objective_settings("contrastive", correction_margin=0.5).uses_match_scores
+
+
 def test_ranking_needs_the_cache_not_the_online_teacher():
     with pytest.raises(ValueError, match="set beta to 0"):
         objective_settings("mcad_feature_rank", beta=0.5)

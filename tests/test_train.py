@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import train_mcad
 from modeling_mcad.configuration_mcad import PRESET_VOCABULARY
+from modeling_mcad.errors import UserError
 from modeling_mcad.teachers import MCADTeacher
 
 from .conftest import REPO_ROOT, run_isolated, snapshot
@@ -209,17 +210,27 @@ def test_two_processes_give_the_losses_of_one(tmp_path, objective):
 def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions_negatives(tmp_path):
     negatives = ["swapped_caption", "flipped_caption"]
     # The first epoch draws canonical captions and leaves relation flips out, with their scores; the second has both.
+    # Margin 0: a caption the (untrained) fusion teacher scores at most as high as one of its negatives is corrected.
     config = write_run(tmp_path / "run", objective="mcad_feature_rank", negative_captions=negatives, epochs=2,
-                       canonical_epochs=1)
+                       canonical_epochs=1, objective_overrides={"correction_margin": 0.0})
     run_script("cache", "distill", "--config", config)
     log = [json.loads(line) for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(row["ranking"] > 0 for row in log)
+    assert any(row["corrected_fraction"] > 0 for row in log) and all(row["corrected_fraction"] < 1 for row in log)
     assert len(list((tmp_path / "run" / "cache").iterdir())) == 1  # the cache with the negatives' scores
 
     refused = run_script("cache", "--config", write_run(tmp_path / "none", objective="mcad_feature_rank"),
                          check=False)
     assert refused.returncode == 2 and "--negative_captions names none" in refused.stderr
     assert not (tmp_path / "none" / "cache").exists()
+
+
+def test_a_correcting_objective_needs_negatives_to_correct_to():
+    correcting = {"objective": "contrastive", "objective_overrides": {"correction_margin": 0.1}}
+    with pytest.raises(UserError, match="--negative_captions names none"):
+        train_mcad.ranked_negatives(train_mcad.TrainConfig(**correcting))
+    negatives = ["swapped_caption"]
+    assert train_mcad.ranked_negatives(train_mcad.TrainConfig(**correcting, negative_captions=negatives)) == negatives
 
 
 def test_max_steps_and_an_incomplete_accumulation_count_the_steps_accelerate_takes(tmp_path):
