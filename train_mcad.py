@@ -707,14 +707,15 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
 
 def check_streaming(config: TrainConfig, settings) -> None:
     """Refuse what a streamed training split cannot do, naming the fix; warn of options it ignores."""
+    from modeling_mcad.objectives import MATCH_SCORES_OFF
+
     if config.max_steps is None:
         raise UserError("streaming: a stream has no length, so the run's length cannot follow from --epochs: pass "
                         "--max_steps N (optimizer steps; the cosine schedule spans them).")
     if settings.uses_match_scores:
         raise UserError(f"objective {config.objective!r} reads the fusion teacher's scores of each caption from the "
-                        "cache (lambda_rank > 0, a match_threshold or a correction_margin), and a streamed run has no "
-                        "cache: set lambda_rank to 0 and match_threshold and correction_margin to null, or train "
-                        "without --streaming.")
+                        f"cache ({', '.join(settings.match_score_knobs)}), and a streamed run has no cache: "
+                        f"{MATCH_SCORES_OFF}, or train without --streaming.")
     ignored = {"batch_groups": "--batch_groups null", "canonical_epochs": "--canonical_epochs 0"}
     ignored = {name: flag for name, flag in ignored.items() if getattr(config, name)}
     if ignored:

@@ -165,7 +165,7 @@ def corrected_captions(
     corrected = best_score - candidate_match_logits[:, 0] >= margin
     # exchanged[i, c]: pair i's caption and its negative c trade places
     exchanged = F.one_hot(best, candidates - 1).bool() & corrected[:, None]
-    new_text = torch.where(corrected[:, None], negatives[torch.arange(batch), best], text_embeds)
+    new_text = torch.where(corrected[:, None], negatives[torch.arange(batch, device=best.device), best], text_embeds)
     new_negatives = torch.where(exchanged[..., None], text_embeds[:, None, :], negatives)
     caption_score = candidate_match_logits[:, :1]
     scores = torch.cat([torch.where(corrected[:, None], best_score[:, None], caption_score),
@@ -353,6 +353,10 @@ class RankingDistillationLoss(nn.Module):
         return mean_over(per_pair, positives)
 
 
+# How to turn off every knob of `ObjectiveSettings.match_score_knobs`, for the errors that refuse them.
+MATCH_SCORES_OFF = "set lambda_rank to 0 and match_threshold and correction_margin to null"
+
+
 @dataclass
 class ObjectiveSettings:
     """
@@ -417,9 +421,9 @@ class ObjectiveSettings:
                             "distributions are those of the captions as given (the cached teacher features): set "
                             "lambda_dist to 0, or correction_margin to null.")
         if self.uses_match_scores and self.beta > 0:
-            raise UserError("lambda_rank > 0, match_threshold and correction_margin read the fusion teacher's scores "
-                            "from the teacher cache, which an objective with beta > 0 does not use: set beta to 0, or "
-                            "lambda_rank to 0 and match_threshold and correction_margin to null.")
+            raise UserError(f"{', '.join(self.match_score_knobs)} read(s) the fusion teacher's scores from the "
+                            f"teacher cache, which an objective with beta > 0 does not use: set beta to 0, or "
+                            f"{MATCH_SCORES_OFF}.")
         for name in ("teacher_temperature", "fusion_temperature"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}.")
@@ -449,9 +453,17 @@ class ObjectiveSettings:
         return self.uses_teacher and (self.feature_alpha != 0 or self.beta > 0 or self.uses_match_scores)
 
     @property
+    def match_score_knobs(self) -> list[str]:
+        """The knobs set that read the fusion teacher's cached match logits (`candidate_match_logits`), as
+        `name=value`: λ_rank > 0, a match threshold, a correction margin."""
+        knobs = {"lambda_rank": self.lambda_rank or None, "match_threshold": self.match_threshold,
+                 "correction_margin": self.correction_margin}
+        return [f"{name}={value}" for name, value in knobs.items() if value is not None]
+
+    @property
     def uses_match_scores(self) -> bool:
         """Whether the loss reads the fusion teacher's cached match logits (`candidate_match_logits`)."""
-        return bool(self.lambda_rank) or self.match_threshold is not None or self.correction_margin is not None
+        return bool(self.match_score_knobs)
 
 
 # The ablation's settings (DESIGN §3, §9). Each is ObjectiveSettings with these fields changed.
