@@ -125,7 +125,8 @@ class TrainConfig:
     # --- objective: a preset of MCADLoss and knob overrides (see modeling_mcad/objectives.py) ---
     objective: str = "mcad_feature"  # the demo's choice on validation; "mcad" is the paper's objective
     objective_overrides: dict = field(default_factory=dict)
-    negative_captions: list = field(default_factory=list)  # e.g. [swapped_caption, flipped_caption]: NegCLIP
+    # e.g. [swapped_caption, flipped_caption]: NegCLIP's; mined_caption: the dual teacher's confusions (cache stage)
+    negative_captions: list = field(default_factory=list)
     # --- distillation ---
     # A column of the training split grouping near-duplicate images (mcad-shapes: "family"; null, or a split
     # without the column: random batches). Batches then hold whole groups: each image's hard negatives (colour-
@@ -594,7 +595,12 @@ def gates_on(teacher, split) -> dict:
 
 
 def cache(config: TrainConfig, accelerator) -> Path:
-    from modeling_mcad.teacher_cache import build_teacher_cache
+    from modeling_mcad.teacher_cache import (
+        MINED_COLUMN,
+        build_teacher_cache,
+        save_mined_captions,
+        with_mined_captions,
+    )
 
     if config.streaming:
         raise UserError("streaming: the cache stage stores the teachers' targets of every training pair by its row, "
@@ -602,9 +608,22 @@ def cache(config: TrainConfig, accelerator) -> Path:
                         "stage. Leave the cache stage out: `train_mcad.py distill evaluate --streaming ...`.")
     teacher = load_teacher(config, accelerator.device)
     train = load_splits(config, accelerator, ("train",))["train"]
-    return build_teacher_cache(teacher, teacher_folder(config), train, config.output_dir, accelerator,
-                               batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir,
-                               negative_columns=ranked_negatives(config))
+    negatives = ranked_negatives(config)
+
+    def build(split, negative_columns):
+        return build_teacher_cache(teacher, teacher_folder(config), split, config.output_dir, accelerator,
+                                   batch_size=config.teacher_batch_size, overwrite=config.overwrite_output_dir,
+                                   negative_columns=negative_columns)
+
+    if MINED_COLUMN not in config.negative_captions:
+        return build(train, negatives)
+    plain = build(train, None)  # the dual teacher's confusions are mined from it and saved beside it
+    if accelerator.is_main_process:
+        save_mined_captions(config.output_dir, teacher_folder(config), train, config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+    if negatives is None:
+        return plain
+    return build(with_mined_captions(train, config.output_dir, teacher_folder(config)), negatives)
 
 
 def ranked_negatives(config: TrainConfig) -> list | None:
@@ -653,7 +672,7 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     from modeling_mcad.distillation import DistillationModule
     from modeling_mcad.objectives import MCADLoss
     from modeling_mcad.optimization import TrainingStep, adamw_with_cosine
-    from modeling_mcad.teacher_cache import TeacherCache
+    from modeling_mcad.teacher_cache import MINED_COLUMN, TeacherCache, with_mined_captions
 
     settings = run_objective(config)
     for name in ("max_steps", "shuffle_buffer", "shuffle_shards"):
@@ -662,6 +681,9 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
     if config.streaming:
         check_streaming(config, settings)
     train = load_splits(config, accelerator, ("train",))["train"]
+    unmined = train  # the split the plain cache is named by: the mined column changes the split's fingerprint
+    if MINED_COLUMN in config.negative_captions:
+        train = with_mined_captions(train, config.output_dir, teacher_folder(config))
 
     # The frozen teacher: read from the cache when β = 0 (then no teacher runs at all), online otherwise and for a
     # stream (which has no rows for a cache to index).
@@ -672,7 +694,9 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
         check_adapter_fit(teacher, settings)
         teacher_dim = teacher.config.teacher_dim
         if settings.beta == 0 and not config.streaming:
-            cache = TeacherCache.for_run(config.output_dir, teacher_folder(config), train, ranked_negatives(config))
+            negatives = ranked_negatives(config)
+            cache = TeacherCache.for_run(config.output_dir, teacher_folder(config),
+                                         unmined if negatives is None else train, negatives)
             teacher = None
     student, processor = build_student(config)
     module = DistillationModule(student, MCADLoss(settings, student.config.projection_dim, teacher_dim))
@@ -708,10 +732,15 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
 def check_streaming(config: TrainConfig, settings) -> None:
     """Refuse what a streamed training split cannot do, naming the fix; warn of options it ignores."""
     from modeling_mcad.objectives import MATCH_SCORES_OFF
+    from modeling_mcad.teacher_cache import MINED_COLUMN
 
     if config.max_steps is None:
         raise UserError("streaming: a stream has no length, so the run's length cannot follow from --epochs: pass "
                         "--max_steps N (optimizer steps; the cosine schedule spans them).")
+    if MINED_COLUMN in config.negative_captions:
+        raise UserError(f"streaming: --negative_captions {MINED_COLUMN} mines each caption's hard negative from the "
+                        f"dual teacher's cache of the whole training split, and a streamed run has no cache: leave "
+                        f"{MINED_COLUMN} out, or train without --streaming.")
     if settings.uses_match_scores:
         raise UserError(f"objective {config.objective!r} reads the fusion teacher's scores of each caption from the "
                         f"cache ({', '.join(settings.match_score_knobs)}), and a streamed run has no cache: "
@@ -797,7 +826,7 @@ def distill(config: TrainConfig, accelerator) -> Path:
                     targets = online_teacher_targets(run.teacher, batch, run.settings, accelerator)
                 negatives = batch.get("negatives")
                 if epoch < run.canonical_epochs:
-                    negatives, targets = without_flips(negatives, targets, config.negative_captions)
+                    negatives, targets = canonical_negatives(negatives, targets, config.negative_captions)
                 output = module(batch["student"], targets, negatives)
                 # Every process holds the same global loss, so all of them skip a non-finite step together.
                 finite = bool(torch.isfinite(output.loss))
@@ -892,18 +921,24 @@ def training_sampler(config: TrainConfig, split, pairs):
                                      canonical_epochs=config.canonical_epochs if canonical is not None else 0)
 
 
-def without_flips(negatives, targets, columns: list):
+# Negative caption columns left out while captions are canonical: words no canonical caption uses (see below).
+NON_CANONICAL_NEGATIVES = ("flipped_caption", "mined_caption")
+
+
+def canonical_negatives(negatives, targets, columns: list):
     """
     A batch's NegCLIP negatives (`columns`, laid out example by example, column by column) and the teacher targets
-    without the relation flips (the fusion teacher's scores of them, where the cache holds those): for the canonical
-    epochs, since a flip of a canonical caption names its relation with the inverse word, which no canonical caption
-    uses, and the word alone would reject it (the fusion teacher's curriculum leaves flips out for the same reason).
+    without the negatives of `NON_CANONICAL_NEGATIVES` (and the fusion teacher's scores of them, where the cache
+    holds those), for the canonical epochs: a relation flip of a canonical caption names its relation with the
+    inverse word, and a mined caption (another image's) may be in any wording; no canonical caption uses those
+    words, so the word alone would reject them (the fusion teacher's curriculum leaves flips out for the same reason).
     """
-    if negatives is None or "flipped_caption" not in columns:
+    left_out = [column in NON_CANONICAL_NEGATIVES for column in columns]
+    if negatives is None or not any(left_out):
         return negatives, targets
-    keep = [row for row in range(len(negatives["input_ids"])) if columns[row % len(columns)] != "flipped_caption"]
+    keep = [row for row in range(len(negatives["input_ids"])) if not left_out[row % len(columns)]]
     if targets is not None and "candidate_match_logits" in targets:  # column 0 is the caption's own score
-        kept_columns = [0] + [1 + index for index, column in enumerate(columns) if column != "flipped_caption"]
+        kept_columns = [0] + [1 + index for index, out in enumerate(left_out) if not out]
         targets = {**targets, "candidate_match_logits": targets["candidate_match_logits"][:, kept_columns]}
     return ({name: value[keep] for name, value in negatives.items()} if keep else None), targets
 

@@ -80,7 +80,7 @@ from distill_table import (  # noqa: E402
 )
 
 from modeling_mcad.objectives import objective_settings  # noqa: E402
-from modeling_mcad.teacher_cache import teacher_fingerprint  # noqa: E402
+from modeling_mcad.teacher_cache import MINED_COLUMN, teacher_fingerprint  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 # The teachers every setting distils from, pretrained once on 10 000 images of data seed 0 (other images than the
@@ -107,6 +107,7 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("negclip_filter", "contrastive", {"match_threshold": 8.0}, NEGATIVES),
     ("negclip_filter_correct", "contrastive", {"match_threshold": 8.0, "correction_margin": CORRECTION_MARGIN},
      NEGATIVES),
+    ("negclip_mined", "contrastive", {}, [*NEGATIVES, MINED_COLUMN]),
     ("clip_kd", "clip_kd", {}, []),
     ("clip_kd_feature", "clip_kd_feature", {}, []),
     ("fusion_only", "fusion_only", {}, []),
@@ -116,6 +117,8 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_feature_negatives", "mcad_feature", {}, NEGATIVES),
     ("mcad_feature_rank", "mcad_feature_rank", {}, NEGATIVES),
     ("mcad_feature_rank_sharp", "mcad_feature_rank", {"fusion_temperature": 0.1}, NEGATIVES),
+    ("mcad_feature_rank_sharp_mined", "mcad_feature_rank", {"fusion_temperature": 0.1},
+     [*NEGATIVES, MINED_COLUMN]),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),
     ("mcad_feature_rank_sharp_filter", "mcad_feature_rank_filter", {"fusion_temperature": 0.1}, NEGATIVES),
     ("mcad_feature_rank_sharp_filter_correct", "mcad_feature_rank_filter",

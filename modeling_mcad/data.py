@@ -49,9 +49,10 @@ from .utils import progress
 
 logger = logging.getLogger(__name__)
 
-# Columns of the per-caption lists of mcad-shapes that `flatten_pairs` carries over, singular per pair.
+# Columns of per-caption lists that `flatten_pairs` carries over, singular per pair: mcad-shapes' (its canonical
+# captions and rule-made distractors) and the captions mined by the dual teacher (`teacher_cache.mine_captions`).
 PER_CAPTION_COLUMNS = {"canonical": "canonical", "swapped_captions": "swapped_caption",
-                       "flipped_captions": "flipped_caption"}
+                       "flipped_captions": "flipped_caption", "mined_captions": "mined_caption"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _MAX_LISTED_PROBLEMS = 10
 _CHUNK_ROWS = 1000  # rows read and checked at a time
@@ -608,7 +609,8 @@ def flatten_pairs(dataset: datasets.Dataset) -> datasets.Dataset:
     """
     One row per (image, caption) pair of a dataset grouped by image (`image`, `captions`): columns `pair_index`
     (the row number), `image_index` (the image's row in `dataset`), `caption`, and, where `dataset` has them, the
-    mcad-shapes per-caption columns in the singular (`canonical`, `swapped_caption`, `flipped_caption`).
+    per-caption columns in the singular (`PER_CAPTION_COLUMNS`: `canonical`, `swapped_caption`, `flipped_caption`,
+    `mined_caption`).
 
     Rows read whole (`pairs[i]`, `pairs[i:j]`, a DataLoader) also carry the decoded `image`, fetched from `dataset`
     when read: the image bytes are not copied once per caption. Single columns (`pairs["caption"]`) do not.

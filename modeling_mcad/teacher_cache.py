@@ -29,6 +29,11 @@ and data match, and the values are checked to be finite when the cache is built 
 copied from another run, a change of `teacher_mixed_precision` or a damaged file is refused with a message, never
 silently distilled from.
 
+With `mined_caption` among the negative captions, the cache stage also mines each caption's hard negative from the
+other images' captions out of the plain cache's v, t (`mine_captions`: the dual teacher's confusions) and saves them
+beside it (`<plain cache>.mined_captions.json`), before the scored cache scores them with the others: the distill
+stage and every process read those texts, which name the scored cache, rather than mining again.
+
 Building shards the images across processes (each runs the teachers on its share, each image encoded once for
 all of its captions); the main process merges the shards in order and publishes the folder atomically.
 """
@@ -47,7 +52,7 @@ import torch
 from .data import PER_CAPTION_COLUMNS, to_rgb
 from .errors import UserError
 from .teachers import MCADTeacher
-from .utils import atomic_directory, progress, recover_directory
+from .utils import atomic_directory, atomic_write_text, progress, recover_directory
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ CACHE_FORMAT = 2  # 2: with its record
 RECORD_FILE = "cache_record.json"
 CACHE_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds", "adapted_image_embeds", "adapted_text_embeds")
 CANDIDATE_COLUMN = "candidate_match_logits"  # with negative caption columns: (1 + K) match logits per pair
+MINED_COLUMN = "mined_caption"  # the negative caption column of the dual teacher's confusions (`mine_captions`)
 
 
 def teacher_fingerprint(teacher_dir: str | Path) -> str:
@@ -329,3 +335,105 @@ class TeacherCache:
         """The cached targets of these pairs, as float32 tensors keyed like `MCADLoss.forward`'s arguments."""
         rows = self.rows[pair_index.tolist()]
         return {name: value.to(device=device, dtype=torch.float32) for name, value in rows.items()}
+
+
+
+@torch.no_grad()
+def mine_captions(split: datasets.Dataset, cache: TeacherCache, images_per_chunk: int = 256) -> list[list[str]]:
+    """
+    Each caption's hard negative from the rest of the split, the dual teacher's confusions: for the r-th caption of
+    image a, the caption text the dual teacher ranks r-th for image a (by <v_a, t>, from the plain cache) among the
+    split's distinct texts that are none of image a's own — the cache-wide counterpart of the in-batch rule the
+    fusion teacher's training mines by (`teacher_training.mine_hard_negatives`).
+
+    Named in --negative_captions as `mined_caption`, it joins L_con as a NegCLIP negative and L_rank as a candidate
+    the fusion teacher scores: where the rule-made distractors order a caption only against its own rewrites, these
+    are the other images' captions a retrieval ranks it against, and the fusion teacher can tell which of them also
+    fit the image (a hard target pushes those away).
+
+    Args:
+        split (`datasets.Dataset`): the training split grouped by image (`captions`), in the cache's pair order.
+        cache ([`TeacherCache`]): the dual teacher's v, t of every pair of `split` (the plain cache).
+        images_per_chunk (`int`): images scored at a time (memory: images_per_chunk × distinct texts floats).
+
+    Returns:
+        The `mined_captions` column: per image, one text per caption.
+
+    Raises:
+        `UserError`: the cache has another number of pairs than the split, or an image has more captions than the
+            split has other distinct texts.
+    """
+    captions = list(split["captions"])
+    counts = torch.tensor([len(texts) for texts in captions])
+    pair_texts = [text for image_captions in captions for text in image_captions]
+    if len(cache.rows) != len(pair_texts):
+        raise UserError(f"The teacher cache {cache.folder} holds {len(cache.rows)} pairs and the training split "
+                        f"{len(pair_texts)}: they are not of the same data. Rebuild the cache (`train_mcad.py cache "
+                        "--overwrite_output_dir`).")
+    text_ids = {text: i for i, text in enumerate(dict.fromkeys(pair_texts))}
+    texts = list(text_ids)
+    text_of_pair = torch.tensor([text_ids[text] for text in pair_texts])
+    first_pair = torch.cumsum(counts, 0) - counts
+    first_of_text = torch.full((len(texts),), len(pair_texts)).scatter_reduce(
+        0, text_of_pair, torch.arange(len(pair_texts)), reduce="amin")
+    image_embeds = cache.rows["teacher_image_embeds"][first_pair.tolist()].float()
+    text_embeds = cache.rows["teacher_text_embeds"][first_of_text.tolist()].float()
+    depth = min(int(counts.max()), len(texts))
+    mined = []
+    for start in range(0, len(captions), images_per_chunk):
+        stop = min(start + images_per_chunk, len(captions))
+        similarity = image_embeds[start:stop] @ text_embeds.t()
+        # The chunk's images are contiguous, so are their pairs: each image's own texts out of its row.
+        pairs = slice(int(first_pair[start]), int(first_pair[stop - 1] + counts[stop - 1]))
+        own_image = torch.repeat_interleave(torch.arange(stop - start), counts[start:stop])
+        similarity[own_image, text_of_pair[pairs]] = float("-inf")
+        scores, ranked = similarity.topk(depth, dim=1)
+        for image, image_scores, image_ranked in zip(range(start, stop), scores.tolist(), ranked.tolist()):
+            needed = len(captions[image])
+            if needed and image_scores[needed - 1] == float("-inf"):
+                raise UserError(
+                    f"{MINED_COLUMN} gives each caption its own hard negative from the other images' captions, and "
+                    f"image {image} of the training split has {needed} captions but the split only "
+                    f"{sum(score > float('-inf') for score in image_scores)} other distinct text(s): leave "
+                    f"{MINED_COLUMN} out of --negative_captions, or train on more images."
+                )
+            mined.append([texts[text] for text in image_ranked[:needed]])
+    return mined
+
+
+def mined_captions_file(output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> Path:
+    """Where the cache stage saves the captions mined from the plain cache of this teacher and split: beside it."""
+    plain = cache_folder(output_dir, cache_key(teacher_dir, split))
+    return plain.with_name(f"{plain.name}.{MINED_COLUMN}s.json")
+
+
+def save_mined_captions(output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset,
+                        overwrite: bool = False) -> Path:
+    """
+    Mine the captions of `split` (`mine_captions`) from its plain cache, which must be built, and save them beside
+    it (atomically; on the main process only). Mined once, so that every process and the distill stage read the
+    same texts, which name the scored cache; kept while the plain cache is, unless `overwrite`.
+    """
+    path = mined_captions_file(output_dir, teacher_dir, split)
+    if overwrite or not path.exists():
+        atomic_write_text(path, json.dumps(mine_captions(split, TeacherCache.for_run(output_dir, teacher_dir, split))))
+    return path
+
+
+def with_mined_captions(split: datasets.Dataset, output_dir: str | Path, teacher_dir: str | Path) -> datasets.Dataset:
+    """
+    `split` with the `mined_captions` column the cache stage saved (`save_mined_captions`).
+
+    Raises:
+        `UserError`: the cache stage has not mined this teacher's and split's captions, or they do not fit the split.
+    """
+    path = mined_captions_file(output_dir, teacher_dir, split)
+    if not path.exists():
+        raise UserError(f"--negative_captions names {MINED_COLUMN}, and no captions were mined for this teacher and "
+                        f"training data ({path}): run the cache stage first (`train_mcad.py cache ...`), or leave "
+                        f"{MINED_COLUMN} out of --negative_captions.")
+    mined = json.loads(path.read_text(encoding="utf-8"))
+    if [len(texts) for texts in mined] != [len(texts) for texts in split["captions"]]:
+        raise UserError(f"The mined captions {path} do not fit the training split's captions (another version of "
+                        "the data under the same fingerprint): run `train_mcad.py cache --overwrite_output_dir`.")
+    return split.add_column(_grouped_column(MINED_COLUMN), mined)

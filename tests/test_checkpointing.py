@@ -209,6 +209,58 @@ def test_a_ranking_cache_holds_the_fusion_teachers_scores_of_each_caption_and_it
         build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, negative_columns=["caption"])
 
 
+def test_mined_captions_are_the_other_images_captions_the_dual_teacher_ranks_highest(tiny_teacher, tmp_path):
+    from modeling_mcad.teacher_cache import (
+        TeacherCache,
+        build_teacher_cache,
+        mine_captions,
+        save_mined_captions,
+        with_mined_captions,
+    )
+    from modeling_mcad.teachers import MCADTeacher
+
+    teacher_dir, split, other_split = tiny_teacher
+    # Image 1 copies two captions of image 0 and image 2 one of image 1's: a text is ranked once, never for an
+    # image it describes.
+    captions = list(split["captions"])
+    captions[1] = captions[0][:2] + captions[1][2:]
+    captions[2] = captions[1][2:3] + captions[2][1:]
+    split = split.remove_columns("captions").add_column("captions", captions)
+    with pytest.raises(UserError, match="run the cache stage first"):
+        with_mined_captions(split, tmp_path, teacher_dir)
+    cache = TeacherCache(build_teacher_cache(MCADTeacher.from_pretrained(teacher_dir), teacher_dir, split, tmp_path,
+                                             ONE_PROCESS, batch_size=4))
+    mined = mine_captions(split, cache, images_per_chunk=3)  # chunks that do not divide the 8 images
+    v, t = (cache.rows[name][:].float() for name in ("teacher_image_embeds", "teacher_text_embeds"))
+    pair_texts = [text for image_captions in captions for text in image_captions]
+    first_pair = 0
+    for image, own in enumerate(captions):
+        # By hand: image a's score of each distinct text (its first pair's embedding) that is none of a's own.
+        scores = {}
+        for j, text in enumerate(pair_texts):
+            if text not in own and text not in scores:
+                scores[text] = float(v[first_pair] @ t[j])
+        assert mined[image] == sorted(scores, key=lambda text: -scores[text])[:len(own)]
+        first_pair += len(own)
+    assert mined[0] != mined[1]  # the copied texts are image 1's own, not its negatives
+
+    saved = save_mined_captions(tmp_path, teacher_dir, split)
+    assert with_mined_captions(split, tmp_path, teacher_dir)["mined_captions"] == mined
+    saved.write_text(json.dumps(mined[:-1]))
+    with pytest.raises(UserError, match="do not fit the training split's captions"):
+        with_mined_captions(split, tmp_path, teacher_dir)
+    with pytest.raises(UserError, match="holds 40 pairs and the training split 3"):
+        mine_captions(other_split.select([0]).map(lambda row: {"captions": row["captions"][:3]}), cache)
+
+    # Two images alike in every text: neither has another text to be mined.
+    twins = split.select([0, 0])
+    twin_cache = TeacherCache(build_teacher_cache(MCADTeacher.from_pretrained(teacher_dir), teacher_dir, twins,
+                                                  tmp_path / "twins", ONE_PROCESS))
+    with pytest.raises(UserError, match="image 0 of the training split has 5 captions but the split only 0 other "
+                                        "distinct text"):
+        mine_captions(twins, twin_cache)
+
+
 def test_a_teacher_giving_nonfinite_values_is_refused_before_its_cache_is_written(tiny_teacher, tmp_path):
     from modeling_mcad.teacher_cache import build_teacher_cache
     from modeling_mcad.teachers import MCADTeacher

@@ -226,6 +226,8 @@ def test_what_a_stream_cannot_do_is_refused_by_name(photos, tmp_path, capsys):
         ["distill", "--config", config, "--max_steps", "null"], capsys, leaves_unchanged=tmp_path / "run")
     assert "a streamed run has no cache: set lambda_rank to 0" in train_script_error(
         ["distill", "--config", config, "--objective", "mcad_feature_rank_filter"], capsys)
+    assert "leave mined_caption out, or train without --streaming" in train_script_error(
+        ["distill", "--config", config, "--negative_captions", "[mined_caption]"], capsys)
     assert "Leave the cache stage out" in train_script_error(["cache", "--config", config], capsys)
     assert "the teachers stage trains the teachers on the whole training split" in train_script_error(
         ["teachers", "--config", config], capsys)

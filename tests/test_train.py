@@ -124,21 +124,24 @@ def test_distill_batches_whole_families_with_canonical_captions_first(caplog):
     assert sampler.canonical_epochs == 0
 
 
-def test_relation_flips_are_left_out_of_negclip_negatives_while_captions_are_canonical():
+def test_relation_flips_and_mined_captions_are_left_out_of_negclip_negatives_while_captions_are_canonical():
     # Two negatives per example, example by example: swap, flip, swap, flip, ...
     negatives = {"input_ids": torch.arange(12).view(6, 2), "attention_mask": torch.ones(6, 2)}
     columns = ["swapped_caption", "flipped_caption"]
     # The fusion teacher's scores of (caption, swap, flip) per example leave with their negatives.
     targets = {"teacher_image_embeds": torch.zeros(3, 4), "candidate_match_logits": torch.arange(9.0).view(3, 3)}
-    kept, kept_targets = train_mcad.without_flips(negatives, targets, columns)
+    kept, kept_targets = train_mcad.canonical_negatives(negatives, targets, columns)
     assert kept["input_ids"].tolist() == [[0, 1], [4, 5], [8, 9]] and kept["attention_mask"].shape == (3, 2)
     assert kept_targets["candidate_match_logits"].tolist() == [[0, 1], [3, 4], [6, 7]]
     assert kept_targets["teacher_image_embeds"] is targets["teacher_image_embeds"]
-    assert train_mcad.without_flips(negatives, None, columns)[1] is None
-    assert train_mcad.without_flips(negatives, targets, ["swapped_caption"]) == (negatives, targets)
+    assert train_mcad.canonical_negatives(negatives, None, columns)[1] is None
+    assert train_mcad.canonical_negatives(negatives, targets, ["swapped_caption"]) == (negatives, targets)
     only_flips = {**targets, "candidate_match_logits": torch.arange(6.0).view(3, 2)}
-    none_left, caption_only = train_mcad.without_flips(negatives, only_flips, ["flipped_caption"])
+    none_left, caption_only = train_mcad.canonical_negatives(negatives, only_flips, ["flipped_caption"])
     assert none_left is None and caption_only["candidate_match_logits"].tolist() == [[0], [2], [4]]
+    mined, mined_targets = train_mcad.canonical_negatives(negatives, targets, ["mined_caption", "swapped_caption"])
+    assert mined["input_ids"].tolist() == [[2, 3], [6, 7], [10, 11]]
+    assert mined_targets["candidate_match_logits"].tolist() == [[0, 2], [3, 5], [6, 8]]
 
 
 def test_the_cache_scores_the_negatives_only_for_a_ranking_objective():
@@ -223,6 +226,29 @@ def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions
                          check=False)
     assert refused.returncode == 2 and "--negative_captions names none" in refused.stderr
     assert not (tmp_path / "none" / "cache").exists()
+
+
+def test_mined_captions_join_the_negatives_from_the_plain_cache(tmp_path):
+    # The cache stage builds the plain cache, mines each caption's negative from it, then scores the candidates.
+    config = write_run(tmp_path / "run", objective="mcad_feature_rank",
+                       negative_captions=["swapped_caption", "mined_caption"])
+    run_script("cache", "distill", "--config", config)
+    log = [json.loads(line) for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(row["ranking"] > 0 for row in log)
+    cache = tmp_path / "run" / "cache"
+    (mined,) = cache.glob("*.mined_captions.json")
+    plain = cache / mined.name.split(".")[0]
+    (scored,) = {folder for folder in cache.iterdir() if folder.is_dir()} - {plain}
+    assert len(load_from_disk(str(plain)).column_names) == 5  # the targets and the pair index: no scores
+    assert len(load_from_disk(str(scored))[0]["candidate_match_logits"]) == 3  # caption, swap, mined
+    # A NegCLIP run reads the same mined captions, and scores nothing.
+    run_script("distill", "--config", config, "--objective", "contrastive", "--overwrite_output_dir")
+    assert len(list(cache.iterdir())) == 3
+    assert len((tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()) == 4
+
+    fresh = write_run(tmp_path / "fresh", objective="contrastive", negative_captions=["mined_caption"])
+    refused = run_script("distill", "--config", fresh, check=False)
+    assert refused.returncode == 2 and "no captions were mined" in refused.stderr
 
 
 def test_a_correcting_objective_needs_negatives_to_correct_to():
