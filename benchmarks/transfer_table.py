@@ -30,15 +30,17 @@ and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation 
 its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the fusion teacher can tell a
 wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's scores
 sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head),
-`mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion teacher's ITM
-head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
+`mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's caption the
+dual teacher confuses with it (`mined_caption`: the candidates a retrieval ranks it against, beyond its own
+rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion
+teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
 `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits below one
 of its distractors to that distractor (`correction_margin`), with its non-distilling control `negclip_filter_correct`
 (negclip filtered and corrected alike). The teachers' own rows are measured on the same test split. Each
 student is evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the test split, which
 is reported.
 
-About 9 hours on 2 CPU cores with the defaults (240 students of about 4.5 minutes on one thread, two at a time),
+About 9.5 hours on 2 CPU cores with the defaults (255 students of about 4.5 minutes on one thread, two at a time),
 and 21 minutes for the teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
@@ -107,7 +109,6 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("negclip_filter", "contrastive", {"match_threshold": 8.0}, NEGATIVES),
     ("negclip_filter_correct", "contrastive", {"match_threshold": 8.0, "correction_margin": CORRECTION_MARGIN},
      NEGATIVES),
-    ("negclip_mined", "contrastive", {}, [*NEGATIVES, MINED_COLUMN]),
     ("clip_kd", "clip_kd", {}, []),
     ("clip_kd_feature", "clip_kd_feature", {}, []),
     ("fusion_only", "fusion_only", {}, []),
