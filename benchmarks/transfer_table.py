@@ -283,9 +283,16 @@ def summary(description: str, teacher: str, students: dict, teachers: dict, prob
                    "seeds": {str(run["seed"]): {**{key: run[key] for key in METRICS},
                                                 "validation_rsum": run["validation"]["rsum"]} for run in runs}}
             for name, runs in by_row.items()}
+    # Chosen on the seeds every variant ran (all of a variant's where they share none): a variant given extra seeds
+    # is not chosen, or passed over, for them.
     variants = [name for name in by_row if name.startswith("mcad")]
-    chosen = max(variants, key=lambda name: statistics.mean(run["validation"]["rsum"] for run in by_row[name]),
-                 default=None)
+    shared = set.intersection(*({run["seed"] for run in by_row[name]} for name in variants)) if variants else set()
+
+    def validation_rsum(name: str) -> float:
+        runs = [run for run in by_row[name] if run["seed"] in shared] or by_row[name]
+        return statistics.mean(run["validation"]["rsum"] for run in runs)
+
+    chosen = max(variants, key=validation_rsum, default=None)
     paired = {}
     for name, runs in by_row.items():
         if chosen is None or name == chosen:

@@ -82,3 +82,14 @@ def test_a_row_is_refused_only_when_a_teacher_it_reads_has_changed():
     assert len(transfer_table.recorded_results(entry, STUDENTS, other_dual)) == 2  # contrastive reads no teacher
     other_words = {**TEACHERS, "bag of words (colour_shape)": {"rsum": 1.0}}  # not a teacher any row reads
     assert len(transfer_table.recorded_results(recorded_entry(), STUDENTS, other_words)) == 4
+
+
+def test_the_mcad_variant_is_chosen_on_the_seeds_every_variant_ran():
+    # mcad_feature leads on seeds 0 and 1; mcad_feature_rank's extra seeds 2 and 3 would lift its mean past it.
+    results = [finished("mcad_feature", "mcad_feature", seed, 410) for seed in (0, 1)]
+    results += [finished("mcad_feature_rank", "mcad_feature_rank", seed, rsum)
+                for seed, rsum in ((0, 405), (1, 405), (2, 430), (3, 430))]
+    entry = transfer_table.summary("tiny", "teacher", STUDENTS, TEACHERS, {}, results)
+    assert entry["chosen"] == "mcad_feature"
+    assert entry["paired_chosen_minus_row"]["mcad_feature_rank"]["rsum"] == {"mean": 5.0, "standard_error": 0.0,
+                                                                           "seeds": 2}
