@@ -17,28 +17,28 @@ missing; `--teacher` names another). The students learn from a *transfer set* of
   swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions.
 
 Students are the `shapes` preset in ordinary random batches (no family batching, no canonical curriculum: a real
-transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs every seed, and a seed fixes the
-student's initialisation and batch order, so rows are compared by paired differences. Rows: `contrastive`, `negclip`
-(contrastive with each caption's colour-swap and relation-flip distractors as extra negatives; a wrong caption's are
-made from its own text, so undoing its error gives back the true caption as a "negative"), `negclip_filter` (negclip
-on the pairs the fusion teacher's ITM head scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no
-distillation), `clip_kd`, `clip_kd_feature`, `clip_kd_feature_negatives` (with NegCLIP's negatives), `fusion_only`
-and the MCAD variants: `mcad` (the paper's objective: modified features and similarity distributions, α = 2, λ_dist
-= 1), `mcad_feature` (the modified features alone, λ_dist = 0), both with NegCLIP's negatives (`mcad_negatives`,
-`mcad_feature_negatives`), which `negclip` has and the other MCAD rows lack, and `mcad_feature_rank`:
-`mcad_feature_negatives` plus the ranking distillation L_rank (each caption ranked against its distractors as the
-fusion teacher scores them, λ_rank = 1), the row through which the fusion teacher can tell a wrong caption from its
-true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's scores sharpened (τ_F = 0.1: a
-caption and its flip differ by a quarter of a logit in its ITM head), `mcad_feature_rank_sharp_mined`, which also
-ranks (and contrasts) each caption against another image's caption the dual teacher confuses with it
-(`mined_caption`: the candidates a retrieval ranks it against, beyond its own rewrites), `mcad_feature_rank_filter`,
-which also leaves out of L_con and L_rank the pairs whose caption the fusion teacher's ITM head scores below 8
-(BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
-`mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits below
-one of its distractors to that distractor (`correction_margin`), with its non-distilling control
+transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs the same seeds (`--seeds`; a row may
+be given more), and a seed fixes the student's initialisation and batch order, so rows are compared by paired
+differences over the seeds both ran. Rows: `contrastive`, `negclip` (contrastive with each caption's colour-swap and
+relation-flip distractors as extra negatives; a wrong caption's are made from its own text, so undoing its error
+gives back the true caption as a "negative"), `negclip_filter` (negclip on the pairs the fusion teacher's ITM head
+scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no distillation), `clip_kd`, `clip_kd_feature`,
+`clip_kd_feature_negatives` (with NegCLIP's negatives), `fusion_only` and the MCAD variants: `mcad` (the paper's
+objective: modified features and similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified features
+alone, λ_dist = 0), both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has
+and the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank
+(each caption ranked against its distractors as the fusion teacher scores them, λ_rank = 1), the row through which
+the fusion teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the
+fusion teacher's scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM
+head), `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's
+caption the dual teacher confuses with it (`mined_caption`: the candidates a retrieval ranks it against, beyond its
+own rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the
+fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F
+= 0.1) and `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1
+logits below one of its distractors to that distractor (`correction_margin`), with its non-distilling control
 `negclip_filter_correct` (negclip filtered and corrected alike). The teachers' own rows are measured on the same
-test split. Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`), and on the
-test split, which is reported.
+test split. Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the
+seeds every variant ran), and on the test split, which is reported.
 
 About 10 hours on 2 CPU cores with the defaults (270 students of about 4.5 minutes on one thread, two at a time),
 and 21 minutes for the teachers when they are not there yet.
