@@ -31,13 +31,13 @@ and the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` 
 the fusion teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the
 fusion teacher's scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM
 head), `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's
-caption the dual teacher confuses with it (`mined_caption`: the candidates a retrieval ranks it against, beyond its
-own rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the
-fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F
-= 0.1) and `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1
-logits below one of its distractors to that distractor (`correction_margin`), with its non-distilling control
-`negclip_filter_correct` (negclip filtered and corrected alike). The teachers' own rows are measured on the same
-test split. Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the
+caption the dual teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against,
+beyond its own rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose
+caption the fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the
+same at τ_F = 0.1) and `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher
+scores 0.1 logits below one of its distractors to that distractor (`correction_margin`), with its non-distilling
+control `negclip_filter_correct` (negclip filtered and corrected alike). The teachers' own rows are measured on the
+same test split. Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the
 seeds every variant ran), and on the test split, which is reported.
 
 About 10 hours on 2 CPU cores with the defaults (270 students of about 4.5 minutes on one thread, two at a time),

@@ -10,9 +10,9 @@ with the student's logits S_ij = exp(logit_scale) · <s^v_i, s^t_j> and the modi
     Ŝ_ij = <v̂_i, t̂_j> / τ_T,  and for the top-k candidates:  Ŝ_ij ← (1 − β) Ŝ_ij + β · m_ij / τ_F
 
 and, with hard-negative captions (each caption's rule-made distractors, e.g. its colours swapped or its relation
-flipped, or another image's caption the dual teacher confuses with it, `teacher_cache.mine_captions`), L_rank ranks
-each image's caption against that caption's negatives as the fusion teacher does: KL(softmax(m_i· / τ_F) ‖
-softmax(S_i·)) over the candidates (the caption and its negatives), a listwise ranking distillation over hard
+flipped, or another image's caption the dual teacher ranks high for the image, `teacher_cache.mine_captions`),
+L_rank ranks each image's caption against that caption's negatives as the fusion teacher does: KL(softmax(m_i· /
+τ_F) ‖ softmax(S_i·)) over the candidates (the caption and its negatives), a listwise ranking distillation over hard
 candidates scored by the cross-encoder (as CPRD, arXiv 2407.07479, distils a ranking).
 With a match threshold, pairs whose caption the fusion teacher scores below it (m_ii < threshold: it judges them not
 matching, as BLIP's CapFilt filters web captions with its ITM head) leave L_con and L_rank. With a correction margin,

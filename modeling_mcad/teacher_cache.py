@@ -337,7 +337,6 @@ class TeacherCache:
         return {name: value.to(device=device, dtype=torch.float32) for name, value in rows.items()}
 
 
-
 @torch.no_grad()
 def mine_captions(split: datasets.Dataset, cache: TeacherCache, images_per_chunk: int = 256) -> list[list[str]]:
     """
@@ -390,7 +389,7 @@ def mine_captions(split: datasets.Dataset, cache: TeacherCache, images_per_chunk
         scores, ranked = similarity.topk(depth, dim=1)
         for image, image_scores, image_ranked in zip(range(start, stop), scores.tolist(), ranked.tolist()):
             needed = len(captions[image])
-            if needed and image_scores[needed - 1] == float("-inf"):
+            if needed > len(image_scores) or (needed and image_scores[needed - 1] == float("-inf")):
                 raise UserError(
                     f"{MINED_COLUMN} gives each caption its own hard negative from the other images' captions, and "
                     f"image {image} of the training split has {needed} captions but the split only "
@@ -411,12 +410,15 @@ def save_mined_captions(output_dir: str | Path, teacher_dir: str | Path, split: 
                         overwrite: bool = False) -> Path:
     """
     Mine the captions of `split` (`mine_captions`) from its plain cache, which must be built, and save them beside
-    it (atomically; on the main process only). Mined once, so that every process and the distill stage read the
-    same texts, which name the scored cache; kept while the plain cache is, unless `overwrite`.
+    it with that cache's record (atomically; on the main process only). Mined once, so that every process and the
+    distill stage read the same texts, which name the scored cache; mined again when the plain cache's record has
+    changed (it was rebuilt, e.g. in another precision), or with `overwrite`.
     """
     path = mined_captions_file(output_dir, teacher_dir, split)
-    if overwrite or not path.exists():
-        atomic_write_text(path, json.dumps(mine_captions(split, TeacherCache.for_run(output_dir, teacher_dir, split))))
+    cache = TeacherCache.for_run(output_dir, teacher_dir, split)
+    record = _record(cache.folder)
+    if overwrite or _read_json(path).get("cache_record") != record:
+        atomic_write_text(path, json.dumps({"cache_record": record, "mined_captions": mine_captions(split, cache)}))
     return path
 
 
@@ -425,15 +427,30 @@ def with_mined_captions(split: datasets.Dataset, output_dir: str | Path, teacher
     `split` with the `mined_captions` column the cache stage saved (`save_mined_captions`).
 
     Raises:
-        `UserError`: the cache stage has not mined this teacher's and split's captions, or they do not fit the split.
+        `UserError`: the cache stage has not mined this teacher's and split's captions, or mined them from another
+            version of the plain cache.
     """
     path = mined_captions_file(output_dir, teacher_dir, split)
     if not path.exists():
         raise UserError(f"--negative_captions names {MINED_COLUMN}, and no captions were mined for this teacher and "
                         f"training data ({path}): run the cache stage first (`train_mcad.py cache ...`), or leave "
                         f"{MINED_COLUMN} out of --negative_captions.")
-    mined = json.loads(path.read_text(encoding="utf-8"))
-    if [len(texts) for texts in mined] != [len(texts) for texts in split["captions"]]:
-        raise UserError(f"The mined captions {path} do not fit the training split's captions (another version of "
-                        "the data under the same fingerprint): run `train_mcad.py cache --overwrite_output_dir`.")
-    return split.add_column(_grouped_column(MINED_COLUMN), mined)
+    saved, cache = _read_json(path), TeacherCache.for_run(output_dir, teacher_dir, split)
+    if saved.get("cache_record") != _record(cache.folder):
+        raise UserError(f"The mined captions {path} were mined from another version of the teacher cache "
+                        f"{cache.folder} (rebuilt since), or the file is damaged: run the cache stage again "
+                        "(`train_mcad.py cache ...`), which mines them anew.")
+    return split.add_column(_grouped_column(MINED_COLUMN), saved["mined_captions"])
+
+
+def _record(folder: Path) -> dict:
+    return json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object saved at `path`; {} where there is none (missing, unreadable, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -246,8 +246,16 @@ def test_mined_captions_are_the_other_images_captions_the_dual_teacher_ranks_hig
 
     saved = save_mined_captions(tmp_path, teacher_dir, split)
     assert with_mined_captions(split, tmp_path, teacher_dir)["mined_captions"] == mined
-    saved.write_text(json.dumps(mined[:-1]))
-    with pytest.raises(UserError, match="do not fit the training split's captions"):
+    # The plain cache rebuilt in another precision: the texts mined from the old one are refused, then mined again.
+    teacher = MCADTeacher.from_pretrained(teacher_dir)
+    teacher.autocast_dtype = torch.bfloat16
+    build_teacher_cache(teacher, teacher_dir, split, tmp_path, ONE_PROCESS, overwrite=True)
+    with pytest.raises(UserError, match="were mined from another version of the teacher cache"):
+        with_mined_captions(split, tmp_path, teacher_dir)
+    assert save_mined_captions(tmp_path, teacher_dir, split) == saved
+    assert len(with_mined_captions(split, tmp_path, teacher_dir)["mined_captions"]) == len(captions)
+    saved.write_text("[")  # damaged
+    with pytest.raises(UserError, match="or the file is damaged"):
         with_mined_captions(split, tmp_path, teacher_dir)
     with pytest.raises(UserError, match="holds 40 pairs and the training split 3"):
         mine_captions(other_split.select([0]).map(lambda row: {"captions": row["captions"][:3]}), cache)
