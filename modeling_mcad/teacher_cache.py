@@ -369,14 +369,15 @@ def mine_captions(split: datasets.Dataset, cache: TeacherCache, images_per_chunk
         raise UserError(f"The teacher cache {cache.folder} holds {len(cache.rows)} pairs and the training split "
                         f"{len(pair_texts)}: they are not of the same data. Rebuild the cache (`train_mcad.py cache "
                         "--overwrite_output_dir`).")
-    text_ids = {text: i for i, text in enumerate(dict.fromkeys(pair_texts))}
-    texts = list(text_ids)
+    first_of_text = {}  # each distinct text's first pair, whose embedding stands for it
+    for pair, text in enumerate(pair_texts):
+        first_of_text.setdefault(text, pair)
+    texts = list(first_of_text)
+    text_ids = {text: i for i, text in enumerate(texts)}
     text_of_pair = torch.tensor([text_ids[text] for text in pair_texts])
     first_pair = torch.cumsum(counts, 0) - counts
-    first_of_text = torch.full((len(texts),), len(pair_texts)).scatter_reduce(
-        0, text_of_pair, torch.arange(len(pair_texts)), reduce="amin")
     image_embeds = cache.rows["teacher_image_embeds"][first_pair.tolist()].float()
-    text_embeds = cache.rows["teacher_text_embeds"][first_of_text.tolist()].float()
+    text_embeds = cache.rows["teacher_text_embeds"][list(first_of_text.values())].float()
     depth = min(int(counts.max()), len(texts))
     mined = []
     for start in range(0, len(captions), images_per_chunk):
@@ -400,10 +401,9 @@ def mine_captions(split: datasets.Dataset, cache: TeacherCache, images_per_chunk
     return mined
 
 
-def mined_captions_file(output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset) -> Path:
-    """Where the cache stage saves the captions mined from the plain cache of this teacher and split: beside it."""
-    plain = cache_folder(output_dir, cache_key(teacher_dir, split))
-    return plain.with_name(f"{plain.name}.{MINED_COLUMN}s.json")
+def mined_captions_file(plain_cache: Path) -> Path:
+    """Where the cache stage saves the captions mined from a plain cache folder: beside it."""
+    return plain_cache.with_name(f"{plain_cache.name}.{MINED_COLUMN}s.json")
 
 
 def save_mined_captions(output_dir: str | Path, teacher_dir: str | Path, split: datasets.Dataset,
@@ -414,37 +414,35 @@ def save_mined_captions(output_dir: str | Path, teacher_dir: str | Path, split: 
     distill stage read the same texts, which name the scored cache; mined again when the plain cache's record has
     changed (it was rebuilt, e.g. in another precision), or with `overwrite`.
     """
-    path = mined_captions_file(output_dir, teacher_dir, split)
-    cache = TeacherCache.for_run(output_dir, teacher_dir, split)
-    record = _record(cache.folder)
+    folder = cache_folder(output_dir, cache_key(teacher_dir, split))
+    path, record = mined_captions_file(folder), _read_json(folder / RECORD_FILE)
     if overwrite or _read_json(path).get("cache_record") != record:
-        atomic_write_text(path, json.dumps({"cache_record": record, "mined_captions": mine_captions(split, cache)}))
+        atomic_write_text(path, json.dumps({"cache_record": record,
+                                            "mined_captions": mine_captions(split, TeacherCache(folder))}))
     return path
 
 
 def with_mined_captions(split: datasets.Dataset, output_dir: str | Path, teacher_dir: str | Path) -> datasets.Dataset:
     """
-    `split` with the `mined_captions` column the cache stage saved (`save_mined_captions`).
+    `split` with the `mined_captions` column the cache stage saved (`save_mined_captions`). Reads the plain cache's
+    record only, not the cache.
 
     Raises:
         `UserError`: the cache stage has not mined this teacher's and split's captions, or mined them from another
             version of the plain cache.
     """
-    path = mined_captions_file(output_dir, teacher_dir, split)
+    folder = cache_folder(output_dir, cache_key(teacher_dir, split))
+    path = mined_captions_file(folder)
     if not path.exists():
         raise UserError(f"--negative_captions names {MINED_COLUMN}, and no captions were mined for this teacher and "
                         f"training data ({path}): run the cache stage first (`train_mcad.py cache ...`), or leave "
                         f"{MINED_COLUMN} out of --negative_captions.")
-    saved, cache = _read_json(path), TeacherCache.for_run(output_dir, teacher_dir, split)
-    if saved.get("cache_record") != _record(cache.folder):
-        raise UserError(f"The mined captions {path} were mined from another version of the teacher cache "
-                        f"{cache.folder} (rebuilt since), or the file is damaged: run the cache stage again "
-                        "(`train_mcad.py cache ...`), which mines them anew.")
+    saved = _read_json(path)
+    if saved.get("cache_record") != _read_json(folder / RECORD_FILE):
+        raise UserError(f"The mined captions {path} were mined from another version of the teacher cache {folder} "
+                        "(rebuilt since, or gone), or the file is damaged: run the cache stage again (`train_mcad.py "
+                        "cache ...`), which mines them anew.")
     return split.add_column(_grouped_column(MINED_COLUMN), saved["mined_captions"])
-
-
-def _record(folder: Path) -> dict:
-    return json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
 
 
 def _read_json(path: Path) -> dict:
