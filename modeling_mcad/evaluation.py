@@ -6,7 +6,8 @@
   with the colours swapped or the relation flipped? Chance is 50%.
 - `evaluate_model(encode_images, encode_texts, split)`: both, for any pair of encoding callables (student, teacher,
   exported runtime...); `student_encoders` / `dual_teacher_encoders` make them.
-- `rerank(...)`: ranks after a second model (the fusion teacher) re-orders each query's top k.
+- `rerank(...)`: ranks after a second model (the fusion teacher) re-orders each query's top k;
+  `match_logits(...)`: that model's scores of chosen (image, text) pairs.
 - `teacher_gates(teachers, split)`: the teachers' gates on any split grouped by image: the dual teacher above its
   floors, the fusion teacher as a re-ranker above the dual teacher (and on binding, where the split has distractors).
 """
@@ -288,8 +289,16 @@ def rerank(ranks: np.ndarray, candidates: torch.Tensor, scores: torch.Tensor, is
     return reranked
 
 
-def _match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor) -> torch.Tensor:
-    """The fusion teacher's match logit of every (image, text row) pair, each image and each text encoded once."""
+def match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor) -> torch.Tensor:
+    """
+    The fusion teacher's match logit of every (image, text row) pair, each image and each text encoded once.
+
+    Args:
+        teachers ([`MCADTeacher`] or [`TeacherModels`]): anything with `fuse`.
+        pixel_values (`torch.Tensor`): every image, preprocessed by the fusion teacher's processor.
+        table ([`TextTable`]): every text, tokenised by the fusion teacher's processor.
+        pairs (`torch.LongTensor` of shape `(N, 2)`): (image index, text row) per pair.
+    """
     texts, text_position = torch.unique(pairs[:, 1], return_inverse=True)
     input_ids, attention_mask = table.rows(texts)
     output = teachers.fuse(pixel_values, input_ids, attention_mask, pairs=torch.stack([pairs[:, 0], text_position], 1))
@@ -373,7 +382,7 @@ def teacher_gates(teachers, split, top_k: int = 10, floors: Mapping[str, tuple] 
         pair_sets["true"] = torch.stack([probe_images, true_rows], dim=1)
         pair_sets["distractor"] = torch.stack([probe_images, distractor_rows], dim=1)
     unique_pairs, position = torch.unique(torch.cat(list(pair_sets.values())), dim=0, return_inverse=True)
-    logits = _match_logits(teachers, fusion_pixels, fusion_table, unique_pairs)[position]
+    logits = match_logits(teachers, fusion_pixels, fusion_table, unique_pairs)[position]
     logits = dict(zip(pair_sets, logits.split([len(pairs) for pairs in pair_sets.values()])))
 
     dual = retrieval_metrics(image_embeds, text_embeds[caption_rows], text_to_image)
@@ -451,5 +460,5 @@ def load_retrieval_metric(**kwargs):
 
 __all__ = ["BINDING_KEYS", "RETRIEVAL_KEYS", "RETRIEVAL_METRIC_PATH", "BindingProbe", "binding_accuracy",
            "binding_probe", "chance_embeddings", "dual_teacher_encoders", "evaluate_model", "flatten_captions",
-           "load_retrieval_metric", "metrics_from_ranks", "rerank", "retrieval_metrics", "retrieval_ranks",
-           "student_encoders", "teacher_gates"]
+           "load_retrieval_metric", "match_logits", "metrics_from_ranks", "rerank", "retrieval_metrics",
+           "retrieval_ranks", "student_encoders", "teacher_gates"]
