@@ -16,8 +16,8 @@ Kinds of first answer (percent of the queries; R@1 is `right`):
 
 Rows: the dual teacher, the fusion teacher re-ranking the dual teacher's top 10 (as in the teachers' gates), and the
 students `transfer_table.py` trained for each named row (`OUTPUT_DIR/<setting>/runs/<row>_s<seed>/student`),
-averaged over the seeds found. Writes `benchmarks/results/retrieval_errors.json` (a setting this invocation did not
-run keeps its earlier entry) and prints the tables; `--write` also replaces their section of BENCHMARKS.md.
+averaged over the seeds found. Writes `benchmarks/results/retrieval_errors.json` (a row this invocation did not read
+keeps its earlier entry) and prints the tables; `--write` also replaces their section of BENCHMARKS.md.
 """
 
 import argparse
@@ -27,22 +27,20 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_table import REPO_ROOT, run_folder, shapes_split, write_section  # noqa: E402
 from transfer_table import SETTINGS, student_base  # noqa: E402
 
-from modeling_mcad.data import encode_images, encode_texts  # noqa: E402
-from modeling_mcad.evaluation import flatten_captions, match_logits  # noqa: E402
-from modeling_mcad.shapes import caption_is_true  # noqa: E402
+from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
+from modeling_mcad.evaluation import embed_split, flatten_captions, student_encoders  # noqa: E402
+from modeling_mcad.shapes import caption_is_true, teacher_gates  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
 KINDS = ("right", "places swapped", "colours swapped", "attribute changed", "two edits", "other family, true",
          "other family, false")
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "retrieval_errors.json"
 SECTION = "## Transfer: where the first answers go"
-TOP_K = 10
 
 
 def near_duplicate_kind(scene: dict, other: dict) -> str:
@@ -109,46 +107,37 @@ def first_answer_kinds(first_caption: torch.Tensor, first_image: torch.Tensor, c
             for direction, counts in (("i2t", i2t), ("t2i", t2i))}
 
 
-@torch.no_grad()
-def teacher_first_answers(teacher, split, captions: list[str], text_to_image: list[int]) -> dict[str, tuple]:
-    """The dual teacher's first answers both ways, and the fusion teacher's after re-ranking the dual top `TOP_K`."""
-    import datasets
+def teacher_first_answers(teacher, split) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """
+    The dual teacher's first answers both ways, and the fusion teacher's after re-ranking the dual teacher's top k:
+    read off the teachers' gates (`shapes.teacher_gates`), which score those candidates.
 
-    processors = teacher.processors
-    images = split.cast_column("image", datasets.Image(decode=False))[:]["image"]
-    dual_pixels, fusion_pixels = (encode_images(images, processors[name], 256) for name in ("dual", "fusion"))
-    dual_table, fusion_table = (encode_texts(captions, processors[name]) for name in ("dual", "fusion"))
-    image_embeds = F.normalize(torch.cat([teacher.encode_images(chunk) for chunk in dual_pixels.split(256)]), dim=-1)
-    text_embeds = F.normalize(torch.cat([teacher.encode_texts(*dual_table.rows(rows))
-                                         for rows in torch.arange(len(captions)).split(256)]), dim=-1)
-    similarity = image_embeds @ text_embeds.t()
-    text_candidates = similarity.topk(TOP_K, dim=1).indices  # images × k captions
-    image_candidates = similarity.topk(TOP_K, dim=0).indices.t()  # captions × k images
-    pairs = torch.cat([torch.stack([torch.arange(len(split)).repeat_interleave(TOP_K), text_candidates.flatten()], 1),
-                       torch.stack([image_candidates.flatten(), torch.arange(len(captions)).repeat_interleave(TOP_K)],
-                                   1)])
-    unique_pairs, position = torch.unique(pairs, dim=0, return_inverse=True)
-    logits = match_logits(teacher, fusion_pixels, fusion_table, unique_pairs)[position]
-    i2t_logits, t2i_logits = logits[: text_candidates.numel()], logits[text_candidates.numel():]
-    reranked_caption = text_candidates.gather(1, i2t_logits.view(-1, TOP_K).argmax(1, keepdim=True)).squeeze(1)
-    reranked_image = image_candidates.gather(1, t2i_logits.view(-1, TOP_K).argmax(1, keepdim=True)).squeeze(1)
-    return {"dual teacher": (similarity.argmax(1), similarity.argmax(0)),
-            f"fusion teacher (re-ranks dual top-{TOP_K})": (reranked_caption, reranked_image)}
+    Args:
+        teacher ([`MCADTeacher`]): the teachers.
+        split (`datasets.Dataset`): an mcad-shapes split.
+    """
+    gates = teacher_gates(teacher, split)
+    candidates, logits = gates["candidates"], gates["candidate_logits"]
+    directions = ("i2t", "t2i")
+    dual = tuple(candidates[direction][:, 0] for direction in directions)  # best first
+    reranked = tuple(candidates[direction].gather(1, logits[direction].argmax(1, keepdim=True)).squeeze(1)
+                     for direction in directions)
+    return {"dual teacher": dual, f"fusion teacher (re-ranks dual top-{gates['top_k']})": reranked}
 
 
-@torch.no_grad()
 def student_first_answers(student_dir: Path, split, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A saved student's first answers both ways."""
-    from modeling_mcad import MCADModel, MCADProcessor
-    from modeling_mcad.evaluation import student_encoders
+    """
+    A saved student's first answers both ways.
 
-    encode_image_batch, encode_text_batch = student_encoders(MCADModel.from_pretrained(student_dir).eval(),
-                                                             MCADProcessor.from_pretrained(student_dir))
-    image_embeds = torch.cat([encode_image_batch(split[start : start + 128]["image"])
-                              for start in range(0, len(split), 128)])
-    text_embeds = torch.cat([encode_text_batch(captions[start : start + 512])
-                             for start in range(0, len(captions), 512)])
-    similarity = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
+    Args:
+        student_dir (`Path`): the student's folder (`MCADModel` and `MCADProcessor`).
+        split (`datasets.Dataset`): the split whose images are searched.
+        captions (`list[str]`): the split's captions (`flatten_captions`).
+    """
+    student = MCADModel.from_pretrained(student_dir).eval()
+    image_embeds, text_embeds = embed_split(*student_encoders(student, MCADProcessor.from_pretrained(student_dir)),
+                                            split, captions)
+    similarity = image_embeds @ text_embeds.t()
     return similarity.argmax(1), similarity.argmax(0)
 
 
@@ -187,7 +176,7 @@ def main() -> None:
     if not (teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {teacher_dir}: run benchmarks/transfer_table.py first (it trains them).")
     teacher = MCADTeacher.from_pretrained(teacher_dir)
-    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}  # other settings kept
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
     for setting in args.settings:
         description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
@@ -199,7 +188,7 @@ def main() -> None:
             return first_answer_kinds(first_caption, first_image, captions, text_to_image, family, scenes)
 
         rows = {name: {"seeds": [], **kinds(*answers)}
-                for name, answers in teacher_first_answers(teacher, split, captions, text_to_image).items()}
+                for name, answers in teacher_first_answers(teacher, split).items()}
         for row in args.rows:
             folders = {seed: run_folder(root, row, seed) / "student" for seed in args.seeds}
             found = {seed: folder for seed, folder in folders.items() if (folder / "config.json").exists()}
@@ -210,7 +199,7 @@ def main() -> None:
             rows[row] = {"seeds": sorted(found), **{direction: {kind: sum(s[direction][kind] for s in per_seed)
                                                                 / len(per_seed) for kind in KINDS}
                                                     for direction in ("i2t", "t2i")}}
-        report["settings"][setting] = rows
+        report["settings"][setting] = {**report["settings"].get(setting, {}), **rows}  # other rows kept
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))
     text = markdown(report, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))

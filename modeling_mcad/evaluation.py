@@ -5,9 +5,8 @@
 - `binding_probe(split)` / `binding_accuracy(...)`: does a model prefer an image's true caption to the same caption
   with the colours swapped or the relation flipped? Chance is 50%.
 - `evaluate_model(encode_images, encode_texts, split)`: both, for any pair of encoding callables (student, teacher,
-  exported runtime...); `student_encoders` / `dual_teacher_encoders` make them.
-- `rerank(...)`: ranks after a second model (the fusion teacher) re-orders each query's top k;
-  `match_logits(...)`: that model's scores of chosen (image, text) pairs.
+  exported runtime...); `student_encoders` / `dual_teacher_encoders` make them; `embed_split` gives the embeddings.
+- `rerank(...)`: ranks after a second model (the fusion teacher) re-orders each query's top k.
 - `teacher_gates(teachers, split)`: the teachers' gates on any split grouped by image: the dual teacher above its
   floors, the fusion teacher as a re-ranker above the dual teacher (and on binding, where the split has distractors).
 """
@@ -215,6 +214,31 @@ def _encode(encode: Callable, items: Sequence, batch_size: int, desc: str, prepa
 
 
 @torch.no_grad()
+def embed_split(encode_images: Callable[[list], torch.Tensor], encode_texts: Callable[[list[str]], torch.Tensor],
+                split, texts: Sequence[str], batch_size: int = 64,
+                image_column: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    L2-normalised embeddings of a split's images and of `texts`, on the CPU.
+
+    Args:
+        encode_images (`Callable[[list[PIL.Image.Image]], Tensor]`): RGB images -> `(batch, dim)` embeddings.
+        encode_texts (`Callable[[list[str]], Tensor]`): texts -> `(batch, dim)` embeddings.
+        split (`datasets.Dataset`): one row per image.
+        texts (`Sequence[str]`): the texts to encode (e.g. the split's captions, `flatten_captions`).
+        batch_size (`int`): images or texts per call of an encoder.
+        image_column (`str`): the split's image column.
+    """
+    from .data import to_rgb
+
+    if image_column not in split.column_names:
+        raise UserError(f"The split has no column {image_column!r} (it has {split.column_names}); pass image_column=.")
+    # Images are decoded batch by batch: a real gallery does not fit in memory decoded.
+    image_embeds = _encode(encode_images, split, batch_size, "evaluating: images",
+                           prepare=lambda rows: [to_rgb(image) for image in rows[image_column]])
+    return image_embeds, _encode(encode_texts, texts, batch_size, "evaluating: texts")
+
+
+@torch.no_grad()
 def evaluate_model(
     encode_images: Callable[[list], torch.Tensor],
     encode_texts: Callable[[list[str]], torch.Tensor],
@@ -237,19 +261,12 @@ def evaluate_model(
         `RETRIEVAL_KEYS` and, with distractors, `swap_accuracy`, `flip_accuracy`, `binding_accuracy` (all probes).
         Embeddings are L2-normalised here, so the encoders may return raw projections.
     """
-    from .data import to_rgb
-
-    if image_column not in split.column_names:
-        raise UserError(f"The split has no column {image_column!r} (it has {split.column_names}); pass image_column=.")
     captions, text_to_image = flatten_captions(split, caption_column)
     has_probe = {"swapped_captions", "flipped_captions"} <= set(split.column_names)
     probe = binding_probe(split, caption_column) if has_probe else BindingProbe()
-    # Images are decoded batch by batch: a real gallery does not fit in memory decoded.
-    image_embeds = _encode(encode_images, split, batch_size, "evaluating: images",
-                           prepare=lambda rows: [to_rgb(image) for image in rows[image_column]])
     # Each distinct text is encoded once: the probe's true captions are the gallery's captions.
     rows = {text: row for row, text in enumerate(dict.fromkeys([*captions, *probe.distractors]))}
-    text_embeds = _encode(encode_texts, list(rows), batch_size, "evaluating: texts")
+    image_embeds, text_embeds = embed_split(encode_images, encode_texts, split, list(rows), batch_size, image_column)
 
     def embeds_of(texts: Sequence[str]) -> torch.Tensor:
         return text_embeds[torch.tensor([rows[text] for text in texts], dtype=torch.long)]
@@ -289,16 +306,8 @@ def rerank(ranks: np.ndarray, candidates: torch.Tensor, scores: torch.Tensor, is
     return reranked
 
 
-def match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor) -> torch.Tensor:
-    """
-    The fusion teacher's match logit of every (image, text row) pair, each image and each text encoded once.
-
-    Args:
-        teachers ([`MCADTeacher`] or [`TeacherModels`]): anything with `fuse`.
-        pixel_values (`torch.Tensor`): every image, preprocessed by the fusion teacher's processor.
-        table ([`TextTable`]): every text, tokenised by the fusion teacher's processor.
-        pairs (`torch.LongTensor` of shape `(N, 2)`): (image index, text row) per pair.
-    """
+def _match_logits(teachers, pixel_values: torch.Tensor, table: TextTable, pairs: torch.Tensor) -> torch.Tensor:
+    """The fusion teacher's match logit of every (image, text row) pair, each image and each text encoded once."""
     texts, text_position = torch.unique(pairs[:, 1], return_inverse=True)
     input_ids, attention_mask = table.rows(texts)
     output = teachers.fuse(pixel_values, input_ids, attention_mask, pairs=torch.stack([pairs[:, 0], text_position], 1))
@@ -338,6 +347,8 @@ def teacher_gates(teachers, split, top_k: int = 10, floors: Mapping[str, tuple] 
       dual teacher's), with distractors `fusion_beats_dual_binding` (fusion binding accuracy above the dual
       teacher's); `passed` (all of them); with distractors also `fusion_binding_above_90` (the aim, not a gate).
     - `rows`: the same figures as table rows (model name -> metrics), for a results table.
+    - `candidates`: the dual teacher's top k per query, best first (`"i2t"`: images × k caption positions, `"t2i"`:
+      captions × k images), and `candidate_logits`: the fusion teacher's match logits of those pairs, as tensors.
 
     Args:
         teachers ([`MCADTeacher`] or [`TeacherModels`]): anything with `processors` (`"dual"`, `"fusion"`),
@@ -382,7 +393,7 @@ def teacher_gates(teachers, split, top_k: int = 10, floors: Mapping[str, tuple] 
         pair_sets["true"] = torch.stack([probe_images, true_rows], dim=1)
         pair_sets["distractor"] = torch.stack([probe_images, distractor_rows], dim=1)
     unique_pairs, position = torch.unique(torch.cat(list(pair_sets.values())), dim=0, return_inverse=True)
-    logits = match_logits(teachers, fusion_pixels, fusion_table, unique_pairs)[position]
+    logits = _match_logits(teachers, fusion_pixels, fusion_table, unique_pairs)[position]
     logits = dict(zip(pair_sets, logits.split([len(pairs) for pairs in pair_sets.values()])))
 
     dual = retrieval_metrics(image_embeds, text_embeds[caption_rows], text_to_image)
@@ -398,12 +409,14 @@ def teacher_gates(teachers, split, top_k: int = 10, floors: Mapping[str, tuple] 
                 dual[key] = _margin_accuracy(dual_margin[torch.from_numpy(selected)])
                 fusion[key] = _margin_accuracy(fusion_margin[torch.from_numpy(selected)])
 
+    candidates = {"i2t": text_candidates, "t2i": image_candidates}
+    candidate_logits = {"i2t": logits["i2t"].view(len(split), k_texts),
+                        "t2i": logits["t2i"].view(len(captions), k_images)}
     image_ranks, text_ranks = retrieval_ranks(image_embeds, text_embeds[caption_rows], text_to_image)
     reranked = metrics_from_ranks(
-        rerank(image_ranks, text_candidates, logits["i2t"].view(len(split), k_texts),
+        rerank(image_ranks, text_candidates, candidate_logits["i2t"],
                owner[text_candidates] == torch.arange(len(split))[:, None]),
-        rerank(text_ranks, image_candidates, logits["t2i"].view(len(captions), k_images),
-               image_candidates == owner[:, None]),
+        rerank(text_ranks, image_candidates, candidate_logits["t2i"], image_candidates == owner[:, None]),
     )
     floors = floors if floors is not None else {"chance (random embeddings)": chance_embeddings(split, seed=seed)}
     floor_metrics = {name: retrieval_metrics(*embeddings) for name, embeddings in floors.items()}
@@ -418,7 +431,8 @@ def teacher_gates(teachers, split, top_k: int = 10, floors: Mapping[str, tuple] 
     rows = {"dual teacher": dual, f"fusion teacher (re-ranks dual top-{top_k})": {**reranked, **fusion},
             **floor_metrics}
     return {"dual": dual, "fusion": fusion, "reranked": reranked, "floors": floor_metrics, "gates": gates,
-            "rows": rows, "top_k": top_k, "seconds": time.perf_counter() - start}
+            "rows": rows, "top_k": top_k, "candidates": candidates, "candidate_logits": candidate_logits,
+            "seconds": time.perf_counter() - start}
 
 
 def student_encoders(student, processor, device="cpu") -> tuple[Callable, Callable]:
@@ -459,6 +473,6 @@ def load_retrieval_metric(**kwargs):
 
 
 __all__ = ["BINDING_KEYS", "RETRIEVAL_KEYS", "RETRIEVAL_METRIC_PATH", "BindingProbe", "binding_accuracy",
-           "binding_probe", "chance_embeddings", "dual_teacher_encoders", "evaluate_model", "flatten_captions",
-           "load_retrieval_metric", "match_logits", "metrics_from_ranks", "rerank", "retrieval_metrics",
+           "binding_probe", "chance_embeddings", "dual_teacher_encoders", "embed_split", "evaluate_model",
+           "flatten_captions", "load_retrieval_metric", "metrics_from_ranks", "rerank", "retrieval_metrics",
            "retrieval_ranks", "student_encoders", "teacher_gates"]
