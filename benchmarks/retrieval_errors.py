@@ -141,9 +141,9 @@ def student_first_answers(student_dir: Path, split, captions: list[str]) -> tupl
     return similarity.argmax(1), similarity.argmax(0)
 
 
-def markdown(report: dict, command: str) -> str:
-    """BENCHMARKS.md's section: the command, then per setting and direction the kinds of first answer per row."""
-    lines = [SECTION, "", "```", command, "```", "",
+def markdown(report: dict) -> str:
+    """BENCHMARKS.md's section: per setting the command that wrote it and per direction the kinds of first answer."""
+    lines = [SECTION, "",
              "For each test query of a transfer setting, the first answer of the teachers and of the students "
              "`transfer_table.py` trained (students averaged over the seeds listed), sorted by how the answer's image "
              "relates to the query's: its own (R@1), a near-duplicate of its family (the objects' places swapped, "
@@ -151,6 +151,7 @@ def markdown(report: dict, command: str) -> str:
              "another family of which the caption is true (no model's fault) or false (mostly an object's shape "
              "mistaken, or a row taken for a column).", ""]
     for setting, rows in report["settings"].items():
+        lines += ["```", report["commands"][setting], "```", ""]
         for direction, label in (("i2t", "image → text"), ("t2i", "text → image")):
             lines += [f"`{setting}`, {label}: the first answer (percent of the queries)", "",
                       "| model | seeds | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
@@ -176,11 +177,10 @@ def main() -> None:
     if not (teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {teacher_dir}: run benchmarks/transfer_table.py first (it trains them).")
     teacher = MCADTeacher.from_pretrained(teacher_dir)
-    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}, "commands": {}}
     for setting in args.settings:
-        description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
-        split = shapes_split(student_base(root, transfer, epochs, teacher_dir))
+        split = shapes_split(student_base(root, setting, teacher_dir))
         captions, text_to_image = flatten_captions(split)
         family, scenes = split["family"], [json.loads(scene) for scene in split["scene"]]
 
@@ -200,9 +200,11 @@ def main() -> None:
                                                                 / len(per_seed) for kind in KINDS}
                                                     for direction in ("i2t", "t2i")}}
         report["settings"][setting] = {**report["settings"].get(setting, {}), **rows}  # other rows kept
+        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        report.setdefault("commands", {})[setting] = command
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))
-    text = markdown(report, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+    text = markdown(report)
     print(text)
     if args.write:
         write_section(text, SECTION)

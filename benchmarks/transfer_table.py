@@ -11,37 +11,41 @@ missing; `--teacher` names another). The students learn from a *transfer set* of
 
 - `tiny`: 500 images with clean captions, where a contrastive student stays well below the teachers (about 425
   RSUM against their 470): the labels teach less than the teachers know;
+- `tiny_wide`: the same, with a wider and deeper student (`WIDE_STUDENT`: width 128, 4 + 3 layers, against the
+  `shapes` preset's 96, 3 + 2; about twice the time per student), enough to hold the dual teacher's shapes and the
+  fusion teacher's relations at once;
 - `small`: 2000 images with clean captions, where a contrastive student already passes its teachers (about
   500 RSUM);
 - `noisy`: 8000 images, 40% of whose captions are wrong as web alt text is (mcad-shapes' `caption_noise`: colours
   swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions.
 
-Students are the `shapes` preset in ordinary random batches (no family batching, no canonical curriculum: a real
-transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs the same seeds (`--seeds`; a row may
-be given more), and a seed fixes the student's initialisation and batch order, so rows are compared by paired
-differences over the seeds both ran. Rows: `contrastive`, `negclip` (contrastive with each caption's colour-swap and
-relation-flip distractors as extra negatives; a wrong caption's are made from its own text, so undoing its error
-gives back the true caption as a "negative"), `negclip_filter` (negclip on the pairs the fusion teacher's ITM head
-scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no distillation), `clip_kd`, `clip_kd_feature`,
+Students are the `shapes` preset (`tiny_wide`: `WIDE_STUDENT`) in ordinary random batches (no family batching, no
+canonical curriculum: a real transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs the same
+seeds (`--seeds`; a row may be given more), and a seed fixes the student's initialisation and batch order, so rows are
+compared by paired differences over the seeds both ran. Rows: `contrastive`, `negclip` (contrastive with each caption's
+colour-swap and relation-flip distractors as extra negatives; a wrong caption's are made from its own text, so undoing
+its error gives back the true caption as a "negative"), `negclip_filter` (negclip on the pairs the fusion teacher's ITM
+head scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no distillation), `clip_kd`, `clip_kd_feature`,
 `clip_kd_feature_negatives` (with NegCLIP's negatives), `fusion_only` and the MCAD variants: `mcad` (the paper's
 objective: modified features and similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified features
-alone, λ_dist = 0), both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has
-and the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank
-(each caption ranked against its distractors as the fusion teacher scores them, λ_rank = 1), the row through which
-the fusion teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the
-fusion teacher's scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM
-head), `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's
-caption the dual teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against,
-beyond its own rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose
-caption the fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the
-same at τ_F = 0.1) and `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher
-scores 0.1 logits below one of its distractors to that distractor (`correction_margin`), with its non-distilling
-control `negclip_filter_correct` (negclip filtered and corrected alike). The teachers' own rows are measured on the
-same test split. Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the
-seeds every variant ran), and on the test split, which is reported.
+alone, λ_dist = 0), both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has and
+the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank (each
+caption ranked against its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the fusion
+teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's
+scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head),
+`mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's caption the dual
+teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against, beyond its own
+rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion
+teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
+`mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits below one
+of its distractors to that distractor (`correction_margin`), with its non-distilling control `negclip_filter_correct`
+(negclip filtered and corrected alike). The teachers' own rows are measured on the same test split. Each student is
+evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the seeds every variant ran), and on the
+test split, which is reported.
 
-About 10 hours on 2 CPU cores with the defaults (270 students of about 4.5 minutes on one thread, two at a time),
-and 21 minutes for the teachers when they are not there yet.
+About 10 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (270 students of about 4.5 minutes on
+one thread, two at a time), about 8 more for `tiny_wide` (90 students of about 11 minutes), and 21 minutes for the
+teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
 resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far (a
@@ -81,6 +85,7 @@ from distill_table import (  # noqa: E402
     write_section,
 )
 
+from modeling_mcad.configuration_mcad import PRESETS  # noqa: E402
 from modeling_mcad.objectives import objective_settings  # noqa: E402
 from modeling_mcad.teacher_cache import MINED_COLUMN, teacher_fingerprint  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
@@ -94,10 +99,21 @@ PRETRAINING = {"shapes": {**SHAPES, "train": 10000},
                "fusion_teacher_training": {"steps": 700, "canonical_steps": 200}}
 
 TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
-SETTINGS = {  # name: (description, transfer set, epochs)
-    "tiny": ("500 clean images", {"train": 500}, 128),
-    "small": ("2000 clean images", {"train": 2000}, 32),
-    "noisy": ("8000 images, 40% of the captions wrong", {"train": 8000, "caption_noise": 0.4}, 8),
+# A student of more capacity than the `shapes` preset (width 96, 3 + 2 layers): on `tiny` that student cannot hold
+# both the dual teacher's shapes and the fusion teacher's relations (docs/experiments/2026-12-03-transfer-settings.md).
+_SHAPES_STUDENT = PRESETS["shapes"]
+WIDE_STUDENT = {
+    "vision_config": {**_SHAPES_STUDENT["vision_config"], "hidden_size": 128, "num_hidden_layers": 4,
+                      "num_attention_heads": 4, "intermediate_size": 512},
+    "text_config": {**_SHAPES_STUDENT["text_config"], "hidden_size": 128, "num_hidden_layers": 3,
+                    "num_attention_heads": 4, "intermediate_size": 512},
+    "projection_dim": 128,
+}
+SETTINGS = {  # name: (description, transfer set, epochs, student config; None: the `shapes` preset)
+    "tiny": ("500 clean images", {"train": 500}, 128, None),
+    "tiny_wide": ("500 clean images, a wider student", {"train": 500}, 128, WIDE_STUDENT),
+    "small": ("2000 clean images", {"train": 2000}, 32, None),
+    "noisy": ("8000 images, 40% of the captions wrong", {"train": 8000, "caption_noise": 0.4}, 8, None),
 }
 # A caption the fusion teacher scores 0.1 logits below one of its distractors is corrected to it: on `tiny`'s clean
 # training pairs 1% of the captions lose that way to their flip and 3% to their swap, while of wrong captions whose
@@ -131,10 +147,13 @@ SECTION = "## Transfer: when the teachers know more than the labels"
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "transfer.json"
 
 
-def student_base(root: Path, transfer: dict, epochs: int, teacher: Path) -> dict:
-    return {"output_dir": str(root), "shapes": {**TRANSFER_DATA, **transfer}, "epochs": epochs, "batch_size": 64,
+def student_base(root: Path, setting: str, teacher: Path) -> dict:
+    """The train_mcad.py configuration every student of `setting` shares (its row and seed added per run)."""
+    _, transfer, epochs, student = SETTINGS[setting]
+    base = {"output_dir": str(root), "shapes": {**TRANSFER_DATA, **transfer}, "epochs": epochs, "batch_size": 64,
             "learning_rate": 5e-4, "batch_groups": None, "canonical_epochs": 0, "teacher": str(teacher.resolve()),
             "checkpoint_every_steps": 100}
+    return base if student is None else {**base, "student_config": student}
 
 
 def prepare_pretrained_teachers(root: Path) -> Path:
@@ -386,9 +405,8 @@ def main() -> None:
         torch.set_num_threads(1)  # the evaluations in this process run beside the other job's training
     report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
     for setting in args.settings:
-        description, transfer, epochs = SETTINGS[setting]
         root = args.output_dir / setting
-        base = student_base(root, transfer, epochs, args.teacher)
+        base = student_base(root, setting, args.teacher)
         run_rows = ROWS if args.rows is None else [next(row for row in ROWS if row[0] == name) for name in args.rows]
         teachers = teacher_rows(base, root, args.teacher, run_rows)
         if args.jobs > 1:
@@ -413,8 +431,9 @@ def main() -> None:
                 result = json.loads(path.read_text()) if path.exists() else recorded.get((row, seed))
                 if result is not None:
                     results.append(result)
-        report["settings"][setting] = summary(description, args.teacher.as_posix(), students, teachers,
+        report["settings"][setting] = summary(SETTINGS[setting][0], args.teacher.as_posix(), students, teachers,
                                               target_probe(base, root), results)
+    report["settings"] = {name: report["settings"][name] for name in SETTINGS if name in report["settings"]}
     report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))

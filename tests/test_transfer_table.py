@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from .conftest import REPO_ROOT
 
@@ -93,3 +94,20 @@ def test_the_mcad_variant_is_chosen_on_the_seeds_every_variant_ran():
     assert entry["chosen"] == "mcad_feature"
     assert entry["paired_chosen_minus_row"]["mcad_feature_rank"]["rsum"] == {"mean": 5.0, "standard_error": 0.0,
                                                                            "seeds": 2}
+
+
+def test_the_wide_setting_is_tiny_with_a_wider_student_whose_seeds_never_pair_with_tinys(tmp_path):
+    from modeling_mcad import MCADConfig, MCADModel
+
+    tiny = transfer_table.student_base(tmp_path, "tiny", tmp_path)
+    wide = transfer_table.student_base(tmp_path, "tiny_wide", tmp_path)
+    assert {key: value for key, value in wide.items() if key != "student_config"} == tiny
+    assert transfer_table.student_settings(wide) != transfer_table.student_settings(tiny)
+    config, shapes = MCADConfig(**wide["student_config"]), MCADConfig.from_preset("shapes")
+    assert config.vision_config.num_hidden_layers > shapes.vision_config.num_hidden_layers
+    assert config.text_config.num_hidden_layers > shapes.text_config.num_hidden_layers
+    model = MCADModel(config).eval()
+    pixels = torch.rand(2, 3, config.vision_config.image_size, config.vision_config.image_size)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixels).pooler_output
+    assert features.shape == (2, config.projection_dim) and config.projection_dim > shapes.projection_dim
