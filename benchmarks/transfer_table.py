@@ -48,13 +48,13 @@ one thread, two at a time), about 8 more for `tiny_wide` (90 students of about 1
 teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
-resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far (a
-setting this invocation did not run keeps its earlier entry); `--write` also replaces the transfer section of
-BENCHMARKS.md and writes `benchmarks/transfer_table.png`. The committed transfer.json resumes too, with an empty
-`--output_dir`: the seeds it records are kept and not trained again, provided the retrained teachers give the same
-test rows and the students' settings are the same; otherwise the run stops and says so, since new seeds could not be
-paired with the recorded ones (the teachers' recipe is deterministic on one machine; another CPU may round
-differently).
+resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far, each
+setting with the command that wrote it (a setting this invocation did not run keeps its earlier entry); `--write`
+also replaces the transfer section of BENCHMARKS.md and writes `benchmarks/transfer_table.png`. The committed
+transfer.json resumes too, with an empty `--output_dir`: the seeds it records are kept and not trained again,
+provided the retrained teachers give the same test rows and the students' settings are the same; otherwise the run
+stops and says so, since new seeds could not be paired with the recorded ones (the teachers' recipe is deterministic
+on one machine; another CPU may round differently).
 """
 
 import argparse
@@ -324,11 +324,13 @@ def summary(description: str, teacher: str, students: dict, teachers: dict, prob
             "teachers": teachers, "target_binding_probe": probe, "rows": rows, "paired_chosen_minus_row": paired}
 
 
-def markdown(report: dict, command: str) -> str:
-    lines = [SECTION, "", f"```\n{command}\n```", "", __doc__.split("\n\n", 2)[2].split("\n\nAbout ")[0], ""]
+def markdown(report: dict) -> str:
+    """BENCHMARKS.md's section: the settings and rows, then per setting the command that wrote it and its tables."""
+    lines = [SECTION, "", __doc__.split("\n\n", 2)[2].split("\n\nAbout ")[0], ""]
     for setting, entry in report["settings"].items():
         chosen = entry["chosen"]
-        lines += [f"### `{setting}`: {entry['description']}", "", f"Teachers: `{entry.get('teacher')}`.", "",
+        lines += [f"### `{setting}`: {entry['description']}", "", f"```\n{entry['command']}\n```", "",
+                  f"Teachers: `{entry.get('teacher')}`.", "",
                   "| model | seeds | " + " | ".join(METRICS) + " | validation RSUM |",
                   "|---|---|" + "---|" * (len(METRICS) + 1)]
         for name, row in entry["teachers"].items():
@@ -396,6 +398,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown row(s) {unknown}; the rows are {[row for row, *_ in ROWS]}")
     started = time.perf_counter()
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])  # recorded per setting it wrote
     if args.teacher is None:
         args.teacher = prepare_pretrained_teachers(args.output_dir / "pretraining")
     elif not (args.teacher / "config.json").exists():
@@ -431,14 +434,13 @@ def main() -> None:
                 result = json.loads(path.read_text()) if path.exists() else recorded.get((row, seed))
                 if result is not None:
                     results.append(result)
-        report["settings"][setting] = summary(SETTINGS[setting][0], args.teacher.as_posix(), students, teachers,
-                                              target_probe(base, root), results)
+        report["settings"][setting] = {**summary(SETTINGS[setting][0], args.teacher.as_posix(), students, teachers,
+                                                 target_probe(base, root), results), "command": command}
     report["settings"] = {name: report["settings"][name] for name in SETTINGS if name in report["settings"]}
     report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    text = markdown(report, command)
+    text = markdown(report)
     print(text)
     if args.write:
         plot(report, REPO_ROOT / "benchmarks" / "transfer_table.png")

@@ -111,3 +111,13 @@ def test_the_wide_setting_is_tiny_with_a_wider_student_whose_seeds_never_pair_wi
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixels).pooler_output
     assert features.shape == (2, config.projection_dim) and config.projection_dim > shapes.projection_dim
+
+
+def test_each_setting_of_the_section_shows_the_command_that_wrote_it():
+    tiny = {**recorded_entry(), "command": "python benchmarks/transfer_table.py --settings tiny --seeds 0 1"}
+    wide = {**recorded_entry(), "description": "wide", "command": "python benchmarks/transfer_table.py --settings "
+            "tiny_wide --rows contrastive"}
+    text = transfer_table.markdown({"settings": {"tiny": tiny, "tiny_wide": wide}})
+    tiny_part, wide_part = text.split("### `tiny_wide`")
+    assert tiny["command"] in tiny_part.split("### `tiny`")[1] and wide["command"] not in tiny_part
+    assert wide["command"] in wide_part and tiny["command"] not in wide_part
