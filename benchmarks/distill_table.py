@@ -364,6 +364,11 @@ def plot(results: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def invocation() -> str:
+    """This script's command line as BENCHMARKS.md shows it: `python benchmarks/<script>.py ARGS`."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
 def write_section(text: str, section: str = SECTION) -> None:
     """Replace the section of BENCHMARKS.md that starts with the heading `section` by `text` (or append it)."""
     path = REPO_ROOT / "BENCHMARKS.md"
@@ -422,8 +427,7 @@ def main() -> None:
     students_seconds = time.perf_counter() - started
     speed, mobile = encode_times(root), mobile_speed()
     seconds = teachers["seconds"] + students_seconds
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    text = markdown(teachers, results, speed, mobile, command, seconds, base, args.jobs, reused)
+    text = markdown(teachers, results, speed, mobile, invocation(), seconds, base, args.jobs, reused)
     print(text)
     if args.write:
         plot(results, REPO_ROOT / "benchmarks" / "distill_table.png")

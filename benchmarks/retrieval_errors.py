@@ -17,7 +17,8 @@ Kinds of first answer (percent of the queries; R@1 is `right`):
 Rows: the dual teacher, the fusion teacher re-ranking the dual teacher's top 10 (as in the teachers' gates), and the
 students `transfer_table.py` trained for each named row (`OUTPUT_DIR/<setting>/runs/<row>_s<seed>/student`),
 averaged over the seeds found. Writes `benchmarks/results/retrieval_errors.json` (a row this invocation did not read
-keeps its earlier entry) and prints the tables; `--write` also replaces their section of BENCHMARKS.md.
+keeps its earlier entry; each setting the last command that wrote to it) and prints the tables; `--write` also
+replaces their section of BENCHMARKS.md.
 """
 
 import argparse
@@ -29,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_table import REPO_ROOT, run_folder, shapes_split, write_section  # noqa: E402
-from transfer_table import SETTINGS, student_base  # noqa: E402
+from distill_table import REPO_ROOT, invocation, run_folder, shapes_split, write_section  # noqa: E402
+from transfer_table import SETTINGS, in_settings_order, student_base  # noqa: E402
 
 from modeling_mcad import MCADModel, MCADProcessor  # noqa: E402
 from modeling_mcad.evaluation import embed_split, flatten_captions, student_encoders  # noqa: E402
@@ -142,7 +143,8 @@ def student_first_answers(student_dir: Path, split, captions: list[str]) -> tupl
 
 
 def markdown(report: dict) -> str:
-    """BENCHMARKS.md's section: per setting the command that wrote it and per direction the kinds of first answer."""
+    """BENCHMARKS.md's section: per setting the last command that wrote it and per direction the kinds of first
+    answer."""
     lines = [SECTION, "",
              "For each test query of a transfer setting, the first answer of the teachers and of the students "
              "`transfer_table.py` trained (students averaged over the seeds listed), sorted by how the answer's image "
@@ -151,7 +153,8 @@ def markdown(report: dict) -> str:
              "another family of which the caption is true (no model's fault) or false (mostly an object's shape "
              "mistaken, or a row taken for a column).", ""]
     for setting, rows in report["settings"].items():
-        lines += ["```", report["commands"][setting], "```", ""]
+        if setting in report.get("commands", {}):
+            lines += ["```", report["commands"][setting], "```", ""]
         for direction, label in (("i2t", "image → text"), ("t2i", "text → image")):
             lines += [f"`{setting}`, {label}: the first answer (percent of the queries)", "",
                       "| model | seeds | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
@@ -177,7 +180,7 @@ def main() -> None:
     if not (teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {teacher_dir}: run benchmarks/transfer_table.py first (it trains them).")
     teacher = MCADTeacher.from_pretrained(teacher_dir)
-    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}, "commands": {}}
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
     for setting in args.settings:
         root = args.output_dir / setting
         split = shapes_split(student_base(root, setting, teacher_dir))
@@ -200,8 +203,8 @@ def main() -> None:
                                                                 / len(per_seed) for kind in KINDS}
                                                     for direction in ("i2t", "t2i")}}
         report["settings"][setting] = {**report["settings"].get(setting, {}), **rows}  # other rows kept
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-        report.setdefault("commands", {})[setting] = command
+        report.setdefault("commands", {})[setting] = invocation()
+    report["settings"] = in_settings_order(report["settings"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))
     text = markdown(report)

@@ -49,7 +49,7 @@ teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
 resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far, each
-setting with the command that wrote it (a setting this invocation did not run keeps its earlier entry); `--write`
+setting with the last command that wrote it (a setting this invocation did not run keeps its earlier entry); `--write`
 also replaces the transfer section of BENCHMARKS.md and writes `benchmarks/transfer_table.png`. The committed
 transfer.json resumes too, with an empty `--output_dir`: the seeds it records are kept and not trained again,
 provided the retrained teachers give the same test rows and the students' settings are the same; otherwise the run
@@ -58,6 +58,7 @@ on one machine; another CPU may round differently).
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -74,6 +75,7 @@ from distill_table import (  # noqa: E402
     REPO_ROOT,
     SHAPES,
     distill_run,
+    invocation,
     mean_std,
     paired_difference,
     paired_differences,
@@ -153,7 +155,13 @@ def student_base(root: Path, setting: str, teacher: Path) -> dict:
     base = {"output_dir": str(root), "shapes": {**TRANSFER_DATA, **transfer}, "epochs": epochs, "batch_size": 64,
             "learning_rate": 5e-4, "batch_groups": None, "canonical_epochs": 0, "teacher": str(teacher.resolve()),
             "checkpoint_every_steps": 100}
-    return base if student is None else {**base, "student_config": student}
+    return base if student is None else {**base, "student_config": copy.deepcopy(student)}
+
+
+def in_settings_order(entries: dict) -> dict:
+    """Entries keyed by setting, those of `SETTINGS` in its order, then any other (e.g. a renamed setting's) as they
+    were: a results file is never shortened."""
+    return {**{name: entries[name] for name in SETTINGS if name in entries}, **entries}
 
 
 def prepare_pretrained_teachers(root: Path) -> Path:
@@ -325,12 +333,14 @@ def summary(description: str, teacher: str, students: dict, teachers: dict, prob
 
 
 def markdown(report: dict) -> str:
-    """BENCHMARKS.md's section: the settings and rows, then per setting the command that wrote it and its tables."""
+    """BENCHMARKS.md's section: the settings and rows, then per setting the last command that wrote it, its tables."""
     lines = [SECTION, "", __doc__.split("\n\n", 2)[2].split("\n\nAbout ")[0], ""]
     for setting, entry in report["settings"].items():
         chosen = entry["chosen"]
-        lines += [f"### `{setting}`: {entry['description']}", "", f"```\n{entry['command']}\n```", "",
-                  f"Teachers: `{entry.get('teacher')}`.", "",
+        lines += [f"### `{setting}`: {entry['description']}", ""]
+        if "command" in entry:
+            lines += [f"```\n{entry['command']}\n```", ""]
+        lines += [f"Teachers: `{entry.get('teacher')}`.", "",
                   "| model | seeds | " + " | ".join(METRICS) + " | validation RSUM |",
                   "|---|---|" + "---|" * (len(METRICS) + 1)]
         for name, row in entry["teachers"].items():
@@ -398,7 +408,6 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown row(s) {unknown}; the rows are {[row for row, *_ in ROWS]}")
     started = time.perf_counter()
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])  # recorded per setting it wrote
     if args.teacher is None:
         args.teacher = prepare_pretrained_teachers(args.output_dir / "pretraining")
     elif not (args.teacher / "config.json").exists():
@@ -435,8 +444,8 @@ def main() -> None:
                 if result is not None:
                     results.append(result)
         report["settings"][setting] = {**summary(SETTINGS[setting][0], args.teacher.as_posix(), students, teachers,
-                                                 target_probe(base, root), results), "command": command}
-    report["settings"] = {name: report["settings"][name] for name in SETTINGS if name in report["settings"]}
+                                                 target_probe(base, root), results), "command": invocation()}
+    report["settings"] = in_settings_order(report["settings"])
     report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))

@@ -102,7 +102,11 @@ def test_the_wide_setting_is_tiny_with_a_wider_student_whose_seeds_never_pair_wi
     tiny = transfer_table.student_base(tmp_path, "tiny", tmp_path)
     wide = transfer_table.student_base(tmp_path, "tiny_wide", tmp_path)
     assert {key: value for key, value in wide.items() if key != "student_config"} == tiny
-    assert transfer_table.student_settings(wide) != transfer_table.student_settings(tiny)
+    tiny_students = json.loads(json.dumps(transfer_table.student_settings(tiny)))
+    entry = {**recorded_entry(), "students": tiny_students}
+    assert len(transfer_table.recorded_results(entry, transfer_table.student_settings(tiny), TEACHERS)) == 4
+    with pytest.raises(SystemExit, match="students' settings"):  # tiny's recorded seeds are not the wide student's
+        transfer_table.recorded_results(entry, transfer_table.student_settings(wide), TEACHERS)
     config, shapes = MCADConfig(**wide["student_config"]), MCADConfig.from_preset("shapes")
     assert config.vision_config.num_hidden_layers > shapes.vision_config.num_hidden_layers
     assert config.text_config.num_hidden_layers > shapes.text_config.num_hidden_layers
@@ -121,3 +125,8 @@ def test_each_setting_of_the_section_shows_the_command_that_wrote_it():
     tiny_part, wide_part = text.split("### `tiny_wide`")
     assert tiny["command"] in tiny_part.split("### `tiny`")[1] and wide["command"] not in tiny_part
     assert wide["command"] in wide_part and tiny["command"] not in wide_part
+
+
+def test_results_keep_the_settings_order_and_any_setting_no_longer_defined():
+    entries = {"noisy": 1, "renamed": 2, "tiny": 3}
+    assert list(transfer_table.in_settings_order(entries)) == ["tiny", "noisy", "renamed"]
