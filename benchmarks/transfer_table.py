@@ -103,11 +103,10 @@ PRETRAINING = {"shapes": {**SHAPES, "train": 10000},
 TRANSFER_DATA = {"seed": 7, "validation": 500, "test": 1000, "image_size": 64}  # other images than the teachers'
 # A student of more capacity than the `shapes` preset (width 96, 3 + 2 layers): on `tiny` that student cannot hold
 # both the dual teacher's shapes and the fusion teacher's relations (docs/experiments/2026-12-03-transfer-settings.md).
-_SHAPES_STUDENT = PRESETS["shapes"]
 WIDE_STUDENT = {
-    "vision_config": {**_SHAPES_STUDENT["vision_config"], "hidden_size": 128, "num_hidden_layers": 4,
+    "vision_config": {**PRESETS["shapes"]["vision_config"], "hidden_size": 128, "num_hidden_layers": 4,
                       "num_attention_heads": 4, "intermediate_size": 512},
-    "text_config": {**_SHAPES_STUDENT["text_config"], "hidden_size": 128, "num_hidden_layers": 3,
+    "text_config": {**PRESETS["shapes"]["text_config"], "hidden_size": 128, "num_hidden_layers": 3,
                     "num_attention_heads": 4, "intermediate_size": 512},
     "projection_dim": 128,
 }
