@@ -33,6 +33,8 @@ the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` plus
 caption ranked against its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the fusion
 teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's
 scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head),
+`mcad_feature_rank_sharp_agree`, which ranks only the pairs whose caption the fusion teacher scores above all its
+distractors (where it ranks a distractor first on clean labels, the teacher is wrong and NegCLIP's hard target stays),
 `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's caption the dual
 teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against, beyond its own
 rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion
@@ -136,6 +138,8 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_feature_negatives", "mcad_feature", {}, NEGATIVES),
     ("mcad_feature_rank", "mcad_feature_rank", {}, NEGATIVES),
     ("mcad_feature_rank_sharp", "mcad_feature_rank", {"fusion_temperature": 0.1}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree", "mcad_feature_rank",
+     {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True}, NEGATIVES),
     ("mcad_feature_rank_sharp_mined", "mcad_feature_rank", {"fusion_temperature": 0.1},
      [*NEGATIVES, MINED_COLUMN]),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),

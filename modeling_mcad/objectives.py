@@ -18,7 +18,9 @@ With a match threshold, pairs whose caption the fusion teacher scores below it (
 matching, as BLIP's CapFilt filters web captions with its ITM head) leave L_con and L_rank. With a correction margin,
 a pair whose caption the fusion teacher scores below one of its hard negatives by at least the margin trades places
 with that negative in L_con (a wrong caption corrected: the colour swap of a swapped caption is the true one), and
-the match threshold reads the corrected caption's score; L_rank, a KL over the same candidates, is unchanged.
+the match threshold reads the corrected caption's score; L_rank, a KL over the same candidates, is unchanged. With
+`rank_where_teacher_agrees`, L_rank leaves out the pairs whose caption the fusion teacher does not score above every
+one of its negatives: on clean labels those are the teacher's errors, and L_con's hard target alone stands there.
 
 Every baseline of the ablation is a named preset of the same `MCADLoss` (`OBJECTIVE_PRESETS`), so every comparison
 runs one code path, and `ObjectiveSettings` is the one home of the knobs: the adapter fit, the teacher cache and the
@@ -385,6 +387,9 @@ class ObjectiveSettings:
             (`corrected_captions`; a match threshold then reads the corrected caption's score); None corrects none.
             Needs the negatives and their cached scores, and λ_dist = 0: L_dist's teacher distributions are those
             of the captions as given.
+        rank_where_teacher_agrees (`bool`): L_rank averages only over the pairs whose caption the fusion teacher
+            scores above every one of its hard negatives (after any correction): where the labels are clean and the
+            teacher ranks a distractor first, it is the teacher that is wrong. Needs λ_rank > 0.
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
 
@@ -399,6 +404,7 @@ class ObjectiveSettings:
     lambda_rank: float = 0.0
     match_threshold: float | None = None
     correction_margin: float | None = None
+    rank_where_teacher_agrees: bool = False
     identity_mix: float = 0.0
 
     def __post_init__(self):
@@ -421,6 +427,9 @@ class ObjectiveSettings:
             raise UserError("correction_margin changes the captions L_con contrasts, while L_dist's teacher "
                             "distributions are those of the captions as given (the cached teacher features): set "
                             "lambda_dist to 0, or correction_margin to null.")
+        if self.rank_where_teacher_agrees and not self.lambda_rank:
+            raise UserError("rank_where_teacher_agrees chooses the pairs L_rank ranks: set lambda_rank > 0, or "
+                            "rank_where_teacher_agrees to false.")
         if self.uses_match_scores and self.beta > 0:
             raise UserError(f"{', '.join(self.match_score_knobs)} read(s) the fusion teacher's scores from the "
                             f"teacher cache, which an objective with beta > 0 does not use: set beta to 0, or "
@@ -520,7 +529,8 @@ class MCADLoss(ContrastiveLoss):
     """
     L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3;
     with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it; with a
-    correction margin, L_con contrasts the captions it corrects (`corrected_captions`).
+    correction margin, L_con contrasts the captions it corrects (`corrected_captions`); with
+    `rank_where_teacher_agrees`, L_rank averages over the pairs whose caption the teacher scores above its negatives.
 
     Args:
         settings ([`ObjectiveSettings`]): the knobs (see `objective_settings` for the named presets).
@@ -644,7 +654,11 @@ class MCADLoss(ContrastiveLoss):
             if candidates > 1:  # image i's own negatives: columns i·K … i·K + K − 1 of its row of negative_logits
                 own = negative_logits.view(batch, batch, candidates - 1)[torch.arange(batch), torch.arange(batch)]
                 student_candidates = torch.cat([student_candidates, own], dim=1)
-            ranking = self.ranking_loss(student_candidates, candidate_match_logits, positives)
+            ranked = positives
+            if s.rank_where_teacher_agrees:  # the caption strictly first; elsewhere L_con's hard target stands alone
+                agrees = (candidate_match_logits[:, :1] > candidate_match_logits[:, 1:]).all(dim=1)
+                ranked = agrees if positives is None else positives & agrees
+            ranking = self.ranking_loss(student_candidates, candidate_match_logits, ranked)
             loss = loss + s.lambda_rank * ranking
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
                               ranking=ranking, kept_fraction=kept,

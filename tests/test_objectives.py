@@ -249,6 +249,35 @@ def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
                 negative_text_embeds=negative[:4], candidate_match_logits=torch.tensor(match))
 
 
+def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_above_its_caption_to_l_con():
+    """With rank_where_teacher_agrees, L_rank averages over the pairs whose caption the fusion teacher scores above
+    every one of its negatives (pair 0); pair 1 (a negative above) and pair 2 (a tie) keep L_con's hard target alone."""
+    loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
+                                   rank_where_teacher_agrees=True)
+    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]
+    student = [SCALE * dot(S_IMAGE[0], S_TEXT[0])] + [SCALE * dot(S_IMAGE[0], n) for n in negatives[:2]]
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
+    l_con = (cross_entropy_diagonal(negclip_rows) + cross_entropy_diagonal(transpose(s))) / 2
+
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.ranking.item() == pytest.approx(kl_rows([match[0]], [student]), rel=1e-5)
+    assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    # With a match threshold too, a pair must pass both: pair 1 passes the threshold and not the agreement, pair 2
+    # the agreement and not the threshold (2 < 3).
+    filtered = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
+                                    rank_where_teacher_agrees=True, match_threshold=3.0)
+    match = [[4.0, -2.0, 1.0], [5.0, 6.0, -1.0], [2.0, 1.0, -4.0]]
+    out = filtered(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.ranking.item() == pytest.approx(kl_rows([match[0]], [student]), rel=1e-5)
+    with pytest.raises(ValueError, match="rank_where_teacher_agrees chooses the pairs L_rank ranks: set lambda_rank"):
+        objective_settings("mcad_feature", rank_where_teacher_agrees=True)
+
+
 def test_a_match_threshold_leaves_the_pairs_the_fusion_teacher_rejects_out_of_the_positives():
     """With match_threshold, L_con and L_rank average over the pairs whose own match logit reaches it; the others
     stay negatives of the kept ones."""
