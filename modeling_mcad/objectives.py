@@ -523,6 +523,7 @@ class MCADLossOutput:
     ranking: torch.Tensor | None = None
     kept_fraction: torch.Tensor | None = None  # with a match threshold: the share of the batch kept as positives
     corrected_fraction: torch.Tensor | None = None  # with a correction margin: the share of captions corrected
+    ranked_fraction: torch.Tensor | None = None  # with rank_where_teacher_agrees: the share of pairs L_rank ranks
 
 
 class MCADLoss(ContrastiveLoss):
@@ -640,7 +641,7 @@ class MCADLoss(ContrastiveLoss):
         if s.lambda_feat:
             feature = self.feature_loss(image_embeds, text_embeds, target_image, target_text)
             loss = loss + s.lambda_feat * feature
-        ranking = None
+        ranking = ranked = None
         if s.lambda_rank:
             batch, candidates = (0, 0) if candidate_match_logits is None else candidate_match_logits.shape
             if candidate_match_logits is None or (candidates > 1 and negative_logits is None):
@@ -662,7 +663,8 @@ class MCADLoss(ContrastiveLoss):
             loss = loss + s.lambda_rank * ranking
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
                               ranking=ranking, kept_fraction=kept,
-                              corrected_fraction=None if corrected is None else corrected.float().mean())
+                              corrected_fraction=None if corrected is None else corrected.float().mean(),
+                              ranked_fraction=ranked.float().mean() if s.rank_where_teacher_agrees else None)
 
 
 __all__ = [

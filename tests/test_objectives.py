@@ -266,6 +266,7 @@ def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_a
                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
     assert out.ranking.item() == pytest.approx(kl_rows([match[0]], [student]), rel=1e-5)
     assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    assert out.ranked_fraction.item() == pytest.approx(1 / 3)
     # With a match threshold too, a pair must pass both: pair 1 passes the threshold and not the agreement, pair 2
     # the agreement and not the threshold (2 < 3).
     filtered = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
