@@ -45,8 +45,8 @@ of its distractors to that distractor (`correction_margin`), with its non-distil
 evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the seeds every variant ran), and on the
 test split, which is reported.
 
-About 10 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (270 students of about 4.5 minutes on
-one thread, two at a time), about 8 more for `tiny_wide` (90 students of about 11 minutes), and 21 minutes for the
+About 11 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (285 students of about 4.5 minutes on
+one thread, two at a time), about 9 more for `tiny_wide` (95 students of about 11 minutes), and 21 minutes for the
 teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
