@@ -213,20 +213,28 @@ def test_fusion_only_targets_come_from_the_adapter_alone():
     assert out.distribution.item() == pytest.approx(expected, rel=1e-5)
 
 
+RANKED_NEGATIVES = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]  # 2 per pair, in order
+
+
+def negclip_loss(negatives) -> float:
+    """L_con by hand with every negative an extra column of each image's row (NegCLIP)."""
+    s = matrix(S_IMAGE, S_TEXT, SCALE)
+    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
+    return (cross_entropy_diagonal(negclip_rows) + cross_entropy_diagonal(transpose(s))) / 2
+
+
 def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
     """L_rank: per image, KL(softmax(m / τ_F) ‖ softmax(S)) over its caption and its own K = 2 negatives only."""
     tau_f, lambda_rank = 2.0, 0.5
     loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
                                    lambda_rank=lambda_rank, fusion_temperature=tau_f)
     # Negatives pair by pair: image i's are rows 2i, 2i + 1 (the others are only extra NegCLIP columns).
-    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    negatives = RANKED_NEGATIVES
     match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]  # (caption, negative 1, negative 2) per image
     student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])] + [SCALE * dot(S_IMAGE[i], n) for n in negatives[2 * i:2 * i + 2]]
                for i in range(3)]
     l_rank = kl_rows([[m / tau_f for m in row] for row in match], student)
-    s = matrix(S_IMAGE, S_TEXT, SCALE)
-    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
-    l_con = (cross_entropy_diagonal(negclip_rows) + cross_entropy_diagonal(transpose(s))) / 2
+    l_con = negclip_loss(negatives)
 
     image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
@@ -254,18 +262,14 @@ def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_a
     every one of its negatives (pair 0); pair 1 (a negative above) and pair 2 (a tie) keep L_con's hard target alone."""
     loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
                                    rank_where_teacher_agrees=True)
-    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
     match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]
-    student = [SCALE * dot(S_IMAGE[0], S_TEXT[0])] + [SCALE * dot(S_IMAGE[0], n) for n in negatives[:2]]
-    s = matrix(S_IMAGE, S_TEXT, SCALE)
-    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
-    l_con = (cross_entropy_diagonal(negclip_rows) + cross_entropy_diagonal(transpose(s))) / 2
+    student = [SCALE * dot(S_IMAGE[0], S_TEXT[0])] + [SCALE * dot(S_IMAGE[0], n) for n in RANKED_NEGATIVES[:2]]
 
-    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
     assert out.ranking.item() == pytest.approx(kl_rows([match[0]], [student]), rel=1e-5)
-    assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
+    assert out.contrastive.item() == pytest.approx(negclip_loss(RANKED_NEGATIVES), rel=1e-5)
     assert out.ranked_fraction.item() == pytest.approx(1 / 3)
     # With a match threshold too, a pair must pass both: pair 1 passes the threshold and not the agreement, pair 2
     # the agreement and not the threshold (2 < 3).
