@@ -229,14 +229,13 @@ def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
     loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
                                    lambda_rank=lambda_rank, fusion_temperature=tau_f)
     # Negatives pair by pair: image i's are rows 2i, 2i + 1 (the others are only extra NegCLIP columns).
-    negatives = RANKED_NEGATIVES
     match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]  # (caption, negative 1, negative 2) per image
-    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])] + [SCALE * dot(S_IMAGE[i], n) for n in negatives[2 * i:2 * i + 2]]
-               for i in range(3)]
+    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])]
+               + [SCALE * dot(S_IMAGE[i], n) for n in RANKED_NEGATIVES[2 * i:2 * i + 2]] for i in range(3)]
     l_rank = kl_rows([[m / tau_f for m in row] for row in match], student)
-    l_con = negclip_loss(negatives)
+    l_con = negclip_loss(RANKED_NEGATIVES)
 
-    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
     assert out.ranking.item() == pytest.approx(l_rank, rel=1e-5)
