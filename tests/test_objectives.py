@@ -287,19 +287,19 @@ def test_a_match_threshold_leaves_the_pairs_the_fusion_teacher_rejects_out_of_th
     stay negatives of the kept ones."""
     loss_fn = MCADLoss.from_preset("mcad_feature_rank_filter", student_dim=2, teacher_dim=2, alpha=0.0,
                                    lambda_feat=0.0, match_threshold=8.0)
-    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
     match = [[12.0, -2.0, 1.0], [2.0, 3.0, -1.0], [11.0, 2.0, -4.0]]  # pair 1 scores 2 < 8: its caption is wrong
     s = matrix(S_IMAGE, S_TEXT, SCALE)
-    negclip_rows = [row + [SCALE * dot(image, n) for n in negatives] for row, image in zip(s, S_IMAGE)]
+    negclip_rows = [row + [SCALE * dot(image, n) for n in RANKED_NEGATIVES] for row, image in zip(s, S_IMAGE)]
     kept = [0, 2]
     rows = [-log_softmax(negclip_rows[i])[i] for i in kept]
     columns = [-log_softmax(transpose(s)[i])[i] for i in kept]
     l_con = (sum(rows) + sum(columns)) / (2 * len(kept))
-    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])] + [SCALE * dot(S_IMAGE[i], n) for n in negatives[2 * i:2 * i + 2]]
+    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])]
+               + [SCALE * dot(S_IMAGE[i], n) for n in RANKED_NEGATIVES[2 * i:2 * i + 2]]
                for i in kept]
     l_rank = kl_rows([match[i] for i in kept], student)
 
-    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
     assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
@@ -324,10 +324,9 @@ def test_a_caption_the_fusion_teacher_ranks_below_its_negative_by_the_margin_tra
     KL over the same candidates, their scores reordered alike."""
     loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
                                    correction_margin=1.0)
-    negatives = [[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
     match = [[10.0, 10.5, 2.0], [8.0, 6.0, 11.0], [11.0, 2.0, -4.0]]
-    texts = [S_TEXT[0], negatives[3], S_TEXT[2]]  # pair 1's caption is its second negative now ...
-    corrected_negatives = [*negatives[:3], S_TEXT[1], *negatives[4:]]  # ... and its caption that negative
+    texts = [S_TEXT[0], RANKED_NEGATIVES[3], S_TEXT[2]]  # pair 1's caption is its second negative now ...
+    corrected_negatives = [*RANKED_NEGATIVES[:3], S_TEXT[1], *RANKED_NEGATIVES[4:]]  # ... and its caption that negative
     corrected_match = [match[0], [11.0, 6.0, 8.0], match[2]]
     s = matrix(S_IMAGE, texts, SCALE)
     negclip_rows = [row + [SCALE * dot(image, n) for n in corrected_negatives] for row, image in zip(s, S_IMAGE)]
@@ -336,7 +335,7 @@ def test_a_caption_the_fusion_teacher_ranks_below_its_negative_by_the_margin_tra
     student = [[SCALE * dot(S_IMAGE[i], texts[i])] + [SCALE * dot(S_IMAGE[i], n)
                                                        for n in corrected_negatives[2 * i:2 * i + 2]] for i in range(3)]
 
-    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, negatives)
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
                   negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
     assert out.contrastive.item() == pytest.approx(l_con, rel=1e-5)
