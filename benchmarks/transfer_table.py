@@ -384,7 +384,7 @@ def plot(report: dict, path: Path) -> None:
             errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
             axis.barh(names, means, xerr=errors, color=["tab:red" if n.startswith("mcad") else "tab:blue"
                                                         for n in names])
-            axis.set_xlabel(f"{label}, {setting} (mean ± standard deviation over seeds)")
+            axis.set_xlabel(f"{label}, {setting}\n(mean ± standard deviation over seeds)")
             axis.invert_yaxis()
             if key == "rsum":
                 axis.set_xlim(left=50 * (min(means) // 50 - 1))
