@@ -223,6 +223,12 @@ def negclip_loss(negatives) -> float:
     return (cross_entropy_diagonal(negclip_rows) + cross_entropy_diagonal(transpose(s))) / 2
 
 
+def own_candidate_scores(texts, negatives, pairs) -> list:
+    """Per pair i, the student's scaled scores of its caption and of its own two negatives (rows 2i, 2i + 1)."""
+    return [[SCALE * dot(S_IMAGE[i], texts[i])] + [SCALE * dot(S_IMAGE[i], n) for n in negatives[2 * i:2 * i + 2]]
+            for i in pairs]
+
+
 def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
     """L_rank: per image, KL(softmax(m / τ_F) ‖ softmax(S)) over its caption and its own K = 2 negatives only."""
     tau_f, lambda_rank = 2.0, 0.5
@@ -230,8 +236,7 @@ def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
                                    lambda_rank=lambda_rank, fusion_temperature=tau_f)
     # Negatives pair by pair: image i's are rows 2i, 2i + 1 (the others are only extra NegCLIP columns).
     match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]  # (caption, negative 1, negative 2) per image
-    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])]
-               + [SCALE * dot(S_IMAGE[i], n) for n in RANKED_NEGATIVES[2 * i:2 * i + 2]] for i in range(3)]
+    student = own_candidate_scores(S_TEXT, RANKED_NEGATIVES, range(3))
     l_rank = kl_rows([[m / tau_f for m in row] for row in match], student)
     l_con = negclip_loss(RANKED_NEGATIVES)
 
@@ -262,7 +267,7 @@ def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_a
     loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
                                    rank_where_teacher_agrees=True)
     match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]]
-    student = [SCALE * dot(S_IMAGE[0], S_TEXT[0])] + [SCALE * dot(S_IMAGE[0], n) for n in RANKED_NEGATIVES[:2]]
+    [student] = own_candidate_scores(S_TEXT, RANKED_NEGATIVES, [0])
 
     image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
@@ -294,9 +299,7 @@ def test_a_match_threshold_leaves_the_pairs_the_fusion_teacher_rejects_out_of_th
     rows = [-log_softmax(negclip_rows[i])[i] for i in kept]
     columns = [-log_softmax(transpose(s)[i])[i] for i in kept]
     l_con = (sum(rows) + sum(columns)) / (2 * len(kept))
-    student = [[SCALE * dot(S_IMAGE[i], S_TEXT[i])]
-               + [SCALE * dot(S_IMAGE[i], n) for n in RANKED_NEGATIVES[2 * i:2 * i + 2]]
-               for i in kept]
+    student = own_candidate_scores(S_TEXT, RANKED_NEGATIVES, kept)
     l_rank = kl_rows([match[i] for i in kept], student)
 
     image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
@@ -332,8 +335,7 @@ def test_a_caption_the_fusion_teacher_ranks_below_its_negative_by_the_margin_tra
     negclip_rows = [row + [SCALE * dot(image, n) for n in corrected_negatives] for row, image in zip(s, S_IMAGE)]
     l_con = (sum(-log_softmax(negclip_rows[i])[i] for i in range(3))
              + sum(-log_softmax(transpose(s)[i])[i] for i in range(3))) / 6
-    student = [[SCALE * dot(S_IMAGE[i], texts[i])] + [SCALE * dot(S_IMAGE[i], n)
-                                                       for n in corrected_negatives[2 * i:2 * i + 2]] for i in range(3)]
+    student = own_candidate_scores(texts, corrected_negatives, range(3))
 
     image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
