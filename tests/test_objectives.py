@@ -287,6 +287,24 @@ def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_a
         objective_settings("mcad_feature", rank_where_teacher_agrees=True)
 
 
+def test_ranking_where_the_teacher_agrees_reads_the_corrected_caption():
+    """With a correction margin, the agreement is judged after the correction: pair 1, whose first negative scores 3
+    above its caption, is corrected to it and then ranked; pair 2, whose negative scores 0.2 above (below the
+    margin), is neither. A corrected pair's KL is its uncorrected one: caption and negative trade places in the
+    teacher's scores and the student's alike."""
+    loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, alpha=0.0, lambda_feat=0.0,
+                                   rank_where_teacher_agrees=True, correction_margin=0.5)
+    match = [[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.2, -4.0]]
+    students = own_candidate_scores(S_TEXT, RANKED_NEGATIVES, [0, 1])
+
+    image, text, v, t, negative = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES)
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), teacher_image_embeds=v, teacher_text_embeds=t,
+                  negative_text_embeds=negative, candidate_match_logits=torch.tensor(match))
+    assert out.corrected_fraction.item() == pytest.approx(1 / 3)
+    assert out.ranked_fraction.item() == pytest.approx(2 / 3)
+    assert out.ranking.item() == pytest.approx(kl_rows(match[:2], students), rel=1e-5)
+
+
 def test_a_match_threshold_leaves_the_pairs_the_fusion_teacher_rejects_out_of_the_positives():
     """With match_threshold, L_con and L_rank average over the pairs whose own match logit reaches it; the others
     stay negatives of the kept ones."""
