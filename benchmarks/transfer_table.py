@@ -35,7 +35,7 @@ teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sh
 scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head),
 `mcad_feature_rank_sharp_agree`, which ranks only the pairs whose caption the fusion teacher scores above all its
 distractors (where it ranks a distractor first on clean labels, the teacher is wrong and NegCLIP's hard target stays),
-with λ_rank (`_light`: 0.5, `_heavy`: 2), α (`_alpha3`) and λ_feat (`_feat2`) tuned beside it,
+with λ_rank (`_light`: 0.5, `_heavy`: 2), α (`_alpha3`), λ_feat (`_feat2`) and τ_F (`_tau0.05`) tuned beside it,
 `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's caption the dual
 teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against, beyond its own
 rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion
@@ -47,8 +47,8 @@ ranks only the pairs whose (corrected) caption the fusion teacher scores above a
 rows are measured on the same test split. Each student is evaluated on the validation split, which chooses the MCAD
 variant (`chosen`, on the seeds every variant ran), and on the test split, which is reported.
 
-About 13.5 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (360 students of about 4.5 minutes on
-one thread, two at a time), about 11 more for `tiny_wide` (120 students of about 11 minutes), and 21 minutes for the
+About 14 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (375 students of about 4.5 minutes on
+one thread, two at a time), about 11.5 more for `tiny_wide` (125 students of about 11 minutes), and 21 minutes for the
 teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
@@ -150,6 +150,8 @@ ROWS = [  # (row, objective, overrides, negative captions)
      {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True, "alpha": 3.0}, NEGATIVES),
     ("mcad_feature_rank_sharp_agree_feat2", "mcad_feature_rank",
      {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True, "lambda_feat": 2.0}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree_tau0.05", "mcad_feature_rank",
+     {"fusion_temperature": 0.05, "rank_where_teacher_agrees": True}, NEGATIVES),
     ("mcad_feature_rank_sharp_mined", "mcad_feature_rank", {"fusion_temperature": 0.1},
      [*NEGATIVES, MINED_COLUMN]),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),
