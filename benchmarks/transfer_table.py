@@ -389,7 +389,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(report["settings"])
-    figure, axes = plt.subplots(len(settings), 2, figsize=(12, 3.5 * len(settings)), squeeze=False)
+    heights = [1.4 + 0.24 * len(report["settings"][setting]["rows"]) for setting in settings]  # a bar's room each
+    figure, axes = plt.subplots(len(settings), 2, figsize=(12, sum(heights)), squeeze=False, layout="constrained",
+                                gridspec_kw={"height_ratios": heights})
     for line, setting in zip(axes, settings):
         entry = report["settings"][setting]
         names = list(entry["rows"])
@@ -403,7 +405,6 @@ def plot(report: dict, path: Path) -> None:
             axis.invert_yaxis()
             if key == "rsum":
                 axis.set_xlim(left=50 * (min(means) // 50 - 1))
-    figure.tight_layout()
     temporary = path.with_suffix(".tmp.png")
     figure.savefig(temporary, dpi=110)
     temporary.replace(path)
