@@ -124,6 +124,9 @@ SETTINGS = {  # name: (description, transfer set, epochs, student config; None: 
 # training pairs 1% of the captions lose that way to their flip and 3% to their swap, while of wrong captions whose
 # distractor is true (the same two texts, the other way round) 69% of the flipped and 94% of the swapped win back.
 CORRECTION_MARGIN = 0.1
+# The sharpened ranking over the pairs whose caption the fusion teacher scores above all its distractors, which its
+# variants below move one knob of.
+SHARP_AGREE = {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True}
 ROWS = [  # (row, objective, overrides, negative captions)
     ("contrastive", "contrastive", {}, []),
     ("negclip", "contrastive", {}, NEGATIVES),
@@ -140,18 +143,13 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_feature_negatives", "mcad_feature", {}, NEGATIVES),
     ("mcad_feature_rank", "mcad_feature_rank", {}, NEGATIVES),
     ("mcad_feature_rank_sharp", "mcad_feature_rank", {"fusion_temperature": 0.1}, NEGATIVES),
-    ("mcad_feature_rank_sharp_agree", "mcad_feature_rank",
-     {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True}, NEGATIVES),
-    ("mcad_feature_rank_sharp_agree_light", "mcad_feature_rank",
-     {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True, "lambda_rank": 0.5}, NEGATIVES),
-    ("mcad_feature_rank_sharp_agree_heavy", "mcad_feature_rank",
-     {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True, "lambda_rank": 2.0}, NEGATIVES),
-    ("mcad_feature_rank_sharp_agree_alpha3", "mcad_feature_rank",
-     {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True, "alpha": 3.0}, NEGATIVES),
-    ("mcad_feature_rank_sharp_agree_feat2", "mcad_feature_rank",
-     {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True, "lambda_feat": 2.0}, NEGATIVES),
-    ("mcad_feature_rank_sharp_agree_tau0.05", "mcad_feature_rank",
-     {"fusion_temperature": 0.05, "rank_where_teacher_agrees": True}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree", "mcad_feature_rank", SHARP_AGREE, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree_light", "mcad_feature_rank", {**SHARP_AGREE, "lambda_rank": 0.5}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree_heavy", "mcad_feature_rank", {**SHARP_AGREE, "lambda_rank": 2.0}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree_alpha3", "mcad_feature_rank", {**SHARP_AGREE, "alpha": 3.0}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree_feat2", "mcad_feature_rank", {**SHARP_AGREE, "lambda_feat": 2.0}, NEGATIVES),
+    ("mcad_feature_rank_sharp_agree_tau0.05", "mcad_feature_rank", {**SHARP_AGREE, "fusion_temperature": 0.05},
+     NEGATIVES),
     ("mcad_feature_rank_sharp_mined", "mcad_feature_rank", {"fusion_temperature": 0.1},
      [*NEGATIVES, MINED_COLUMN]),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),
@@ -159,8 +157,7 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_feature_rank_sharp_filter_correct", "mcad_feature_rank_filter",
      {"fusion_temperature": 0.1, "correction_margin": CORRECTION_MARGIN}, NEGATIVES),
     ("mcad_feature_rank_sharp_agree_filter_correct", "mcad_feature_rank_filter",
-     {"fusion_temperature": 0.1, "correction_margin": CORRECTION_MARGIN, "rank_where_teacher_agrees": True},
-     NEGATIVES),
+     {**SHARP_AGREE, "correction_margin": CORRECTION_MARGIN}, NEGATIVES),
 ]
 METRICS = ("i2t_r1", "t2i_r1", "rsum", "swap_accuracy", "flip_accuracy", "binding_accuracy")
 SECTION = "## Transfer: when the teachers know more than the labels"
