@@ -41,14 +41,14 @@ teacher ranks high for its image (`mined_caption`: the candidates a retrieval ra
 rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion
 teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
 `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits below one
-of its distractors to that distractor (`correction_margin`), with its non-distilling control `negclip_filter_correct`
-(negclip filtered and corrected alike), and `mcad_feature_rank_sharp_agree_filter_correct`, which after the correction
+of its distractors to that distractor (`correction_margin`), with λ_rank (`_heavy`: 2) and τ_F (`_tau0.05`) moved
+beside it and its non-distilling control `negclip_filter_correct` (negclip filtered and corrected alike), and `mcad_feature_rank_sharp_agree_filter_correct`, which after the correction
 ranks only the pairs whose (corrected) caption the fusion teacher scores above all its distractors. The teachers' own
 rows are measured on the same test split. Each student is evaluated on the validation split, which chooses the MCAD
 variant (`chosen`, on the seeds every variant ran), and on the test split, which is reported.
 
-About 14 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (375 students of about 4.5 minutes on
-one thread, two at a time), about 11.5 more for `tiny_wide` (125 students of about 11 minutes), and 21 minutes for the
+About 15 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (405 students of about 4.5 minutes on
+one thread, two at a time), about 12.5 more for `tiny_wide` (135 students of about 11 minutes), and 21 minutes for the
 teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
@@ -127,6 +127,9 @@ CORRECTION_MARGIN = 0.1
 # The sharpened ranking over the pairs whose caption the fusion teacher scores above all its distractors, which its
 # variants below move one knob of.
 SHARP_AGREE = {"fusion_temperature": 0.1, "rank_where_teacher_agrees": True}
+# The sharpened ranking after the CapFilt filter and the correction (`noisy`'s chosen row), and the variants below that
+# move one knob of it.
+SHARP_FILTER_CORRECT = {"fusion_temperature": 0.1, "correction_margin": CORRECTION_MARGIN}
 ROWS = [  # (row, objective, overrides, negative captions)
     ("contrastive", "contrastive", {}, []),
     ("negclip", "contrastive", {}, NEGATIVES),
@@ -154,8 +157,11 @@ ROWS = [  # (row, objective, overrides, negative captions)
      [*NEGATIVES, MINED_COLUMN]),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),
     ("mcad_feature_rank_sharp_filter", "mcad_feature_rank_filter", {"fusion_temperature": 0.1}, NEGATIVES),
-    ("mcad_feature_rank_sharp_filter_correct", "mcad_feature_rank_filter",
-     {"fusion_temperature": 0.1, "correction_margin": CORRECTION_MARGIN}, NEGATIVES),
+    ("mcad_feature_rank_sharp_filter_correct", "mcad_feature_rank_filter", SHARP_FILTER_CORRECT, NEGATIVES),
+    ("mcad_feature_rank_sharp_filter_correct_heavy", "mcad_feature_rank_filter",
+     {**SHARP_FILTER_CORRECT, "lambda_rank": 2.0}, NEGATIVES),
+    ("mcad_feature_rank_sharp_filter_correct_tau0.05", "mcad_feature_rank_filter",
+     {**SHARP_FILTER_CORRECT, "fusion_temperature": 0.05}, NEGATIVES),
     ("mcad_feature_rank_sharp_agree_filter_correct", "mcad_feature_rank_filter",
      {**SHARP_AGREE, "correction_margin": CORRECTION_MARGIN}, NEGATIVES),
 ]
