@@ -42,10 +42,12 @@ rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank
 teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
 `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits below one
 of its distractors to that distractor (`correction_margin`), with λ_rank (`_heavy`: 2) and τ_F (`_tau0.05`) moved
-beside it and its non-distilling control `negclip_filter_correct` (negclip filtered and corrected alike), and `mcad_feature_rank_sharp_agree_filter_correct`, which after the correction
-ranks only the pairs whose (corrected) caption the fusion teacher scores above all its distractors. The teachers' own
-rows are measured on the same test split. Each student is evaluated on the validation split, which chooses the MCAD
-variant (`chosen`, on the seeds every variant ran), and on the test split, which is reported.
+beside it, and its non-distilling control `negclip_filter_correct` (negclip filtered and corrected alike), and
+`mcad_feature_rank_sharp_agree_filter_correct`, which after the correction ranks only the pairs whose (corrected)
+caption the fusion teacher scores above all its distractors. The teachers' own rows are measured on the same test
+split; on a noisy transfer set, what the fusion teacher's scores do to each kind of wrong caption too (`label_audit`).
+Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the seeds every
+variant ran), and on the test split, which is reported.
 
 About 15 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (405 students of about 4.5 minutes on
 one thread, two at a time), about 12.5 more for `tiny_wide` (135 students of about 11 minutes), and 21 minutes for the
@@ -92,7 +94,7 @@ from distill_table import (  # noqa: E402
 )
 
 from modeling_mcad.configuration_mcad import PRESETS  # noqa: E402
-from modeling_mcad.objectives import objective_settings  # noqa: E402
+from modeling_mcad.objectives import corrected_captions, objective_settings  # noqa: E402
 from modeling_mcad.teacher_cache import MINED_COLUMN, teacher_fingerprint  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
@@ -280,6 +282,77 @@ def target_probe(base: dict, root: Path) -> dict:
     return result
 
 
+CAPTION_KINDS = ("true", "colours swapped", "relation flipped", "another image's")
+
+
+def label_audit(kinds: list[str], caption: torch.Tensor, negatives: torch.Tensor, true_caption: torch.Tensor,
+                candidate_match_logits: torch.Tensor) -> dict:
+    """
+    What the fusion teacher's scores do to each kind of training caption, as the filtering MCAD rows use them: how
+    many pairs of the kind the correction changes (`CORRECTION_MARGIN`, by the library's `corrected_captions`), how
+    many hold the true caption after it, how many the CapFilt filter keeps (`mcad_feature_rank_filter`'s match
+    threshold) and how many of those the agreeing ranking ranks (the corrected caption scored above all its
+    distractors).
+
+    Args:
+        kinds (`list[str]`): each pair's kind of caption, one of `CAPTION_KINDS`.
+        caption (`torch.Tensor` of shape `(B,)`), negatives (`(B, K)`), true_caption (`(B,)`): text ids of each
+            pair's caption, its K distractors (in the cache's order) and the image's true caption in its place.
+        candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`): the fusion teacher's cached match logits.
+    """
+    ids = caption.double()[:, None], negatives.double().reshape(-1, 1)  # text ids stand in for the embeddings
+    new_caption, _, scores, corrected = corrected_captions(*ids, candidate_match_logits.float(), CORRECTION_MARGIN)
+    kept = scores[:, 0] >= objective_settings("mcad_feature_rank_filter").match_threshold
+    counts = {"corrected": corrected, "true_after_correction": new_caption[:, 0] == true_caption.double(),
+              "kept": kept, "ranked": kept & (scores[:, :1] > scores[:, 1:]).all(dim=1)}
+    audit = {}
+    for kind in CAPTION_KINDS:
+        of_kind = torch.tensor([k == kind for k in kinds], dtype=torch.bool)
+        audit[kind] = {"pairs": int(of_kind.sum()),
+                       **{name: int((mask & of_kind).sum()) for name, mask in counts.items()}}
+    return audit
+
+
+def noisy_label_audit(base: dict, root: Path) -> dict | None:
+    """
+    `label_audit` of a noisy transfer set's training pairs (None for a clean one), each caption's kind read off the
+    clean captions of the same images (mcad-shapes draws the noise from a stream of its own), the scores from the
+    ranking cache. Written once to `<setting>/label_audit.json`.
+    """
+    if not base["shapes"].get("caption_noise"):
+        return None
+    audit_file = root / "label_audit.json"
+    if audit_file.exists():
+        return json.loads(audit_file.read_text())
+    import datasets
+
+    from modeling_mcad.data import flatten_pairs
+    from modeling_mcad.teacher_cache import cache_folder, cache_key
+
+    train = shapes_split(base, "train")
+    clean = shapes_split({**base, "shapes": {**base["shapes"], "caption_noise": 0.0}}, "train")
+    if train["family"] != clean["family"]:
+        raise RuntimeError("The noisy and clean transfer sets hold other images: mcad-shapes no longer keeps the "
+                           "images of a noisy split; the audit cannot tell a caption's kind.")
+    noisy_pairs, clean_pairs = flatten_pairs(train), flatten_pairs(clean)
+    said, true, swapped, flipped = (clean_pairs[column] for column in ("caption", "caption", "swapped_caption",
+                                                                       "flipped_caption"))
+    kinds = [CAPTION_KINDS[0] if text == right else CAPTION_KINDS[1] if text == swap else
+             CAPTION_KINDS[2] if text == flip else CAPTION_KINDS[3]
+             for text, right, swap, flip in zip(noisy_pairs["caption"], true, swapped, flipped)]
+    texts: dict[str, int] = {}
+
+    def text_ids(column: list[str]) -> torch.Tensor:
+        return torch.tensor([texts.setdefault(text, len(texts)) for text in column])
+
+    negatives = torch.stack([text_ids(noisy_pairs[column]) for column in NEGATIVES], dim=1)
+    cache = datasets.load_from_disk(str(cache_folder(root, cache_key(base["teacher"], train, NEGATIVES))))
+    audit = label_audit(kinds, text_ids(noisy_pairs["caption"]), negatives, text_ids(said),
+                        cache.select_columns(["candidate_match_logits"]).with_format("torch")[:]["candidate_match_logits"])
+    atomic_write_text(audit_file, json.dumps(audit, indent=2))
+    return audit
+
+
 def student_settings(base: dict) -> dict:
     """What a setting's students share, less where they live: recorded seeds are reused only under equal settings."""
     return {key: value for key, value in base.items() if key not in ("output_dir", "teacher", "cpu_threads")}
@@ -376,6 +449,16 @@ def markdown(report: dict) -> str:
                   "the transfer set's cached targets:", "", "| targets | image | text |", "|---|---|---|"]
         lines += [f"| {name} | {cells['image']:.1f} | {cells['text']:.1f} |"
                   for name, cells in entry["target_binding_probe"].items()]
+        if "label_audit" in entry:
+            lines += ["", "The training captions by kind, and what the fusion teacher's scores do to them (% of the "
+                      f"kind's pairs;\ncorrection at {CORRECTION_MARGIN} logits, the filter at the match threshold, "
+                      "ranked: kept and the caption scored\nfirst by the agreeing ranking):", "",
+                      "| caption | pairs | corrected | true after correction | kept | ranked |",
+                      "|---|---|---|---|---|---|"]
+            for kind, count in entry["label_audit"].items():
+                lines.append(f"| {kind} | {count['pairs']} | " + " | ".join(
+                    f"{100 * count[key] / max(count['pairs'], 1):.1f}"
+                    for key in ("corrected", "true_after_correction", "kept", "ranked")) + " |")
         by_row = {name: [{"seed": int(seed), **run} for seed, run in row["seeds"].items()]
                   for name, row in entry["rows"].items()}
         if chosen:
@@ -465,8 +548,10 @@ def main() -> None:
                 result = json.loads(path.read_text()) if path.exists() else recorded.get((row, seed))
                 if result is not None:
                     results.append(result)
+        audit = noisy_label_audit(base, root)
         report["settings"][setting] = {**summary(SETTINGS[setting][0], args.teacher.as_posix(), students, teachers,
-                                                 target_probe(base, root), results), "command": invocation()}
+                                                 target_probe(base, root), results),
+                                       **({"label_audit": audit} if audit else {}), "command": invocation()}
     report["settings"] = in_settings_order(report["settings"])
     report["wall_seconds_last_invocation"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

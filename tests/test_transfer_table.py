@@ -130,3 +130,25 @@ def test_each_setting_of_the_section_shows_the_command_that_wrote_it():
 def test_results_keep_the_settings_order_and_any_setting_no_longer_defined():
     entries = {"noisy": 1, "renamed": 2, "tiny": 3}
     assert list(transfer_table.in_settings_order(entries)) == ["tiny", "noisy", "renamed"]
+
+
+def test_the_label_audit_counts_what_the_correction_filter_and_agreeing_ranking_do_to_each_kind_of_caption():
+    true, swapped, flipped, borrowed = transfer_table.CAPTION_KINDS
+    kinds = [true, swapped, flipped, borrowed, true]
+    caption = torch.tensor([0, 3, 6, 9, 13])
+    negatives = torch.tensor([[1, 2], [4, 5], [7, 8], [10, 11], [14, 15]])
+    true_caption = torch.tensor([0, 4, 8, 12, 13])
+    logits = torch.tensor([
+        [12.0, 11.0, 11.5],  # right, and the teacher agrees
+        [11.0, 11.5, 10.0],  # wrong; its swap (the truth) scores 0.5 above: corrected, then ranked first
+        [11.0, 10.0, 11.05],  # wrong; the truth scores within the margin: kept as it is, not ranked
+        [2.0, 2.5, 1.0],  # another image's: corrected to its own distractor, still below the filter
+        [11.0, 11.2, 9.0],  # right, but the teacher prefers a distractor: corrected away from the truth
+    ])
+    audit = transfer_table.label_audit(kinds, caption, negatives, true_caption, logits)
+    assert audit == {
+        true: {"pairs": 2, "corrected": 1, "true_after_correction": 1, "kept": 2, "ranked": 2},
+        swapped: {"pairs": 1, "corrected": 1, "true_after_correction": 1, "kept": 1, "ranked": 1},
+        flipped: {"pairs": 1, "corrected": 0, "true_after_correction": 0, "kept": 1, "ranked": 0},
+        borrowed: {"pairs": 1, "corrected": 1, "true_after_correction": 0, "kept": 0, "ranked": 0},
+    }
