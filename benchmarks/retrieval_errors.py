@@ -17,7 +17,7 @@ Kinds of first answer (percent of the queries; R@1 is `right`):
 Rows: the dual teacher, the fusion teacher re-ranking the dual teacher's top 10 (as in the teachers' gates), and the
 students `transfer_table.py` trained for each named row (`OUTPUT_DIR/<setting>/runs/<row>_s<seed>/student`),
 averaged over the seeds found. Writes `benchmarks/results/retrieval_errors.json` (a row this invocation did not read
-keeps its earlier entry; each setting the last command that wrote to it) and prints the tables; `--write` also
+keeps its earlier entry, each student row the command that wrote it) and prints the tables; `--write` also
 replaces their section of BENCHMARKS.md.
 """
 
@@ -142,8 +142,19 @@ def student_first_answers(student_dir: Path, split, captions: list[str]) -> tupl
     return similarity.argmax(1), similarity.argmax(0)
 
 
+def with_row_commands(report: dict) -> dict:
+    """`report` with each student row holding the command that wrote it (results.json written before rows held
+    theirs kept one command per setting, the last, which then wrote every row of it)."""
+    setting_commands = report.pop("commands", {})
+    for setting, rows in report["settings"].items():
+        for row in rows.values():
+            if row["seeds"] and "command" not in row and setting in setting_commands:
+                row["command"] = setting_commands[setting]
+    return report
+
+
 def markdown(report: dict) -> str:
-    """BENCHMARKS.md's section: per setting the last command that wrote it and per direction the kinds of first
+    """BENCHMARKS.md's section: per setting the commands that wrote its rows and per direction the kinds of first
     answer."""
     lines = [SECTION, "",
              "For each test query of a transfer setting, the first answer of the teachers and of the students "
@@ -153,8 +164,9 @@ def markdown(report: dict) -> str:
              "another family of which the caption is true (no model's fault) or false (mostly an object's shape "
              "mistaken, or a row taken for a column).", ""]
     for setting, rows in report["settings"].items():
-        if setting in report.get("commands", {}):
-            lines += ["```", report["commands"][setting], "```", ""]
+        commands = list(dict.fromkeys(row["command"] for row in rows.values() if "command" in row))
+        if commands:
+            lines += ["```", *commands, "```", ""]
         for direction, label in (("i2t", "image → text"), ("t2i", "text → image")):
             lines += [f"`{setting}`, {label}: the first answer (percent of the queries)", "",
                       "| model | seeds | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
@@ -180,7 +192,7 @@ def main() -> None:
     if not (teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {teacher_dir}: run benchmarks/transfer_table.py first (it trains them).")
     teacher = MCADTeacher.from_pretrained(teacher_dir)
-    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
+    report = with_row_commands(json.loads(RESULTS.read_text())) if RESULTS.exists() else {"settings": {}}
     for setting in args.settings:
         root = args.output_dir / setting
         split = shapes_split(student_base(root, setting, teacher_dir))
@@ -199,11 +211,10 @@ def main() -> None:
                 raise SystemExit(f"No student of row {row!r} in {root / 'runs'} for seeds {args.seeds}: train them "
                                  f"with `python benchmarks/transfer_table.py --settings {setting} --rows {row}`.")
             per_seed = [kinds(*student_first_answers(folder, split, captions)) for folder in found.values()]
-            rows[row] = {"seeds": sorted(found), **{direction: {kind: sum(s[direction][kind] for s in per_seed)
-                                                                / len(per_seed) for kind in KINDS}
-                                                    for direction in ("i2t", "t2i")}}
+            shares = {direction: {kind: sum(s[direction][kind] for s in per_seed) / len(per_seed) for kind in KINDS}
+                      for direction in ("i2t", "t2i")}
+            rows[row] = {"seeds": sorted(found), "command": invocation(), **shares}
         report["settings"][setting] = {**report["settings"].get(setting, {}), **rows}  # other rows kept
-        report.setdefault("commands", {})[setting] = invocation()
     report["settings"] = in_settings_order(report["settings"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(report, indent=2))

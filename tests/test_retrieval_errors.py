@@ -62,3 +62,17 @@ def test_two_variants_of_one_base_are_two_edits_apart_and_a_column_is_not_a_row(
     assert retrieval_errors.near_duplicate_kind(places, attribute) == "two edits"
     # BASE's caption names the column's objects in its order, but says "left of".
     assert retrieval_errors.pair_kind(5, 0, CAPTIONS[0], FAMILY, SCENES) == "other family, false"
+
+
+def test_a_setting_shows_every_command_that_wrote_a_row_it_shows():
+    kinds = {direction: {kind: 0.0 for kind in retrieval_errors.KINDS} for direction in ("i2t", "t2i")}
+    earlier = "python benchmarks/retrieval_errors.py --settings tiny --rows a b --seeds 5 6"
+    report = retrieval_errors.with_row_commands({  # as written when a setting kept only its last command
+        "settings": {"tiny": {"dual teacher": {"seeds": [], **kinds}, "a": {"seeds": [5, 6], **kinds},
+                              "b": {"seeds": [5, 6], **kinds}}},
+        "commands": {"tiny": earlier}})
+    later = "python benchmarks/retrieval_errors.py --settings tiny --rows c --seeds 5 6"
+    report["settings"]["tiny"]["c"] = {"seeds": [5, 6], "command": later, **kinds}
+    text = retrieval_errors.markdown(report)
+    assert f"```\n{earlier}\n{later}\n```" in text
+    assert "command" not in report["settings"]["tiny"]["dual teacher"] and "commands" not in report
