@@ -335,8 +335,7 @@ def noisy_label_audit(base: dict, root: Path) -> dict | None:
         raise RuntimeError("The noisy and clean transfer sets hold other images: mcad-shapes no longer keeps the "
                            "images of a noisy split; the audit cannot tell a caption's kind.")
     noisy_pairs, clean_pairs = flatten_pairs(train), flatten_pairs(clean)
-    said, true, swapped, flipped = (clean_pairs[column] for column in ("caption", "caption", "swapped_caption",
-                                                                       "flipped_caption"))
+    true, swapped, flipped = (clean_pairs[column] for column in ("caption", "swapped_caption", "flipped_caption"))
     kinds = [CAPTION_KINDS[0] if text == right else CAPTION_KINDS[1] if text == swap else
              CAPTION_KINDS[2] if text == flip else CAPTION_KINDS[3]
              for text, right, swap, flip in zip(noisy_pairs["caption"], true, swapped, flipped)]
@@ -347,7 +346,7 @@ def noisy_label_audit(base: dict, root: Path) -> dict | None:
 
     negatives = torch.stack([text_ids(noisy_pairs[column]) for column in NEGATIVES], dim=1)
     cache = datasets.load_from_disk(str(cache_folder(root, cache_key(base["teacher"], train, NEGATIVES))))
-    audit = label_audit(kinds, text_ids(noisy_pairs["caption"]), negatives, text_ids(said),
+    audit = label_audit(kinds, text_ids(noisy_pairs["caption"]), negatives, text_ids(true),
                         cache.select_columns(["candidate_match_logits"]).with_format("torch")[:]["candidate_match_logits"])
     atomic_write_text(audit_file, json.dumps(audit, indent=2))
     return audit
