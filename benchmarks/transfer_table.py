@@ -491,7 +491,7 @@ def plot(report: dict, path: Path) -> None:
             if key == "rsum":
                 axis.set_xlim(left=50 * (min(means) // 50 - 1))
     temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    figure.savefig(temporary, dpi=110, bbox_inches="tight")  # the right column's x label can pass the edge
     temporary.replace(path)
 
 
