@@ -142,17 +142,6 @@ def student_first_answers(student_dir: Path, split, captions: list[str]) -> tupl
     return similarity.argmax(1), similarity.argmax(0)
 
 
-def with_row_commands(report: dict) -> dict:
-    """`report` with each student row holding the command that wrote it (results.json written before rows held
-    theirs kept one command per setting, the last, which then wrote every row of it)."""
-    setting_commands = report.pop("commands", {})
-    for setting, rows in report["settings"].items():
-        for row in rows.values():
-            if row["seeds"] and "command" not in row and setting in setting_commands:
-                row["command"] = setting_commands[setting]
-    return report
-
-
 def markdown(report: dict) -> str:
     """BENCHMARKS.md's section: per setting the commands that wrote its rows and per direction the kinds of first
     answer."""
@@ -192,7 +181,7 @@ def main() -> None:
     if not (teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {teacher_dir}: run benchmarks/transfer_table.py first (it trains them).")
     teacher = MCADTeacher.from_pretrained(teacher_dir)
-    report = with_row_commands(json.loads(RESULTS.read_text())) if RESULTS.exists() else {"settings": {}}
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
     for setting in args.settings:
         root = args.output_dir / setting
         split = shapes_split(student_base(root, setting, teacher_dir))

@@ -94,7 +94,7 @@ from distill_table import (  # noqa: E402
 )
 
 from modeling_mcad.configuration_mcad import PRESETS  # noqa: E402
-from modeling_mcad.objectives import corrected_captions, objective_settings  # noqa: E402
+from modeling_mcad.objectives import corrected_captions, objective_settings, teacher_agrees  # noqa: E402
 from modeling_mcad.teacher_cache import MINED_COLUMN, teacher_fingerprint  # noqa: E402
 from modeling_mcad.utils import atomic_write_text  # noqa: E402
 
@@ -304,7 +304,7 @@ def label_audit(kinds: list[str], caption: torch.Tensor, negatives: torch.Tensor
     new_caption, _, scores, corrected = corrected_captions(*ids, candidate_match_logits.float(), CORRECTION_MARGIN)
     kept = scores[:, 0] >= objective_settings("mcad_feature_rank_filter").match_threshold
     counts = {"corrected": corrected, "true_after_correction": new_caption[:, 0] == true_caption.double(),
-              "kept": kept, "ranked": kept & (scores[:, :1] > scores[:, 1:]).all(dim=1)}
+              "kept": kept, "ranked": kept & teacher_agrees(scores)}
     audit = {}
     for kind in CAPTION_KINDS:
         of_kind = torch.tensor([k == kind for k in kinds], dtype=torch.bool)

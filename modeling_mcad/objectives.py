@@ -176,6 +176,21 @@ def corrected_captions(
     return new_text, new_negatives.reshape(batch * (candidates - 1), -1), scores, corrected
 
 
+def teacher_agrees(candidate_match_logits: torch.Tensor) -> torch.BoolTensor:
+    """
+    The pairs whose caption the fusion teacher scores strictly above every one of its hard negatives (the pairs
+    `rank_where_teacher_agrees` ranks; read after any correction).
+
+    Args:
+        candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`): the fusion teacher's match logits of image i
+            with its caption and its K negatives, in that order.
+
+    Returns:
+        `torch.BoolTensor` of shape `(B,)`.
+    """
+    return (candidate_match_logits[:, :1] > candidate_match_logits[:, 1:]).all(dim=1)
+
+
 # --- Losses ----------------------------------------------------------------------------------------------------------
 
 
@@ -657,7 +672,7 @@ class MCADLoss(ContrastiveLoss):
                 student_candidates = torch.cat([student_candidates, own], dim=1)
             ranked = positives
             if s.rank_where_teacher_agrees:  # the caption strictly first; elsewhere L_con's hard target stands alone
-                agrees = (candidate_match_logits[:, :1] > candidate_match_logits[:, 1:]).all(dim=1)
+                agrees = teacher_agrees(candidate_match_logits)
                 ranked = agrees if positives is None else positives & agrees
             ranking = self.ranking_loss(student_candidates, candidate_match_logits, ranked)
             loss = loss + s.lambda_rank * ranking
@@ -682,5 +697,6 @@ __all__ = [
     "modified_features",
     "modified_similarity",
     "objective_settings",
+    "teacher_agrees",
     "top_k_candidates",
 ]
