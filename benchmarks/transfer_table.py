@@ -36,7 +36,8 @@ scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a lo
 `mcad_feature_rank_sharp_agree`, which ranks only the pairs whose caption the fusion teacher scores above all its
 distractors (where it ranks a distractor first on clean labels, the teacher is wrong and NegCLIP's hard target stays),
 with λ_rank (`_light`: 0.5, `_heavy`: 2), α (`_alpha3`), λ_feat (`_feat2`) and τ_F (`_tau0.05`, `_tau0.025`, `_tau0.2`)
-tuned beside it, `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's
+tuned beside it, and at τ_F = 0.05 a ranking warm-up (`_tau0.05_rankfirst100`, `_rankfirst200`: the first 100 or 200
+steps train on L_rank alone) and a lighter feature term (`_tau0.05_feat0.5`: λ_feat = 0.5), `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's
 caption the dual teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against, beyond
 its own rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the
 fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F =
@@ -155,6 +156,10 @@ ROWS = [  # (row, objective, overrides, negative captions)
     ("mcad_feature_rank_sharp_agree_feat2", "mcad_feature_rank", {**SHARP_AGREE, "lambda_feat": 2.0}, NEGATIVES),
     *((f"mcad_feature_rank_sharp_agree_tau{temperature}", "mcad_feature_rank",
        {**SHARP_AGREE, "fusion_temperature": temperature}, NEGATIVES) for temperature in (0.05, 0.025, 0.2)),
+    *((f"mcad_feature_rank_sharp_agree_tau0.05_rankfirst{steps}", "mcad_feature_rank",
+       {**SHARP_AGREE, "fusion_temperature": 0.05, "ranking_only_steps": steps}, NEGATIVES) for steps in (100, 200)),
+    ("mcad_feature_rank_sharp_agree_tau0.05_feat0.5", "mcad_feature_rank",
+     {**SHARP_AGREE, "fusion_temperature": 0.05, "lambda_feat": 0.5}, NEGATIVES),
     ("mcad_feature_rank_sharp_mined", "mcad_feature_rank", {"fusion_temperature": 0.1},
      [*NEGATIVES, MINED_COLUMN]),
     ("mcad_feature_rank_filter", "mcad_feature_rank_filter", {}, NEGATIVES),

@@ -42,6 +42,7 @@ class DistillationModule(nn.Module):
         student_inputs: dict[str, torch.Tensor],
         teacher_targets: dict[str, torch.Tensor] | None = None,
         negative_inputs: dict[str, torch.Tensor] | None = None,
+        ranking_only: bool = False,
     ) -> MCADLossOutput:
         """
         Args:
@@ -51,6 +52,7 @@ class DistillationModule(nn.Module):
                 batch, in the order of the gathered student embeddings (from the cache or the online teacher): cheap
                 to have on every process, unlike the student's embeddings they need no gradients.
             negative_inputs: tokenized hard-negative captions for NegCLIP (`input_ids`, `attention_mask`).
+            ranking_only: train on L_rank alone (a ranking warm-up step; see `MCADLoss.forward`).
         """
         output = self.student(**student_inputs)
         image_embeds = gather_with_grad(output.image_embeds.float())
@@ -60,4 +62,4 @@ class DistillationModule(nn.Module):
             negatives = self.student(**negative_inputs).text_embeds
             negatives = gather_with_grad(negatives.float())
         return self.objective(image_embeds, text_embeds, self.student.logit_scale, negative_text_embeds=negatives,
-                              **(teacher_targets or {}))
+                              ranking_only=ranking_only, **(teacher_targets or {}))

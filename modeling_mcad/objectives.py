@@ -405,6 +405,9 @@ class ObjectiveSettings:
         rank_where_teacher_agrees (`bool`): L_rank averages only over the pairs whose caption the fusion teacher
             scores above every one of its hard negatives (after any correction): where the labels are clean and the
             teacher ranks a distractor first, it is the teacher that is wrong. Needs λ_rank > 0.
+        ranking_only_steps (`int`): the first optimizer steps of a run train on L_rank alone, a ranking warm-up:
+            the relations the fusion teacher ranks are learnt before L_con and L_feat share the student's capacity
+            (the training loop passes `ranking_only` to `MCADLoss` while they last). 0: none. Needs λ_rank > 0.
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
 
@@ -420,6 +423,7 @@ class ObjectiveSettings:
     match_threshold: float | None = None
     correction_margin: float | None = None
     rank_where_teacher_agrees: bool = False
+    ranking_only_steps: int = 0
     identity_mix: float = 0.0
 
     def __post_init__(self):
@@ -445,6 +449,12 @@ class ObjectiveSettings:
         if self.rank_where_teacher_agrees and not self.lambda_rank:
             raise UserError("rank_where_teacher_agrees chooses the pairs L_rank ranks: set lambda_rank > 0, or "
                             "rank_where_teacher_agrees to false.")
+        if not (isinstance(self.ranking_only_steps, int) and self.ranking_only_steps >= 0):
+            raise UserError(f"ranking_only_steps must be an integer >= 0 (0: no ranking warm-up), got "
+                            f"{self.ranking_only_steps!r}.")
+        if self.ranking_only_steps and not self.lambda_rank:
+            raise UserError("ranking_only_steps trains on L_rank alone first: set lambda_rank > 0 (with "
+                            "--negative_captions), or ranking_only_steps to 0.")
         if self.uses_match_scores and self.beta > 0:
             raise UserError(f"{', '.join(self.match_score_knobs)} read(s) the fusion teacher's scores from the "
                             f"teacher cache, which an objective with beta > 0 does not use: set beta to 0, or "
@@ -543,8 +553,8 @@ class MCADLossOutput:
 
 class MCADLoss(ContrastiveLoss):
     """
-    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3;
-    with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it; with a
+    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3
+    (L = L_rank alone in a ranking warm-up: `ranking_only`); with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it; with a
     correction margin, L_con contrasts the captions it corrects (`corrected_captions`); with
     `rank_where_teacher_agrees`, L_rank averages over the pairs whose caption the teacher scores above its negatives.
 
@@ -599,6 +609,7 @@ class MCADLoss(ContrastiveLoss):
         fusion_mask: torch.Tensor | None = None,
         negative_text_embeds: torch.Tensor | None = None,
         candidate_match_logits: torch.Tensor | None = None,
+        ranking_only: bool = False,
     ) -> MCADLossOutput:
         """
         Args:
@@ -615,8 +626,12 @@ class MCADLoss(ContrastiveLoss):
             candidate_match_logits (`torch.Tensor` of shape `(B, 1 + K)`, *optional*): the fusion teacher's match
                 logits of image i with its caption and with its K hard negatives, in that order (for L_rank, the
                 match threshold and the correction).
+            ranking_only (`bool`): the loss is L_rank alone (the first `ranking_only_steps` of a run); the other
+                terms are still computed and reported.
         """
         s = self.settings
+        if ranking_only and not s.lambda_rank:
+            raise ValueError("ranking_only trains on L_rank alone, and this objective has lambda_rank = 0.")
         contrasted_text, corrected = text_embeds, None  # L_feat regresses each caption's own target, corrected or not
         if s.correction_margin is not None:
             if candidate_match_logits is None:
@@ -675,7 +690,9 @@ class MCADLoss(ContrastiveLoss):
                 agrees = teacher_agrees(candidate_match_logits)
                 ranked = agrees if positives is None else positives & agrees
             ranking = self.ranking_loss(student_candidates, candidate_match_logits, ranked)
-            loss = loss + s.lambda_rank * ranking
+            # Alone, the other terms count 0 but still reach their parameters (L_feat's W) with a gradient: DDP
+            # expects one for every parameter at every step.
+            loss = ranking + 0.0 * loss if ranking_only else loss + s.lambda_rank * ranking
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
                               ranking=ranking, kept_fraction=kept,
                               corrected_fraction=None if corrected is None else corrected.float().mean(),
