@@ -37,18 +37,19 @@ scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a lo
 distractors (where it ranks a distractor first on clean labels, the teacher is wrong and NegCLIP's hard target stays),
 with λ_rank (`_light`: 0.5, `_heavy`: 2), α (`_alpha3`), λ_feat (`_feat2`) and τ_F (`_tau0.05`, `_tau0.025`, `_tau0.2`)
 tuned beside it, and at τ_F = 0.05 a ranking warm-up (`_tau0.05_rankfirst100`, `_rankfirst200`: the first 100 or 200
-steps train on L_rank alone) and a lighter feature term (`_tau0.05_feat0.5`: λ_feat = 0.5), `mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's
-caption the dual teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against, beyond
-its own rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the
-fusion teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F =
-0.1) and `mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits
-below one of its distractors to that distractor (`correction_margin`), with λ_rank (`_heavy`: 2) and τ_F (`_tau0.05`)
-moved beside it, and its non-distilling control `negclip_filter_correct` (negclip filtered and corrected alike), and
+steps train on L_rank alone) and a lighter feature term (`_tau0.05_feat0.5`: λ_feat = 0.5),
+`mcad_feature_rank_sharp_mined`, which also ranks (and contrasts) each caption against another image's caption the dual
+teacher ranks high for its image (`mined_caption`: the candidates a retrieval ranks it against, beyond its own
+rewrites), `mcad_feature_rank_filter`, which also leaves out of L_con and L_rank the pairs whose caption the fusion
+teacher's ITM head scores below 8 (BLIP's CapFilt filter), `mcad_feature_rank_sharp_filter` (the same at τ_F = 0.1) and
+`mcad_feature_rank_sharp_filter_correct`, which also corrects a caption the fusion teacher scores 0.1 logits below one
+of its distractors to that distractor (`correction_margin`), with λ_rank (`_heavy`: 2) and τ_F (`_tau0.05`) moved beside
+it, and its non-distilling control `negclip_filter_correct` (negclip filtered and corrected alike), and
 `mcad_feature_rank_sharp_agree_filter_correct`, which after the correction ranks only the pairs whose (corrected)
 caption the fusion teacher scores above all its distractors. The teachers' own rows are measured on the same test split;
-on a noisy transfer set, what the fusion teacher's scores do to each kind of wrong caption too (`label_audit`).
-Each student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the seeds every
-variant ran), and on the test split, which is reported.
+on a noisy transfer set, what the fusion teacher's scores do to each kind of wrong caption too (`label_audit`). Each
+student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the seeds every variant ran),
+and on the test split, which is reported.
 
 About 16 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (435 students of about 4.5 minutes on
 one thread, two at a time), about 13 more for `tiny_wide` (145 students of about 11 minutes), and 21 minutes for the

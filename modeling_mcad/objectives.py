@@ -553,10 +553,11 @@ class MCADLossOutput:
 
 class MCADLoss(ContrastiveLoss):
     """
-    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3
-    (L = L_rank alone in a ranking warm-up: `ranking_only`); with a match threshold, L_con and L_rank average over the pairs the fusion teacher scores at or above it; with a
-    correction margin, L_con contrasts the captions it corrects (`corrected_captions`); with
-    `rank_where_teacher_agrees`, L_rank averages over the pairs whose caption the teacher scores above its negatives.
+    L = L_con + λ_dist · L_dist + λ_feat · L_feat + λ_rank · L_rank, against the modified teacher of DESIGN §3 (L =
+    L_rank alone in a ranking warm-up: `ranking_only`); with a match threshold, L_con and L_rank average over the pairs
+    the fusion teacher scores at or above it; with a correction margin, L_con contrasts the captions it corrects
+    (`corrected_captions`); with `rank_where_teacher_agrees`, L_rank averages over the pairs whose caption the teacher
+    scores above its negatives.
 
     Args:
         settings ([`ObjectiveSettings`]): the knobs (see `objective_settings` for the named presets).

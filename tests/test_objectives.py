@@ -261,6 +261,36 @@ def test_ranking_term_by_hand_each_caption_against_its_own_negatives():
                 negative_text_embeds=negative[:4], candidate_match_logits=torch.tensor(match))
 
 
+def test_a_ranking_warm_up_step_trains_on_l_rank_alone():
+    """With `ranking_only` the loss is L_rank, unweighted, and its gradients are L_rank's; the other terms are still
+    reported, and L_feat's projections get zero gradients, not none (DDP expects one for every parameter)."""
+    loss_fn = MCADLoss.from_preset("mcad_feature_rank", student_dim=2, teacher_dim=2, lambda_rank=0.5,
+                                   ranking_only_steps=1)
+    match = torch.tensor([[4.0, -2.0, 1.0], [0.0, 3.0, -1.0], [2.0, 2.0, -4.0]])
+    image, text, v, t, negative, av, at = tensors(S_IMAGE, S_TEXT, V, T, RANKED_NEGATIVES, AV, AT)
+    image.requires_grad_(), text.requires_grad_()
+    targets = {"teacher_image_embeds": v, "teacher_text_embeds": t, "adapted_image_embeds": av,
+               "adapted_text_embeds": at, "negative_text_embeds": negative, "candidate_match_logits": match}
+
+    out = loss_fn(image, text, torch.tensor(math.log(SCALE)), ranking_only=True, **targets)
+    assert out.loss.item() == pytest.approx(out.ranking.item()) and out.contrastive > 0 and out.feature > 0
+    out.loss.backward()
+    assert all(not weight.grad.any() for weight in loss_fn.feature_loss.parameters())
+    warm_up_gradients = image.grad.clone(), text.grad.clone()
+    image.grad = text.grad = None
+    loss_fn(image, text, torch.tensor(math.log(SCALE)), **targets).ranking.backward()
+    torch.testing.assert_close((image.grad, text.grad), warm_up_gradients)
+
+    with pytest.raises(ValueError, match="ranking_only trains on L_rank alone, and this objective has lambda_rank"):
+        MCADLoss.from_preset("mcad_feature", 2, 2)(image, text, torch.tensor(math.log(SCALE)), ranking_only=True,
+                                                   teacher_image_embeds=v, teacher_text_embeds=t,
+                                                   adapted_image_embeds=av, adapted_text_embeds=at)
+    with pytest.raises(ValueError, match="ranking_only_steps trains on L_rank alone first: set lambda_rank > 0"):
+        objective_settings("mcad_feature", ranking_only_steps=100)
+    with pytest.raises(ValueError, match="ranking_only_steps must be an integer >= 0"):
+        objective_settings("mcad_feature_rank", ranking_only_steps=-1)
+
+
 def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_above_its_caption_to_l_con():
     """With rank_where_teacher_agrees, L_rank averages over the pairs whose caption the fusion teacher scores above
     every one of its negatives (pair 0); pair 1 (a negative above) and pair 2 (a tie) keep L_con's hard target alone."""

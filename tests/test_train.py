@@ -178,12 +178,14 @@ def test_a_clip_text_tower_pools_at_the_student_tokenizers_end_token(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [{}, {"objective": "mcad_feature_rank",
-                                            "negative_captions": ["swapped_caption", "flipped_caption"]}],
+                                            "negative_captions": ["swapped_caption", "flipped_caption"],
+                                            "objective_overrides": {"ranking_only_steps": 2}}],
                          ids=["default", "ranking"])
 def test_two_processes_give_the_losses_of_one(tmp_path, objective):
     """
     Embeddings are gathered with gradients: 2 processes × B/2 train exactly like 1 process × B; with hard negatives
-    too, each process's own laid out pair by pair and matched to the gathered teacher scores.
+    too, each process's own laid out pair by pair and matched to the gathered teacher scores, and through a ranking
+    warm-up (its first 2 steps on L_rank alone, which leaves L_feat's projections a zero gradient under DDP).
     """
     config = write_run(tmp_path / "run", **objective)
     result = run_script("cache", "distill", "--config", config, processes=2)
@@ -191,6 +193,9 @@ def test_two_processes_give_the_losses_of_one(tmp_path, objective):
     summary = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["samples_per_process"] == [64, 64]
     two_processes = losses(tmp_path / "run")
+    if "objective_overrides" in objective:
+        log = [json.loads(line) for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
+        assert [row["loss"] == row["ranking"] for row in log] == [True, True, False, False]
     sharded_cache = next((tmp_path / "run" / "cache").iterdir())
     sharded_cache.rename(tmp_path / "sharded_cache")
     (tmp_path / "run" / "distill_log.jsonl").unlink()
@@ -221,6 +226,11 @@ def test_a_ranking_objective_distils_the_fusion_teachers_scores_of_each_captions
     assert len(log) == 8 and all(row["ranking"] > 0 for row in log)
     assert any(row["corrected_fraction"] > 0 for row in log) and all(row["corrected_fraction"] < 1 for row in log)
     assert len(list((tmp_path / "run" / "cache").iterdir())) == 1  # the cache with the negatives' scores
+    # A ranking warm-up as long as the run would never train the rest: refused before anything is replaced.
+    refused = run_script("distill", "--config", config, "--overwrite_output_dir", "--objective_overrides",
+                         "{ranking_only_steps: 8}", check=False)
+    assert refused.returncode == 2 and "ranking_only_steps=8 is not below the run's 8 optimizer steps" in refused.stderr
+    assert len((tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()) == 8
 
     refused = run_script("cache", "--config", write_run(tmp_path / "none", objective="mcad_feature_rank"),
                          check=False)
