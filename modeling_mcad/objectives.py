@@ -405,9 +405,10 @@ class ObjectiveSettings:
         rank_where_teacher_agrees (`bool`): L_rank averages only over the pairs whose caption the fusion teacher
             scores above every one of its hard negatives (after any correction): where the labels are clean and the
             teacher ranks a distractor first, it is the teacher that is wrong. Needs λ_rank > 0.
-        ranking_only_steps (`int`): the first optimizer steps of a run train on L_rank alone, a ranking warm-up:
-            the relations the fusion teacher ranks are learnt before L_con and L_feat share the student's capacity
-            (the training loop passes `ranking_only` to `MCADLoss` while they last). 0: none. Needs λ_rank > 0.
+        ranking_only_steps (`int`): the first optimizer steps of a run train on L_rank alone, a ranking warm-up
+            (the training loop passes `ranking_only` to `MCADLoss` while they last). 0: none. Needs λ_rank > 0. From
+            a random student it only costs: L_rank alone does not move before the student tells the shapes and
+            colours its candidates share apart (DESIGN §3.6).
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
 
