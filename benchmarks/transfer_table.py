@@ -17,22 +17,24 @@ missing; `--teacher` names another). The students learn from a *transfer set* of
 - `small`: 2000 images with clean captions, where a contrastive student already passes its teachers (about
   500 RSUM);
 - `noisy`: 8000 images, 40% of whose captions are wrong as web alt text is (mcad-shapes' `caption_noise`: colours
-  swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions.
+  swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions;
+- `noisy_long`: the same transfer set seen twice as often (16 epochs, 2000 steps): in 8 the ranking of every
+  MCAD student is still on its plateau at the end, and no student learns the flips.
 
 Students are the `shapes` preset (`tiny_wide`: `WIDE_STUDENT`) in ordinary random batches (no family batching, no
-canonical curriculum: a real transfer set has neither), batch 64, lr 5e-4, about 1000 steps. Every row runs the same
-seeds (`--seeds`; a row may be given more), and a seed fixes the student's initialisation and batch order, so rows are
-compared by paired differences over the seeds both ran. Rows: `contrastive`, `negclip` (contrastive with each caption's
-colour-swap and relation-flip distractors as extra negatives; a wrong caption's are made from its own text, so undoing
-its error gives back the true caption as a "negative"), `negclip_filter` (negclip on the pairs the fusion teacher's ITM
-head scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no distillation), `clip_kd`, `clip_kd_feature`,
-`clip_kd_feature_negatives` (with NegCLIP's negatives), `fusion_only` and the MCAD variants: `mcad` (the paper's
-objective: modified features and similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified features
-alone, λ_dist = 0), both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip` has and
-the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank (each
-caption ranked against its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the fusion
-teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion teacher's
-scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head),
+canonical curriculum: a real transfer set has neither), batch 64, lr 5e-4, about 1000 steps (`noisy_long`: 2000). Every
+row runs the same seeds (`--seeds`; a row may be given more), and a seed fixes the student's initialisation and batch
+order, so rows are compared by paired differences over the seeds both ran. Rows: `contrastive`, `negclip` (contrastive
+with each caption's colour-swap and relation-flip distractors as extra negatives; a wrong caption's are made from its
+own text, so undoing its error gives back the true caption as a "negative"), `negclip_filter` (negclip on the pairs the
+fusion teacher's ITM head scores at 8 or more: the fusion teacher as BLIP's CapFilt filter, no distillation), `clip_kd`,
+`clip_kd_feature`, `clip_kd_feature_negatives` (with NegCLIP's negatives), `fusion_only` and the MCAD variants: `mcad`
+(the paper's objective: modified features and similarity distributions, α = 2, λ_dist = 1), `mcad_feature` (the modified
+features alone, λ_dist = 0), both with NegCLIP's negatives (`mcad_negatives`, `mcad_feature_negatives`), which `negclip`
+has and the other MCAD rows lack, and `mcad_feature_rank`: `mcad_feature_negatives` plus the ranking distillation L_rank
+(each caption ranked against its distractors as the fusion teacher scores them, λ_rank = 1), the row through which the
+fusion teacher can tell a wrong caption from its true distractor, `mcad_feature_rank_sharp`, the same with the fusion
+teacher's scores sharpened (τ_F = 0.1: a caption and its flip differ by a quarter of a logit in its ITM head),
 `mcad_feature_rank_sharp_agree`, which ranks only the pairs whose caption the fusion teacher scores above all its
 distractors (where it ranks a distractor first on clean labels, the teacher is wrong and NegCLIP's hard target stays),
 with λ_rank (`_light`: 0.5, `_heavy`: 2), α (`_alpha3`), λ_feat (`_feat2`) and τ_F (`_tau0.05`, `_tau0.025`, `_tau0.2`)
@@ -123,6 +125,8 @@ SETTINGS = {  # name: (description, transfer set, epochs, student config; None: 
     "tiny_wide": ("500 clean images, a wider student", {"train": 500}, 128, WIDE_STUDENT),
     "small": ("2000 clean images", {"train": 2000}, 32, None),
     "noisy": ("8000 images, 40% of the captions wrong", {"train": 8000, "caption_noise": 0.4}, 8, None),
+    "noisy_long": ("8000 images, 40% of the captions wrong, 16 epochs", {"train": 8000, "caption_noise": 0.4}, 16,
+                   None),
 }
 # A caption the fusion teacher scores 0.1 logits below one of its distractors is corrected to it: on `tiny`'s clean
 # training pairs 1% of the captions lose that way to their flip and 3% to their swap, while of wrong captions whose
