@@ -722,10 +722,10 @@ def prepare_distillation(config: TrainConfig, accelerator) -> Distillation:
         logger.info("the run is max_steps=%d optimizer steps long (epochs is not read)", config.max_steps)
     # Accelerate also steps at the end of a pass, on the pass's last, incomplete accumulation.
     total_steps = config.max_steps or config.epochs * math.ceil(len(loader) / config.gradient_accumulation_steps)
-    if settings.ranking_only_steps >= total_steps:
-        raise UserError(f"objective knob ranking_only_steps={settings.ranking_only_steps} is not below the run's "
-                        f"{total_steps} optimizer steps: L_con and the distillation terms would never train. Lower "
-                        "it, or lengthen the run (--epochs, --max_steps).")
+    if settings.ranking_only_steps and settings.ranking_only_steps >= total_steps:
+        raise UserError(f"--objective_overrides ranking_only_steps={settings.ranking_only_steps} is not below the "
+                        f"run's {total_steps} optimizer steps: L_con and the distillation terms would never train. "
+                        f"Lower it, or lengthen the run ({'--max_steps' if config.max_steps else '--epochs'}).")
     optimizer, scheduler = adamw_with_cosine(module, config.learning_rate, total_steps, config.weight_decay,
                                              config.warmup_steps)
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)

@@ -18,8 +18,8 @@ missing; `--teacher` names another). The students learn from a *transfer set* of
   500 RSUM);
 - `noisy`: 8000 images, 40% of whose captions are wrong as web alt text is (mcad-shapes' `caption_noise`: colours
   swapped, relation flipped, or the caption of an image of another family, alike), tested on clean captions;
-- `noisy_long`: the same transfer set seen twice as often (16 epochs, 2000 steps): in 8 the ranking of every
-  MCAD student is still on its plateau at the end, and no student learns the flips.
+- `noisy_long`: the same transfer set for twice as many epochs (16, 2000 steps): at `noisy`'s 8 the ranking of
+  every MCAD student is still on its plateau at the end, and no student learns the flips.
 
 Students are the `shapes` preset (`tiny_wide`: `WIDE_STUDENT`) in ordinary random batches (no family batching, no
 canonical curriculum: a real transfer set has neither), batch 64, lr 5e-4, about 1000 steps (`noisy_long`: 2000). Every
@@ -53,9 +53,9 @@ on a noisy transfer set, what the fusion teacher's scores do to each kind of wro
 student is evaluated on the validation split, which chooses the MCAD variant (`chosen`, on the seeds every variant ran),
 and on the test split, which is reported.
 
-About 16 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (435 students of about 4.5 minutes on
-one thread, two at a time), about 13 more for `tiny_wide` (145 students of about 11 minutes), and 21 minutes for the
-teachers when they are not there yet.
+About 18 hours on 2 CPU cores for `tiny`, `small` and `noisy` with the defaults (480 students of about 4.5 minutes on
+one thread, two at a time), about 15 more for `tiny_wide` (160 students of about 11 minutes), 12 more for `noisy_long`
+(160 of about 9 minutes), and 21 minutes for the teachers when they are not there yet.
 
 Resumable: every finished student leaves `<setting>/runs/<row>_s<seed>/result.json` and is skipped; a killed run
 resumes from its last checkpoint. Writes `benchmarks/results/transfer.json` from every student finished so far, each

@@ -406,8 +406,9 @@ class ObjectiveSettings:
             scores above every one of its hard negatives (after any correction): where the labels are clean and the
             teacher ranks a distractor first, it is the teacher that is wrong. Needs λ_rank > 0.
         ranking_only_steps (`int`): the first optimizer steps of a run train on L_rank alone, a ranking warm-up
-            (the training loop passes `ranking_only` to `MCADLoss` while they last). 0: none. Needs λ_rank > 0. From
-            a random student it only costs: L_rank alone does not move before the student tells the shapes and
+            (the training loop passes `ranking_only` to `MCADLoss` while they last). 0: none. Needs λ_rank > 0. In
+            canonical epochs L_rank ranks without the flipped and mined captions, as L_con contrasts without them.
+            From a random student it only costs: L_rank alone does not move before the student tells the shapes and
             colours its candidates share apart (DESIGN §3.6).
         identity_mix (`float`): γ, the sharpening control: teacher distributions mixed with the identity.
     """
@@ -450,7 +451,8 @@ class ObjectiveSettings:
         if self.rank_where_teacher_agrees and not self.lambda_rank:
             raise UserError("rank_where_teacher_agrees chooses the pairs L_rank ranks: set lambda_rank > 0, or "
                             "rank_where_teacher_agrees to false.")
-        if not (isinstance(self.ranking_only_steps, int) and self.ranking_only_steps >= 0):
+        if isinstance(self.ranking_only_steps, bool) or not (isinstance(self.ranking_only_steps, int)
+                                                             and self.ranking_only_steps >= 0):
             raise UserError(f"ranking_only_steps must be an integer >= 0 (0: no ranking warm-up), got "
                             f"{self.ranking_only_steps!r}.")
         if self.ranking_only_steps and not self.lambda_rank:
@@ -633,7 +635,8 @@ class MCADLoss(ContrastiveLoss):
         """
         s = self.settings
         if ranking_only and not s.lambda_rank:
-            raise ValueError("ranking_only trains on L_rank alone, and this objective has lambda_rank = 0.")
+            raise ValueError("ranking_only trains on L_rank alone, and this objective has lambda_rank = 0: pass "
+                             "ranking_only=False, or settings with lambda_rank > 0.")
         contrasted_text, corrected = text_embeds, None  # L_feat regresses each caption's own target, corrected or not
         if s.correction_margin is not None:
             if candidate_match_logits is None:
@@ -692,9 +695,12 @@ class MCADLoss(ContrastiveLoss):
                 agrees = teacher_agrees(candidate_match_logits)
                 ranked = agrees if positives is None else positives & agrees
             ranking = self.ranking_loss(student_candidates, candidate_match_logits, ranked)
-            # Alone, the other terms count 0 but still reach their parameters (L_feat's W) with a gradient: DDP
-            # expects one for every parameter at every step.
-            loss = ranking + 0.0 * loss if ranking_only else loss + s.lambda_rank * ranking
+            if ranking_only:  # the other terms are reported only; the loss's own parameters (L_feat's W) join at
+                # weight 0, since DDP expects a gradient for every parameter at every step (a weight-0 term could
+                # still make the loss non-finite, the parameters cannot)
+                loss = ranking + 0.0 * sum(parameter.sum() for parameter in self.parameters())
+            else:
+                loss = loss + s.lambda_rank * ranking
         return MCADLossOutput(loss=loss, contrastive=contrastive, distribution=distribution, feature=feature,
                               ranking=ranking, kept_fraction=kept,
                               corrected_fraction=None if corrected is None else corrected.float().mean(),

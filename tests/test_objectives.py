@@ -275,7 +275,8 @@ def test_a_ranking_warm_up_step_trains_on_l_rank_alone():
     out = loss_fn(image, text, torch.tensor(math.log(SCALE)), ranking_only=True, **targets)
     assert out.loss.item() == pytest.approx(out.ranking.item()) and out.contrastive > 0 and out.feature > 0
     out.loss.backward()
-    assert all(not weight.grad.any() for weight in loss_fn.feature_loss.parameters())
+    projections = list(loss_fn.feature_loss.parameters())
+    assert projections and all(not weight.grad.any() for weight in projections)
     warm_up_gradients = image.grad.clone(), text.grad.clone()
     image.grad = text.grad = None
     loss_fn(image, text, torch.tensor(math.log(SCALE)), **targets).ranking.backward()
@@ -287,8 +288,9 @@ def test_a_ranking_warm_up_step_trains_on_l_rank_alone():
                                                    adapted_image_embeds=av, adapted_text_embeds=at)
     with pytest.raises(ValueError, match="ranking_only_steps trains on L_rank alone first: set lambda_rank > 0"):
         objective_settings("mcad_feature", ranking_only_steps=100)
-    with pytest.raises(ValueError, match="ranking_only_steps must be an integer >= 0"):
-        objective_settings("mcad_feature_rank", ranking_only_steps=-1)
+    for wrong in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="ranking_only_steps must be an integer >= 0"):
+            objective_settings("mcad_feature_rank", ranking_only_steps=wrong)
 
 
 def test_ranking_where_the_teacher_agrees_leaves_the_pairs_it_ranks_a_negative_above_its_caption_to_l_con():
