@@ -451,8 +451,7 @@ class ObjectiveSettings:
         if self.rank_where_teacher_agrees and not self.lambda_rank:
             raise UserError("rank_where_teacher_agrees chooses the pairs L_rank ranks: set lambda_rank > 0, or "
                             "rank_where_teacher_agrees to false.")
-        if isinstance(self.ranking_only_steps, bool) or not (isinstance(self.ranking_only_steps, int)
-                                                             and self.ranking_only_steps >= 0):
+        if type(self.ranking_only_steps) is not int or self.ranking_only_steps < 0:  # a bool is no step count
             raise UserError(f"ranking_only_steps must be an integer >= 0 (0: no ranking warm-up), got "
                             f"{self.ranking_only_steps!r}.")
         if self.ranking_only_steps and not self.lambda_rank:
